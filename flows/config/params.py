@@ -1,0 +1,114 @@
+"""The typed schema of params.yaml: one frozen dataclass per stage namespace.
+
+params.yaml is the single source of parameters and this module is the only reader of
+it (through :func:`load_params`). Every field carries a comment; unknown keys and wrong
+types are rejected with a one-line message naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from flows.config.typed import ParamsError, from_mapping
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleParams:
+    """The deterministic sample data set (stage ``sample``)."""
+
+    seed: int = 0  # every random choice derives from this; same seed -> byte-identical output
+    out_dir: str = "data/sample"  # where the three data set roots are written
+    n_objects: int = 12  # MVImgNet objects rendered (meshes and procedural shapes)
+    n_views: int = 12  # frames per object, evenly spaced around an orbit
+    n_openimages_boxes: int = 40  # OpenImages boxes in total (several per image)
+    n_dreambench_subjects: int = 4  # DreamBench-layout subjects for evaluation
+    dreambench_images_per_subject: int = 4  # reference photos per DreamBench subject
+    frame_width: int = 480  # rendered MVImgNet frame size in pixels
+    frame_height: int = 360
+    openimages_mask_scale: float = 0.5  # OpenImages mask PNGs are stored at reduced resolution
+    plant_faults: bool = True  # plant the faults of a real crawl (truncated JPEG, blur, ...)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourcesParams:
+    """Roots of the data sets on disk. The sample is only one set of roots."""
+
+    mvimgnet_root: str = "data/sample/mvimgnet"  # <class_id>/<object_id>/images/<frame>.jpg
+    mvimgnet_mask_root: str = "data/sample/mvimgnet_masks"  # <class_id>/<object_id>/<frame>.jpg.png
+    mvimgnet_categories: str = "data/sample/mvimgnet/mvimgnet_category.txt"  # lines "id,name"
+    openimages_root: str = "data/sample/openimages"  # holds <split>/, masks/ and the CSVs
+    openimages_split: str = "train"  # image folder and CSV prefix
+    openimages_boxes_csv: str = "oidv6-train-annotations-bbox.csv"  # relative to openimages_root
+    openimages_segmentation_csv: str = "train-annotations-object-segmentation.csv"
+    openimages_classes_csv: str = "oidv7-class-descriptions.csv"
+    dreambench_root: str = "data/sample/dreambench"  # dataset/<subject>/NN.jpg + prompts file
+    enabled: list[Literal["mvimgnet", "openimages"]] = field(
+        default_factory=lambda: ["mvimgnet", "openimages"]
+    )  # which sources ingest reads
+
+
+@dataclass(frozen=True, kw_only=True)
+class IngestParams:
+    """Discovery and probing of every frame (stage ``ingest``)."""
+
+    out_dir: str = "data/ingest"  # frames.parquet, rejects.parquet
+    frames_per_shard: int = 256  # work unit of one Prefect task
+    max_workers: int = 2  # parallel shard tasks (threads)
+    probe_side: int = 256  # longest side of the grayscale copy used for blur and phash
+
+
+@dataclass(frozen=True, kw_only=True)
+class AreaRange:
+    """Subject area as a fraction of the image."""
+
+    min: float  # below this the subject is too small
+    max: float  # above this the subject fills the frame (no context, bad crops)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FilterParams:
+    """Quality filters (stage ``filter``); defaults follow AnyDoor (MVImgNet) and ELITE (OpenImages)."""
+
+    out_dir: str = "data/filter"  # frames.parquet (accepted), rejects.parquet, metrics.json
+    min_image_side: int = 128  # pixels; smaller images are rejected as low_resolution
+    min_box_side: int = 64  # pixels; ELITE uses 100 on full-size OpenImages
+    box_aspect_min: float = 0.5  # width / height of the subject box (ELITE: 0.5..2)
+    box_aspect_max: float = 2.0
+    mvimgnet_area: AreaRange = field(default_factory=lambda: AreaRange(min=0.01, max=0.64))
+    openimages_area: AreaRange = field(default_factory=lambda: AreaRange(min=0.02, max=0.8))
+    min_largest_component: float = 0.9  # share of the mask in its largest connected component
+    min_blur_score: float = 40.0  # variance of the Laplacian at probe_side; lower is blurry
+    near_duplicate_hamming: int = 4  # phash distance at or below which two images are duplicates
+    exclude_group_of: bool = True  # OpenImages IsGroupOf boxes cover several objects
+    exclude_depiction: bool = False  # OpenImages IsDepiction (drawings, toys of the class)
+    class_allow: list[str] = field(default_factory=list)  # class names; empty = allow all
+    class_deny: list[str] = field(default_factory=list)  # class names never used
+    min_views_per_object: int = 4  # MVImgNet objects with fewer accepted views are dropped
+
+
+@dataclass(frozen=True, kw_only=True)
+class Params:
+    """The whole of params.yaml."""
+
+    sample: SampleParams = field(default_factory=SampleParams)
+    sources: SourcesParams = field(default_factory=SourcesParams)
+    ingest: IngestParams = field(default_factory=IngestParams)
+    filter: FilterParams = field(default_factory=FilterParams)
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
+    """Read and validate params.yaml; raise :class:`ParamsError` naming the first bad key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: params file not found") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
+    return from_mapping(Params, raw)
