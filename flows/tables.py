@@ -1,0 +1,120 @@
+"""Reading and writing the pipeline's Parquet tables: schema-checked, streaming and atomic.
+
+Writers stream record batches into a temporary file beside the target and rename it into
+place only when closed cleanly, so a killed writer never leaves a truncated table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROW_GROUP_ROWS = 8192
+
+
+class TableWriter:
+    """Streams rows (dicts) or record batches into one Parquet file with a fixed schema.
+
+    Use as a context manager: on a clean exit the temp file is renamed onto ``path``;
+    on an exception it is deleted and ``path`` is left as it was.
+    """
+
+    def __init__(self, path: str | Path, schema: pa.Schema, *, buffer_rows: int = ROW_GROUP_ROWS):
+        self.path = Path(path)
+        self.schema = schema
+        self.rows_written = 0
+        self._buffer: list[Mapping[str, Any]] = []
+        self._buffer_rows = buffer_rows
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.close(fd)
+        self._tmp = Path(tmp)
+        # Fixed writer options so identical rows give identical bytes.
+        self._writer = pq.ParquetWriter(
+            self._tmp, schema, compression="zstd", write_statistics=True, store_schema=True
+        )
+
+    def write_row(self, row: Mapping[str, Any]) -> None:
+        self._buffer.append(row)
+        if len(self._buffer) >= self._buffer_rows:
+            self._flush()
+
+    def write_rows(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        for row in rows:
+            self.write_row(row)
+
+    def write_batch(self, batch: pa.RecordBatch | pa.Table) -> None:
+        self._flush()
+        table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+        if table.num_rows:
+            self._writer.write_table(table.select(self.schema.names).cast(self.schema))
+            self.rows_written += table.num_rows
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        table = pa.Table.from_pylist(self._buffer, schema=self.schema)
+        self._writer.write_table(table)
+        self.rows_written += table.num_rows
+        self._buffer = []
+
+    def close(self) -> None:
+        self._flush()
+        self._writer.close()
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        self._writer.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> TableWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_table(path: str | Path, schema: pa.Schema, rows: Iterable[Mapping[str, Any]]) -> int:
+    """Write all ``rows`` to ``path`` atomically; return the row count."""
+    with TableWriter(path, schema) as writer:
+        writer.write_rows(rows)
+    return writer.rows_written
+
+
+def iter_batches(path: str | Path, schema: pa.Schema, *, batch_rows: int = ROW_GROUP_ROWS,
+                 columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+    """Stream a table in record batches, checking it was written with ``schema``."""
+    file = pq.ParquetFile(path)
+    missing = set(schema.names) - set(file.schema_arrow.names)
+    if missing:
+        raise ValueError(f"{path}: not a {schema.metadata[b'table'].decode()} table (missing {sorted(missing)})")
+    yield from file.iter_batches(batch_size=batch_rows, columns=columns)
+
+
+def iter_rows(path: str | Path, schema: pa.Schema, **kwargs) -> Iterator[dict[str, Any]]:
+    """Stream a table as dicts, one batch in memory at a time."""
+    for batch in iter_batches(path, schema, **kwargs):
+        yield from batch.to_pylist()
+
+
+def count_rows(path: str | Path) -> int:
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON with sorted keys (stable bytes), via a temp file and rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
