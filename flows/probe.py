@@ -1,0 +1,88 @@
+"""Decoding and measuring one image or mask: the per-file work of the ingest stage.
+
+Every image is decoded fully once here (a truncated JPEG only fails when its last rows are
+decoded), and the statistics that the filters need are computed from that one decode, so
+changing a filter threshold never decodes an image again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+
+import cv2
+import imagehash
+import numpy as np
+from PIL import Image
+
+from flows import reasons
+
+Image.MAX_IMAGE_PIXELS = 200_000_000  # real photos are large; decompression bombs are larger
+
+
+class UnreadableFile(ValueError):
+    """A file that exists but cannot be used; ``reason`` is one of flows.reasons."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ImageProbe:
+    width: int
+    height: int
+    content_hash: str  # sha256 of the file bytes
+    phash: int  # 64-bit DCT perceptual hash
+    blur_score: float  # variance of the Laplacian at probe_side
+
+
+@dataclass(frozen=True)
+class MaskProbe:
+    area_frac: float  # subject pixels / image pixels, at image resolution
+    largest_cc_frac: float  # share of subject pixels in the largest 8-connected component
+    box: tuple[float, float, float, float]  # (xmin, ymin, xmax, ymax) normalised; zeros if empty
+
+
+def _decode(data: bytes, what: str, empty_reason: str, bad_reason: str) -> Image.Image:
+    if not data:
+        raise UnreadableFile(empty_reason, f"{what} is a zero-byte file")
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise UnreadableFile(bad_reason, f"{what} does not decode: {exc}") from None
+    return image
+
+
+def probe_image(data: bytes, *, probe_side: int) -> ImageProbe:
+    """Decode image bytes and measure them; raise :class:`UnreadableFile` if that fails."""
+    image = _decode(data, "image", reasons.EMPTY_FILE, reasons.UNREADABLE_IMAGE)
+    width, height = image.size
+    gray = image.convert("L")
+    scale = probe_side / max(width, height)
+    if scale < 1.0:
+        gray = gray.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BILINEAR)
+    pixels = np.asarray(gray, dtype=np.float32)
+    blur = float(cv2.Laplacian(pixels, cv2.CV_32F).var())
+    phash = int(str(imagehash.phash(gray)), 16)
+    return ImageProbe(width, height, hashlib.sha256(data).hexdigest(), phash, blur)
+
+
+def probe_mask(data: bytes, *, width: int, height: int) -> MaskProbe:
+    """Measure a subject mask, resized (nearest) to the image size if stored smaller."""
+    image = _decode(data, "mask", reasons.EMPTY_FILE, reasons.UNREADABLE_MASK)
+    mask = np.asarray(image.convert("L"))
+    if mask.shape != (height, width):
+        mask = cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
+    binary = (mask > 127).astype(np.uint8)
+    area = int(binary.sum())
+    if area == 0:
+        return MaskProbe(0.0, 0.0, (0.0, 0.0, 0.0, 0.0))
+    count, _labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    largest = int(stats[1:count, cv2.CC_STAT_AREA].max())
+    ys, xs = np.nonzero(binary.any(axis=1))[0], np.nonzero(binary.any(axis=0))[0]
+    box = (xs[0] / width, ys[0] / height, (xs[-1] + 1) / width, (ys[-1] + 1) / height)
+    return MaskProbe(area / (width * height), largest / area, tuple(float(v) for v in box))
