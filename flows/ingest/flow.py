@@ -1,0 +1,92 @@
+"""Prefect flow of the ``ingest`` stage: plan shards, probe them in parallel tasks, merge.
+
+Tasks are thin wrappers around the plain functions in flows.ingest.*; they pass file
+paths, never tables.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from flows.runtime import configure
+
+configure()
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
+
+from flows.config.params import IngestParams, SourcesParams, load_params  # noqa: E402
+from flows.ingest import merge, mvimgnet, openimages  # noqa: E402
+from flows.ingest.records import ShardOutput  # noqa: E402
+from flows.schemas import FRAMES, REJECTS  # noqa: E402
+from flows.tables import write_json_atomic  # noqa: E402
+
+SHARD_MODULES = {"mvimgnet": mvimgnet, "openimages": openimages}
+
+
+@task(cache_policy=NO_CACHE)
+def plan_source(source: str, sources: SourcesParams, frames_per_shard: int, work_dir: Path):
+    """(shard files, extra rejects parts) for one source."""
+    if source == "mvimgnet":
+        return mvimgnet.plan_shards(sources, frames_per_shard=frames_per_shard, work_dir=work_dir), []
+    shards, csv_rejects = openimages.plan_shards(sources, frames_per_shard=frames_per_shard, work_dir=work_dir)
+    return shards, [csv_rejects]
+
+
+@task(cache_policy=NO_CACHE, task_run_name="ingest-{shard.name}")
+def ingest_shard(source: str, shard: Path, sources: SourcesParams, probe_side: int) -> ShardOutput:
+    out = ShardOutput(frames=shard.with_suffix(".frames.parquet"), rejects=shard.with_suffix(".rejects.parquet"))
+    return SHARD_MODULES[source].ingest_shard(shard, sources, probe_side=probe_side, out=out)
+
+
+@task(cache_policy=NO_CACHE)
+def merge_parts(frame_parts: list[Path], reject_parts: list[Path], out_dir: Path) -> dict:
+    frames, rejects = out_dir / "frames.parquet", out_dir / "rejects.parquet"
+    merge.concat_parts(frame_parts, frames, FRAMES)
+    merge.concat_parts(reject_parts, rejects, REJECTS)
+    counts = merge.frame_counts(frames, rejects, stage="ingest")
+    summary = {source: {"discovered": c["kept"] + c["rejected"], **c} for source, c in counts.items()}
+    write_json_atomic(out_dir / "summary.json", summary)
+    return summary
+
+
+def run_ingest(sources: SourcesParams, ingest: IngestParams) -> dict:
+    """The flow body: usable inside any flow (the stage's, or a test's)."""
+    logger = get_run_logger()
+    out_dir = Path(ingest.out_dir)
+    work_dir = out_dir / ".work"
+    shutil.rmtree(work_dir, ignore_errors=True)
+    work_dir.mkdir(parents=True)
+    frame_parts: list[Path] = []
+    reject_parts: list[Path] = []
+    for source in sources.enabled:
+        shards, extra_rejects = plan_source(source, sources, ingest.frames_per_shard, work_dir)
+        reject_parts += extra_rejects
+        logger.info("ingest %s: %d shard(s) of about %d frames", source, len(shards), ingest.frames_per_shard)
+        futures = [ingest_shard.submit(source, shard, sources, ingest.probe_side) for shard in shards]
+        for done, future in enumerate(futures, start=1):
+            out = future.result()
+            frame_parts.append(out.frames)
+            reject_parts.append(out.rejects)
+            logger.info("ingest %s: shard %d/%d done", source, done, len(shards))
+    summary = merge_parts(frame_parts, reject_parts, out_dir)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    for source, counts in sorted(summary.items()):
+        logger.info("ingest %s: %d discovered, %d frames, %d rejected", source,
+                    counts["discovered"], counts["kept"], counts["rejected"])
+    return summary
+
+
+@flow(name="ingest", log_prints=True)
+def ingest_flow(params_path: str = "params.yaml") -> dict:
+    """Walk the sources and write data/ingest/{frames,rejects}.parquet and summary.json."""
+    params = load_params(params_path)
+    return run_ingest(params.sources, params.ingest)
+
+
+def main(params_path: str = "params.yaml") -> None:
+    params = load_params(params_path)
+    runner = ThreadPoolTaskRunner(max_workers=params.ingest.max_workers)
+    ingest_flow.with_options(task_runner=runner)(params_path)

@@ -1,0 +1,168 @@
+"""Ingest of OpenImages V7: partition the CSVs by image, then join and probe per partition.
+
+The boxes and segmentation CSVs are streamed once and their rows spilled into partition
+files keyed by a hash of ImageID (an out-of-core hash join), so memory stays flat however
+large the CSVs are; each partition is one shard task.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections import defaultdict
+from contextlib import ExitStack
+from pathlib import Path
+
+from flows import ids, reasons
+from flows.config.params import SourcesParams
+from flows.ingest.records import ANNOTATION, FRAME, ShardOutput, ShardWriter, frame_row, reject_row
+from flows.probe import UnreadableFile, probe_image, probe_mask
+from flows.readers import openimages as reader
+from flows.tables import write_table
+from flows.schemas import REJECTS
+
+SOURCE = ids.OPENIMAGES
+STAGE = "ingest"
+
+
+def _csv_path(sources: SourcesParams, name: str) -> Path:
+    return Path(sources.openimages_root) / name
+
+
+def _count_data_rows(path: Path) -> int:
+    with open(path, "rb") as handle:
+        return max(0, sum(1 for _ in handle) - 1)
+
+
+def _partition(image_id: str, n: int) -> int:
+    return zlib.crc32(image_id.encode("utf-8")) % n
+
+
+def plan_shards(sources: SourcesParams, *, frames_per_shard: int, work_dir: Path) -> tuple[list[Path], Path]:
+    """Spill box and mask rows into partitions; return the partition files and a rejects part.
+
+    The rejects part holds the CSV rows that could not be parsed.
+    """
+    boxes_csv = _csv_path(sources, sources.openimages_boxes_csv)
+    seg_csv = _csv_path(sources, sources.openimages_segmentation_csv)
+    for path, key in ((boxes_csv, "openimages_boxes_csv"), (seg_csv, "openimages_segmentation_csv")):
+        if not path.is_file():
+            raise FileNotFoundError(f"sources.{key}: {path} does not exist")
+    n = max(1, -(-_count_data_rows(boxes_csv) // frames_per_shard))
+    parts = [work_dir / f"openimages-{i:05d}.jsonl" for i in range(n)]
+    bad_rows = []
+    with ExitStack() as stack:
+        handles = [stack.enter_context(open(p, "w", encoding="utf-8")) for p in parts]
+        for kind, csv_path, rows in (("box", boxes_csv, reader.iter_boxes(boxes_csv)),
+                                     ("seg", seg_csv, reader.iter_segmentations(seg_csv))):
+            for row in rows:
+                if isinstance(row, reader.BadRow):
+                    bad_rows.append(reject_row(
+                        item_id=f"{SOURCE}:{csv_path.name}:{row.line}", source=SOURCE,
+                        kind=FRAME if kind == "box" else ANNOTATION, path=f"{csv_path.name}:{row.line}",
+                        stage=STAGE, reason=reasons.BAD_ANNOTATION, detail=row.detail))
+                    continue
+                record = {"t": kind, **row.__dict__}
+                handles[_partition(row.image_id, n)].write(json.dumps(record) + "\n")
+    rejects = work_dir / "openimages-csv-rejects.parquet"
+    write_table(rejects, REJECTS, bad_rows)
+    return parts, rejects
+
+
+def ingest_shard(part: Path, sources: SourcesParams, *, probe_side: int, out: ShardOutput) -> ShardOutput:
+    """Join one partition's boxes with their masks, probe images and masks, write the parts."""
+    root = Path(sources.openimages_root)
+    classes = reader.read_class_descriptions(_csv_path(sources, sources.openimages_classes_csv))
+    boxes: dict[str, list[tuple[str, reader.Box]]] = defaultdict(list)
+    masks: dict[str, list[reader.SegmentationRow]] = defaultdict(list)
+    with open(part, encoding="utf-8") as handle:
+        for line in handle:
+            record = json.loads(line)
+            kind = record.pop("t")
+            if kind == "box":
+                box = reader.Box(**record)
+                key = ids.openimages_box_key(box.image_id, box.label, box.xmin, box.xmax, box.ymin, box.ymax)
+                boxes[box.image_id].append((key, box))
+            else:
+                seg = reader.SegmentationRow(**record)
+                key = ids.openimages_box_key(seg.image_id, seg.label, seg.xmin, seg.xmax, seg.ymin, seg.ymax)
+                masks[key].append(seg)
+    writer = ShardWriter(out)
+    for image_id in sorted(boxes):
+        _ingest_image(root, sources.openimages_split, classes, image_id, boxes[image_id], masks,
+                      probe_side, writer)
+    for key in sorted(masks):  # whatever no box claimed
+        for seg in masks[key]:
+            writer.rejects.append(_mask_reject(seg, reasons.ORPHAN_MASK, "no box in the boxes CSV has this box"))
+    return writer.close()
+
+
+def _mask_reject(seg: reader.SegmentationRow, reason: str, detail: str) -> dict:
+    return reject_row(item_id=f"{SOURCE}:{seg.image_id}:{seg.mask_path}", source=SOURCE, kind=ANNOTATION,
+                      path=seg.mask_path, stage=STAGE, reason=reason, detail=detail)
+
+
+def _ingest_image(root: Path, split: str, classes: dict[str, str], image_id: str,
+                  image_boxes: list[tuple[str, reader.Box]], masks: dict, probe_side: int,
+                  writer: ShardWriter) -> None:
+    rel = reader.image_relpath(split, image_id)
+    seen: set[str] = set()
+    image = failure = None
+    path = root / rel
+    if not path.is_file():
+        failure = (reasons.MISSING_FILE, "listed in the boxes CSV but absent from the image folder")
+    else:
+        try:
+            image = probe_image(path.read_bytes(), probe_side=probe_side)
+        except UnreadableFile as exc:
+            failure = (exc.reason, exc.detail)
+    for key, box in sorted(image_boxes, key=lambda kb: kb[0]):
+        frame_id = ids.openimages_frame_id(image_id, key)
+        claimed = sorted(masks.pop(key, []), key=lambda s: s.mask_path)
+        for extra in claimed[1:]:
+            writer.rejects.append(_mask_reject(extra, reasons.ORPHAN_MASK, "a second mask for one box"))
+
+        def reject(reason: str, detail: str) -> None:
+            writer.rejects.append(reject_row(item_id=frame_id, source=SOURCE, kind=FRAME, path=rel,
+                                             stage=STAGE, reason=reason, detail=detail))
+            for seg in claimed[:1]:  # the box's mask goes with it, accounted for
+                writer.rejects.append(_mask_reject(seg, reason, f"its box was rejected: {detail}"))
+
+        if key in seen:
+            reject(reasons.BAD_ANNOTATION, "the same box appears twice in the boxes CSV")
+            continue
+        seen.add(key)
+        if failure is not None:
+            reject(*failure)
+            continue
+        if box.label not in classes:
+            reject(reasons.UNKNOWN_CLASS, f"label {box.label!r} is not in the class descriptions")
+            continue
+        mask_rel, mask = _probe_box_mask(root, image, claimed[:1], writer)
+        writer.frames.append(frame_row(
+            frame_id=frame_id, source=SOURCE, subject_id=frame_id, class_id=box.label,
+            class_name=classes[box.label], image_path=rel, image=image,
+            box=(box.xmin, box.ymin, box.xmax, box.ymax), mask_path=mask_rel, mask=mask,
+            flags={"is_group_of": box.is_group_of, "is_depiction": box.is_depiction,
+                   "is_occluded": box.is_occluded, "is_truncated": box.is_truncated}))
+
+
+def _probe_box_mask(root: Path, image, claimed: list, writer: ShardWriter):
+    """The box's mask (relative path, probe), or (None, None) with the reason recorded."""
+    if not claimed:
+        return None, None
+    seg = claimed[0]
+    try:
+        mask_rel = reader.mask_relpath(seg.image_id, seg.mask_path)
+    except reader.PathOutsideRoot as exc:
+        writer.rejects.append(_mask_reject(seg, reasons.PATH_OUTSIDE_ROOT, str(exc)))
+        return None, None
+    if not (root / mask_rel).is_file():
+        writer.rejects.append(_mask_reject(seg, reasons.MISSING_FILE, f"{mask_rel} does not exist"))
+        return None, None
+    try:
+        mask = probe_mask((root / mask_rel).read_bytes(), width=image.width, height=image.height)
+    except UnreadableFile as exc:
+        writer.rejects.append(_mask_reject(seg, exc.reason, exc.detail))
+        return None, None
+    return mask_rel, mask

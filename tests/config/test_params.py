@@ -1,0 +1,75 @@
+from pathlib import Path
+
+import pytest
+
+from flows.config.params import FilterParams, Params, load_params
+from flows.config.typed import ParamsError, from_mapping, to_mapping
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_project_params_load():
+    params = load_params(ROOT / "params.yaml")
+    assert isinstance(params, Params)
+    assert params.filter.mvimgnet_area.min == pytest.approx(0.01)
+
+
+def test_defaults_round_trip():
+    params = Params()
+    assert from_mapping(Params, to_mapping(params)) == params
+
+
+def test_unknown_key_names_the_key(tmp_path):
+    with pytest.raises(ParamsError) as err:
+        load_params(write(tmp_path, "filter:\n  min_blur: 3\n"))
+    assert str(err.value).startswith("filter.min_blur: unknown key")
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(ParamsError, match=r"^filtr: unknown key"):
+        load_params(write(tmp_path, "filtr: {}\n"))
+
+
+def test_wrong_type_names_the_key(tmp_path):
+    with pytest.raises(ParamsError, match=r"^filter\.min_image_side: expected int, got str 'abc'"):
+        load_params(write(tmp_path, "filter:\n  min_image_side: abc\n"))
+
+
+def test_nested_and_list_types(tmp_path):
+    with pytest.raises(ParamsError, match=r"^filter\.mvimgnet_area\.max: expected float"):
+        load_params(write(tmp_path, "filter:\n  mvimgnet_area: {min: 0.1, max: [1]}\n"))
+    with pytest.raises(ParamsError, match=r"^filter\.class_deny\[1\]: expected str"):
+        load_params(write(tmp_path, "filter:\n  class_deny: [cat, 3]\n"))
+    with pytest.raises(ParamsError, match=r"^sources\.enabled\[0\]: expected one of"):
+        load_params(write(tmp_path, "sources:\n  enabled: [imagenet]\n"))
+
+
+def test_bool_is_not_int_and_ints_are_floats(tmp_path):
+    with pytest.raises(ParamsError, match=r"^ingest\.max_workers: expected int, got bool"):
+        load_params(write(tmp_path, "ingest:\n  max_workers: true\n"))
+    params = load_params(write(tmp_path, "filter:\n  min_blur_score: 12\n"))
+    assert params.filter.min_blur_score == 12.0 and isinstance(params.filter.min_blur_score, float)
+
+
+def test_missing_required_nested_key(tmp_path):
+    with pytest.raises(ParamsError, match=r"^filter\.openimages_area\.max: missing required key"):
+        load_params(write(tmp_path, "filter:\n  openimages_area: {min: 0.1}\n"))
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(write(tmp_path, "filter: [\n"))
+
+
+def test_configs_are_frozen():
+    with pytest.raises(Exception):
+        FilterParams().min_image_side = 3  # type: ignore[misc]

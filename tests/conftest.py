@@ -1,0 +1,24 @@
+"""Shared fixtures. Prefect runs against one temporary local server for the whole session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("PREFECT_HOME", str(ROOT / ".prefect" / "tests"))
+
+from flows.runtime import configure  # noqa: E402
+
+configure()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A real (temporary, local) Prefect server for tests that run flows."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
