@@ -1,0 +1,96 @@
+"""The ``filter`` stage as plain functions: two streaming passes over the frames table.
+
+Pass 1 applies the per-frame rules and the duplicate index, writing rejects as it goes and
+counting accepted views per MVImgNet object. Pass 2 drops objects left with too few views
+and writes the accepted frames. Memory holds one batch, one byte per frame and the compact
+duplicate index; never the table.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from flows import ids, reasons
+from flows.config.params import FilterParams
+from flows.filtering.dedup import DuplicateIndex
+from flows.filtering.rules import first_failure
+from flows.ingest.merge import frame_counts
+from flows.ingest.records import FRAME, reject_row
+from flows.schemas import FRAMES, REJECTS
+from flows.tables import TableWriter, count_rows, iter_batches, iter_rows, write_json_atomic
+
+STAGE = "filter"
+
+
+class AccountingError(RuntimeError):
+    """Frames discovered != accepted + rejected: a bug, never a data problem."""
+
+
+def filter_frames(ingest_dir: Path, out_dir: Path, params: FilterParams) -> dict:
+    """Filter ``ingest_dir/frames.parquet``; write accepted frames, all rejects and metrics."""
+    frames_in = ingest_dir / "frames.parquet"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rejected = np.zeros(count_rows(frames_in), dtype=bool)
+    views: Counter[str] = Counter()
+    duplicates = DuplicateIndex(max_hamming=params.near_duplicate_hamming)
+    with TableWriter(out_dir / "rejects.parquet", REJECTS) as rejects:
+        for batch in iter_batches(ingest_dir / "rejects.parquet", REJECTS):
+            rejects.write_batch(batch)  # one rejects table for the whole pipeline so far
+        for index, row in enumerate(iter_rows(frames_in, FRAMES)):
+            failure = first_failure(row, params) or duplicates.check_and_add(
+                image_path=f"{row['source']}:{row['image_path']}", subject_id=row["subject_id"],
+                content_hash=row["content_hash"], phash=row["phash"])
+            if failure is not None:
+                rejected[index] = True
+                rejects.write_row(_reject(row, *failure))
+            elif row["source"] == ids.MVIMGNET:
+                views[row["subject_id"]] += 1
+        with TableWriter(out_dir / "frames.parquet", FRAMES) as accepted:
+            for index, row in enumerate(iter_rows(frames_in, FRAMES)):
+                if rejected[index]:
+                    continue
+                n = views[row["subject_id"]]
+                if row["source"] == ids.MVIMGNET and n < params.min_views_per_object:
+                    rejects.write_row(_reject(row, reasons.TOO_FEW_VIEWS,
+                                              f"{n} accepted views < filter.min_views_per_object "
+                                              f"{params.min_views_per_object}"))
+                else:
+                    accepted.write_row(row)
+    return write_metrics(ingest_dir, out_dir)
+
+
+def _reject(row: dict, reason: str, detail: str) -> dict:
+    return reject_row(item_id=row["frame_id"], source=row["source"], kind=FRAME, path=row["image_path"],
+                      stage=STAGE, reason=reason, detail=detail)
+
+
+def write_metrics(ingest_dir: Path, out_dir: Path) -> dict:
+    """Per source: discovered = accepted + rejected, with counts per stage and reason."""
+    discovered = json.loads((ingest_dir / "summary.json").read_text())
+    ingest = frame_counts(ingest_dir / "frames.parquet", out_dir / "rejects.parquet", stage="ingest")
+    filtered = frame_counts(out_dir / "frames.parquet", out_dir / "rejects.parquet", stage=STAGE)
+    metrics: dict = {}
+    for source in sorted(set(discovered) | set(filtered)):
+        found = discovered.get(source, {}).get("discovered", 0)
+        ing, fil = ingest.get(source, {}), filtered.get(source, {})
+        entry = {
+            "discovered": found,
+            "accepted": fil.get("kept", 0),
+            "rejected_ingest": ing.get("rejected", 0),
+            "rejected_filter": fil.get("rejected", 0),
+            "reasons": {**{f"ingest/{k}": v for k, v in sorted(ing.get("reasons", {}).items())},
+                        **{f"filter/{k}": v for k, v in sorted(fil.get("reasons", {}).items())}},
+            "annotation_rejects": dict(sorted(ing.get("annotation_rejects", {}).items())),
+        }
+        if entry["accepted"] + entry["rejected_ingest"] + entry["rejected_filter"] != found:
+            raise AccountingError(f"{source}: {found} discovered != {entry['accepted']} accepted + "
+                                  f"{entry['rejected_ingest']} + {entry['rejected_filter']} rejected")
+        metrics[source] = entry
+    metrics["total"] = {k: sum(m[k] for m in metrics.values())
+                        for k in ("discovered", "accepted", "rejected_ingest", "rejected_filter")}
+    write_json_atomic(out_dir / "metrics.json", metrics)
+    return metrics
