@@ -1,0 +1,59 @@
+import dataclasses
+
+import pytest
+
+from flows import reasons
+from flows.config.params import AreaRange, FilterParams
+from flows.filtering.rules import RULES, first_failure
+
+P = FilterParams()
+
+
+def row(**over):
+    base = {
+        "frame_id": "mvimgnet:1/0000abcd/001.jpg", "source": "mvimgnet", "subject_id": "mvimgnet:1/0000abcd",
+        "class_id": "1", "class_name": "bag", "image_path": "1/0000abcd/images/001.jpg",
+        "width": 480, "height": 360, "box_xmin": 0.3, "box_ymin": 0.25, "box_xmax": 0.7, "box_ymax": 0.75,
+        "mask_path": "1/0000abcd/001.jpg.png", "blur_score": 500.0, "subject_area_frac": 0.15,
+        "mask_largest_cc_frac": 0.99, "is_group_of": None, "is_depiction": None,
+    }
+    base.update(over)
+    return base
+
+
+def test_clean_row_passes():
+    assert first_failure(row(), P) is None
+
+
+@pytest.mark.parametrize("over,params,reason", [
+    ({"width": 100}, P, reasons.LOW_RESOLUTION),
+    ({}, dataclasses.replace(P, class_deny=["bag"]), reasons.CLASS_DENIED),
+    ({}, dataclasses.replace(P, class_allow=["cup"]), reasons.CLASS_NOT_ALLOWED),
+    ({"source": "openimages", "is_group_of": True}, P, reasons.GROUP_OF),
+    ({"source": "openimages", "is_depiction": True}, dataclasses.replace(P, exclude_depiction=True), reasons.DEPICTION),
+    ({"mask_path": None, "mask_largest_cc_frac": None}, P, reasons.MISSING_MASK),
+    ({"subject_area_frac": 0.005}, P, reasons.SUBJECT_TOO_SMALL),
+    ({"subject_area_frac": 0.7}, P, reasons.SUBJECT_TOO_LARGE),
+    ({"box_xmax": 0.4}, P, reasons.BOX_TOO_SMALL),
+    ({"box_xmin": 0.05, "box_xmax": 0.95, "box_ymin": 0.4, "box_ymax": 0.8}, P, reasons.BAD_ASPECT_RATIO),
+    ({"mask_largest_cc_frac": 0.5}, P, reasons.MASK_FRAGMENTED),
+    ({"blur_score": 3.0}, P, reasons.BLURRY),
+])
+def test_each_rule_rejects_with_its_reason(over, params, reason):
+    failure = first_failure(row(**over), params)
+    assert failure is not None and failure[0] == reason
+    assert "filter." in failure[1] or reason in (reasons.MISSING_MASK,)
+
+
+def test_thresholds_are_per_source():
+    oi = row(source="openimages", mask_path=None, mask_largest_cc_frac=None, subject_area_frac=0.015)
+    assert first_failure(oi, P)[0] == reasons.SUBJECT_TOO_SMALL  # 0.015 < openimages min 0.02
+    assert first_failure(row(subject_area_frac=0.015), P) is None  # >= mvimgnet min 0.01
+    custom = dataclasses.replace(P, openimages_area=AreaRange(min=0.01, max=0.9))
+    assert first_failure(oi, custom) is None
+
+
+def test_first_failing_rule_wins():
+    failure = first_failure(row(width=100, blur_score=1.0, subject_area_frac=0.0), P)
+    assert failure[0] == reasons.LOW_RESOLUTION
+    assert len(RULES) == len(set(RULES))
