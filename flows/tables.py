@@ -107,6 +107,15 @@ def iter_rows(path: str | Path, schema: pa.Schema, **kwargs) -> Iterator[dict[st
         yield from batch.to_pylist()
 
 
+def concat_tables(parts: Iterable[str | Path], target: str | Path, schema: pa.Schema) -> int:
+    """Stream every part, in the given order, into ``target`` (atomic); return the row count."""
+    with TableWriter(target, schema) as writer:
+        for part in parts:
+            for batch in iter_batches(part, schema):
+                writer.write_batch(batch)
+    return writer.rows_written
+
+
 def count_rows(path: str | Path) -> int:
     return pq.ParquetFile(path).metadata.num_rows
 

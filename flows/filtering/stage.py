@@ -18,8 +18,7 @@ from flows import ids, reasons
 from flows.config.params import FilterParams
 from flows.filtering.dedup import DuplicateIndex
 from flows.filtering.rules import first_failure
-from flows.ingest.merge import frame_counts
-from flows.ingest.records import FRAME, reject_row
+from flows.accounting import FRAME, frame_counts, reject_row
 from flows.schemas import FRAMES, REJECTS
 from flows.tables import TableWriter, count_rows, iter_batches, iter_rows, write_json_atomic
 

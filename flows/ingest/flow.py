@@ -18,10 +18,11 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
 from flows.config.params import IngestParams, SourcesParams, load_params  # noqa: E402
-from flows.ingest import merge, mvimgnet, openimages  # noqa: E402
+from flows.accounting import frame_counts  # noqa: E402
+from flows.ingest import mvimgnet, openimages  # noqa: E402
 from flows.ingest.records import ShardOutput  # noqa: E402
 from flows.schemas import FRAMES, REJECTS  # noqa: E402
-from flows.tables import write_json_atomic  # noqa: E402
+from flows.tables import concat_tables, write_json_atomic  # noqa: E402
 
 SHARD_MODULES = {"mvimgnet": mvimgnet, "openimages": openimages}
 
@@ -44,9 +45,9 @@ def ingest_shard(source: str, shard: Path, sources: SourcesParams, probe_side: i
 @task(cache_policy=NO_CACHE)
 def merge_parts(frame_parts: list[Path], reject_parts: list[Path], out_dir: Path) -> dict:
     frames, rejects = out_dir / "frames.parquet", out_dir / "rejects.parquet"
-    merge.concat_parts(frame_parts, frames, FRAMES)
-    merge.concat_parts(reject_parts, rejects, REJECTS)
-    counts = merge.frame_counts(frames, rejects, stage="ingest")
+    concat_tables(frame_parts, frames, FRAMES)
+    concat_tables(reject_parts, rejects, REJECTS)
+    counts = frame_counts(frames, rejects, stage="ingest")
     summary = {source: {"discovered": c["kept"] + c["rejected"], **c} for source, c in counts.items()}
     write_json_atomic(out_dir / "summary.json", summary)
     return summary

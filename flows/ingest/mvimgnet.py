@@ -7,7 +7,8 @@ from pathlib import Path
 
 from flows import ids, reasons
 from flows.config.params import SourcesParams
-from flows.ingest.records import ANNOTATION, FRAME, ShardOutput, ShardWriter, frame_row, reject_row
+from flows.accounting import ANNOTATION, FRAME, reject_row
+from flows.ingest.records import ShardOutput, ShardWriter, frame_row
 from flows.probe import UnreadableFile, probe_image, probe_mask
 from flows.readers import mvimgnet as reader
 

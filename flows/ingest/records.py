@@ -1,4 +1,4 @@
-"""Row builders for the frames and rejects tables, and the per-shard output pair."""
+"""The frames-row builder and the per-shard writer of the ingest stage."""
 
 from __future__ import annotations
 
@@ -9,16 +9,6 @@ from typing import Any
 from flows.probe import ImageProbe, MaskProbe
 from flows.schemas import FRAMES, REJECTS
 from flows.tables import TableWriter
-
-FRAME = "frame"
-ANNOTATION = "annotation"
-
-
-def reject_row(*, item_id: str, source: str, kind: str, path: str | None, stage: str,
-               reason: str, detail: str) -> dict[str, Any]:
-    return {"item_id": item_id, "source": source, "item_kind": kind, "path": path,
-            "stage": stage, "reason": reason, "detail": detail}
-
 
 def frame_row(*, frame_id: str, source: str, subject_id: str, class_id: str, class_name: str,
               image_path: str, image: ImageProbe, box: tuple[float, float, float, float],

@@ -1,31 +1,31 @@
-"""Concatenate shard parts into the stage's tables, streaming, in plan order."""
+"""Rejects rows and the counts that prove nothing was lost: discovered = accepted + rejected."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from flows.schemas import FRAMES, REJECTS
-from flows.tables import TableWriter, iter_batches
+from flows.tables import iter_batches
+
+FRAME = "frame"  # a reject that counts toward its source's frames
+ANNOTATION = "annotation"  # a reject of a mask row or pose file, counted apart
 
 
-def concat_parts(parts: Sequence[Path], target: Path, schema) -> int:
-    """Stream every part, in the given order, into ``target`` (atomic); return the row count."""
-    with TableWriter(target, schema) as writer:
-        for part in parts:
-            for batch in iter_batches(part, schema):
-                writer.write_batch(batch)
-    return writer.rows_written
+def reject_row(*, item_id: str, source: str, kind: str, path: str | None, stage: str,
+               reason: str, detail: str) -> dict[str, Any]:
+    """One rejects row (see flows.schemas.REJECTS)."""
+    return {"item_id": item_id, "source": source, "item_kind": kind, "path": path,
+            "stage": stage, "reason": reason, "detail": detail}
 
 
-def frame_counts(frames: Path, rejects: Path, *, stage: str) -> dict[str, dict[str, int]]:
+def frame_counts(frames: Path, rejects: Path, *, stage: str) -> dict[str, dict[str, Any]]:
     """Per source: frames kept, frames rejected by ``stage``, and the rejects per reason.
 
     Only rejects of item_kind ``frame`` count toward a source's frames; annotation rejects
-    (mask rows, pose files) are counted apart, under ``annotation_rejects``.
+    are counted apart, under ``annotation_rejects``.
     """
     counts: dict[str, dict] = {}
 
@@ -40,11 +40,7 @@ def frame_counts(frames: Path, rejects: Path, *, stage: str) -> dict[str, dict[s
             if row["stage"] != stage:
                 continue
             e = entry(row["source"])
-            bucket = e["reasons"] if row["item_kind"] == "frame" else e["annotation_rejects"]
+            bucket = e["reasons"] if row["item_kind"] == FRAME else e["annotation_rejects"]
             bucket[row["reason"]] = bucket.get(row["reason"], 0) + 1
-            e["rejected"] += row["item_kind"] == "frame"
+            e["rejected"] += row["item_kind"] == FRAME
     return counts
-
-
-def row_count(path: Path) -> int:
-    return pq.ParquetFile(path).metadata.num_rows

@@ -1,0 +1,156 @@
+"""Ingest of hand-made edge cases, through the plain functions (no Prefect)."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flows import reasons
+from flows.config.params import SourcesParams
+from flows.ingest import mvimgnet, openimages
+from flows.ingest.records import ShardOutput
+from flows.readers import colmap
+from flows.schemas import FRAMES, REJECTS
+from flows.tables import iter_rows
+
+BOX_HEADER = "ImageID,Source,LabelName,Confidence,XMin,XMax,YMin,YMax,IsOccluded,IsTruncated,IsGroupOf,IsDepiction,IsInside\n"
+SEG_HEADER = "MaskPath,ImageID,LabelName,BoxID,BoxXMin,BoxXMax,BoxYMin,BoxYMax,PredictedIoU,Clicks\n"
+
+
+def jpeg(seed: int, size=(320, 240)) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def png_mask(size, box) -> bytes:
+    mask = np.zeros((size[1], size[0]), dtype=np.uint8)
+    x0, y0, x1, y1 = box
+    mask[y0:y1, x0:x1] = 255
+    buf = io.BytesIO()
+    Image.fromarray(mask).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def run_shards(module, sources, tmp_path, specs):
+    frames, rejects = [], []
+    for i, spec in enumerate(specs):
+        out = module.ingest_shard(spec, sources, probe_side=128,
+                                  out=ShardOutput(tmp_path / f"f{i}.parquet", tmp_path / f"r{i}.parquet"))
+        frames += list(iter_rows(out.frames, FRAMES))
+        rejects += list(iter_rows(out.rejects, REJECTS))
+    return frames, rejects
+
+
+@pytest.fixture
+def oi_sources(tmp_path):
+    root = tmp_path / "oi"
+    (root / "train").mkdir(parents=True)
+    (root / "masks" / "a").mkdir(parents=True)
+    (root / "train" / "a000000000000001.jpg").write_bytes(jpeg(1))
+    (root / "train" / "a000000000000002.jpg").write_bytes(b"")
+    (root / "masks" / "a" / "a000000000000001_m01_00000001.png").write_bytes(png_mask((160, 120), (40, 30, 120, 90)))
+    (root / "classes.csv").write_text('LabelName,DisplayName\n/m/01,"Cup, mug"\n')
+    (root / "boxes.csv").write_text(
+        BOX_HEADER
+        + "a000000000000001,xclick,/m/01,1,0.25,0.75,0.25,0.75,0,0,0,0,0\n"
+        + "a000000000000001,xclick,/m/01,1,0.25,0.75,0.25,0.75,0,0,0,0,0\n"  # the same box twice
+        + "a000000000000001,xclick,/m/99,1,0.1,0.2,0.1,0.2,0,0,1,0,0\n"  # label not in classes
+        + "a000000000000002,xclick,/m/01,1,0.1,0.9,0.1,0.9,0,0,0,0,0\n"  # zero-byte image
+        + "a000000000000003,xclick,/m/01,1,0.1,0.9,0.1,0.9,0,0,0,0,0\n"  # image absent
+        + "a000000000000004,xclick,/m/01,1,0.9,0.1,0.1,0.9,0,0,0,0,0\n")  # xmin > xmax
+    (root / "seg.csv").write_text(
+        SEG_HEADER
+        + "a000000000000001_m01_00000001.png,a000000000000001,/m/01,00000001,0.25,0.75,0.25,0.75,0.9,\n"
+        + "../../escape.png,a000000000000001,/m/01,00000002,0.1,0.2,0.3,0.4,0.9,\n"  # no such box, escapes
+        + "x.png,a000000000000009,/m/01,00000003,0.1,0.2,0.3,0.4,0.9,\n")  # orphan
+    return SourcesParams(openimages_root=str(root), openimages_boxes_csv="boxes.csv",
+                         openimages_segmentation_csv="seg.csv", openimages_classes_csv="classes.csv")
+
+
+def test_openimages_every_row_accounted(tmp_path, oi_sources):
+    work = tmp_path / "work"
+    work.mkdir()
+    parts, csv_rejects = openimages.plan_shards(oi_sources, frames_per_shard=2, work_dir=work)
+    assert len(parts) == 3  # ceil(6 box rows / 2)
+    frames, rejects = run_shards(openimages, oi_sources, tmp_path, parts)
+    rejects += list(iter_rows(csv_rejects, REJECTS))
+    frame_rejects = [r for r in rejects if r["item_kind"] == "frame"]
+    assert len(frames) + len(frame_rejects) == 6  # every box row
+    assert len(frames) == 1
+    (frame,) = frames
+    assert frame["class_name"] == "Cup, mug" and frame["mask_path"] == "masks/a/a000000000000001_m01_00000001.png"
+    assert frame["subject_area_frac"] == pytest.approx(0.25, abs=0.01)  # mask stored at half size
+    assert (frame["width"], frame["height"]) == (320, 240)
+    by_reason = sorted(r["reason"] for r in frame_rejects)
+    assert by_reason == sorted([reasons.BAD_ANNOTATION, reasons.UNKNOWN_CLASS, reasons.EMPTY_FILE,
+                                reasons.MISSING_FILE, reasons.BAD_ANNOTATION])
+    annotation = sorted(r["reason"] for r in rejects if r["item_kind"] == "annotation")
+    assert annotation == [reasons.ORPHAN_MASK, reasons.ORPHAN_MASK]
+
+
+def test_openimages_path_escape_is_rejected(tmp_path, oi_sources):
+    seg = tmp_path / "oi" / "seg.csv"
+    seg.write_text(SEG_HEADER + "../../../etc/passwd,a000000000000001,/m/01,00000001,0.25,0.75,0.25,0.75,0.9,\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    parts, _ = openimages.plan_shards(oi_sources, frames_per_shard=100, work_dir=work)
+    frames, rejects = run_shards(openimages, oi_sources, tmp_path, parts)
+    assert frames[0]["mask_path"] is None  # the box stays, without a mask
+    escape = [r for r in rejects if r["reason"] == reasons.PATH_OUTSIDE_ROOT]
+    assert len(escape) == 1 and escape[0]["path"] == "../../../etc/passwd"
+
+
+def test_mvimgnet_object(tmp_path):
+    root, masks = tmp_path / "mv", tmp_path / "masks"
+    images = root / "5" / "0000beef" / "images"
+    images.mkdir(parents=True)
+    (masks / "5" / "0000beef").mkdir(parents=True)
+    (root / "cats.txt").write_text("5,teapot\n")
+    for i in (1, 2, 3):
+        (images / f"00{i}.jpg").write_bytes(jpeg(i))
+    (masks / "5" / "0000beef" / "001.jpg.png").write_bytes(png_mask((320, 240), (80, 60, 240, 180)))
+    (images / "003.jpg").write_bytes(jpeg(3)[:500])  # truncated
+    sparse = root / "5" / "0000beef" / "sparse" / "0"
+    sparse.mkdir(parents=True)
+    poses = [colmap.ImagePose(id=i, qvec=(1.0, 0.0, 0.0, 0.0), tvec=(0.0, 0.0, float(i)), camera_id=1,
+                              name=f"00{i}.jpg") for i in (1, 2, 4)]
+    colmap.write_images_binary(poses, sparse / "images.bin")
+    sources = SourcesParams(mvimgnet_root=str(root), mvimgnet_mask_root=str(masks),
+                            mvimgnet_categories=str(root / "cats.txt"))
+    work = tmp_path / "work"
+    work.mkdir()
+    specs = mvimgnet.plan_shards(sources, frames_per_shard=100, work_dir=work)
+    frames, rejects = run_shards(mvimgnet, sources, tmp_path, specs)
+    assert [f["frame_id"] for f in frames] == ["mvimgnet:5/0000beef/001.jpg", "mvimgnet:5/0000beef/002.jpg"]
+    first, second = frames
+    assert first["pose_tvec"] == [0.0, 0.0, 1.0] and first["class_name"] == "teapot"
+    assert first["subject_area_frac"] == pytest.approx(0.25)
+    assert first["mask_largest_cc_frac"] == 1.0
+    assert (first["box_xmin"], first["box_ymin"], first["box_xmax"], first["box_ymax"]) == (0.25, 0.25, 0.75, 0.75)
+    assert second["mask_path"] is None and second["mask_largest_cc_frac"] is None
+    assert sorted((r["path"], r["reason"]) for r in rejects) == [
+        ("5/0000beef/images/003.jpg", reasons.UNREADABLE_IMAGE),
+        ("5/0000beef/images/004.jpg", reasons.MISSING_FILE),
+    ]
+
+
+def test_mvimgnet_broken_colmap_keeps_frames(tmp_path):
+    root = tmp_path / "mv"
+    images = root / "5" / "0000beef" / "images"
+    images.mkdir(parents=True)
+    (images / "001.jpg").write_bytes(jpeg(1))
+    (root / "cats.txt").write_text("5,teapot\n")
+    sparse = root / "5" / "0000beef" / "sparse" / "0"
+    sparse.mkdir(parents=True)
+    (sparse / "images.bin").write_bytes(b"\x05\x00\x00")
+    sources = SourcesParams(mvimgnet_root=str(root), mvimgnet_mask_root=str(tmp_path / "none"),
+                            mvimgnet_categories=str(root / "cats.txt"))
+    work = tmp_path / "work"
+    work.mkdir()
+    frames, rejects = run_shards(mvimgnet, sources, tmp_path,
+                                 mvimgnet.plan_shards(sources, frames_per_shard=10, work_dir=work))
+    assert len(frames) == 1 and frames[0]["pose_qvec"] is None
+    assert [(r["item_kind"], r["reason"]) for r in rejects] == [("annotation", reasons.BAD_ANNOTATION)]
