@@ -1,8 +1,7 @@
 """`python -m flows.ingest [params.yaml]` runs the stage's Prefect flow."""
 
-import sys
-
+from flows.cli import run_stage
 from flows.ingest.flow import main
 
 if __name__ == "__main__":
-    main(*sys.argv[1:2])
+    run_stage(main)
