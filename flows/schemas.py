@@ -61,7 +61,73 @@ REJECTS = _schema(
     ],
 )
 
-ALL_TABLES = {"frames": FRAMES, "rejects": REJECTS}
+MASKS = _schema(
+    "masks",
+    [
+        ("frame_id", pa.string(), False, "the frame (flows.schemas.FRAMES.frame_id) this mask belongs to"),
+        ("subject_id", pa.string(), False, "the frame's subject"),
+        ("width", pa.int32(), False, "mask (= image) width in pixels"),
+        ("height", pa.int32(), False, "mask (= image) height in pixels"),
+        ("rle_counts", pa.binary(), False, "COCO compressed RLE counts (pycocotools), column-major, at image size"),
+        ("bbox_x", pa.float32(), False, "mask bounding box left, pixels (COCO bbox x)"),
+        ("bbox_y", pa.float32(), False, "mask bounding box top, pixels (COCO bbox y)"),
+        ("bbox_w", pa.float32(), False, "mask bounding box width, pixels"),
+        ("bbox_h", pa.float32(), False, "mask bounding box height, pixels"),
+        ("area_frac", pa.float32(), False, "mask pixels / image pixels"),
+        ("quality", pa.float32(), False, "1.0 for a data set's own mask; SAM's stability score for SAM masks"),
+        ("method", pa.string(), False, "provided (the data set's mask), sam_box (SAM from the box), sam_refined"),
+        ("model_id", pa.string(), True, "SAM model id (type and checkpoint) when SAM made or refined the mask"),
+    ],
+)
+
+
+def embeddings_schema(dim: int) -> pa.Schema:
+    """CLIP appearance embeddings of segmented subjects; ``dim`` is the model's output width."""
+    return _schema(
+        "embeddings",
+        [
+            ("frame_id", pa.string(), False, "the frame whose segmented subject was embedded"),
+            ("subject_id", pa.string(), False, "the frame's subject"),
+            ("embedding", pa.list_(pa.float16(), dim), False, "L2-normalised image embedding, float16"),
+            ("model_id", pa.string(), False, "open_clip model name and pretrained tag (or checkpoint path)"),
+        ],
+    )
+
+
+PAIRS = _schema(
+    "pairs",
+    [
+        ("pair_id", pa.string(), False, "stable id: <frame_id>-><positive frame_id or aug:<n>>"),
+        ("source", pa.string(), False, "data set of the pair"),
+        ("subject_id", pa.string(), False, "the subject both sides show"),
+        ("frame_id", pa.string(), False, "the reference frame"),
+        ("kind", pa.string(), False, "multiview (another frame of the object) or augmentation (a recipe)"),
+        ("positive_frame_id", pa.string(), True, "the positive frame for multiview pairs, else null"),
+        ("angle_deg", pa.float32(), True, "angle between the two viewing directions (COLMAP poses), null if unknown"),
+        ("frame_gap", pa.int32(), True, "difference of frame indices (multiview), null for augmentations"),
+        ("area_ratio", pa.float32(), False, "positive subject area / reference subject area"),
+        ("r_ij", pa.float32(), False, "cosine of the two segmented-subject embeddings (MACL's r_ij)"),
+        ("aug_crop", pa.list_(pa.float32(), 4), True, "augmentation crop box (x0, y0, x1, y1) normalised, null for multiview"),
+        ("aug_scale", pa.float32(), True, "augmentation subject scale factor"),
+        ("aug_flip", pa.bool_(), True, "augmentation horizontal flip"),
+        ("aug_background", pa.string(), True, "augmentation background id (a photo name), null to keep the original"),
+        ("aug_seed", pa.int64(), True, "seed that makes the recipe reproducible"),
+    ],
+)
+
+NEIGHBOURS = _schema(
+    "neighbours",
+    [
+        ("level", pa.string(), False, "frame or subject"),
+        ("i", pa.string(), False, "query frame_id or subject_id"),
+        ("j", pa.string(), False, "neighbour frame_id or subject_id"),
+        ("rank", pa.int16(), False, "0 = most similar neighbour of i"),
+        ("r", pa.float32(), False, "cosine similarity of the embeddings (subjects: of their mean embeddings)"),
+        ("near_duplicate", pa.bool_(), False, "different subjects with r >= similarity.near_duplicate_r"),
+    ],
+)
+
+ALL_TABLES = {"frames": FRAMES, "rejects": REJECTS, "masks": MASKS, "pairs": PAIRS, "neighbours": NEIGHBOURS}
 
 
 def column_docs(schema: pa.Schema) -> dict[str, str]:

@@ -93,6 +93,74 @@ class FilterParams:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SegmentParams:
+    """Subject masks (stage ``segment``): the data set's own masks, else SAM from the box."""
+
+    out_dir: str = "data/segment"  # masks.parquet
+    mode: Literal["provided", "refine"] = "provided"  # refine: re-run SAM on provided masks, keep the better
+    sam_profile: Literal["tiny", "sam"] = "tiny"  # tiny: random small SAM built in code (masks meaningless)
+    sam_model_type: Literal["vit_h", "vit_l", "vit_b"] = "vit_h"  # for sam_profile sam
+    sam_checkpoint: str = "models/sam_vit_h_4b8939.pth"  # for sam_profile sam
+    batch_images: int = 4  # images per SAM image-encoder batch
+    frames_per_shard: int = 256  # work unit of one Prefect task
+    refine_min_gain: float = 0.02  # refine keeps SAM's mask only if its stability beats the provided by this
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbedParams:
+    """CLIP appearance embeddings of the segmented subjects (stage ``embed``)."""
+
+    out_dir: str = "data/embed"  # embeddings.parquet
+    profile: Literal["tiny", "sd15", "named"] = "tiny"  # tiny: random small open_clip; sd15: ViT-H-14
+    model: str = "ViT-H-14"  # open_clip model name (profile sd15 or named)
+    pretrained: str = "laion2b_s32b_b79k"  # open_clip pretrained tag or a local checkpoint path
+    batch_size: int = 32  # images per forward
+    num_workers: int = 2  # DataLoader workers that decode, crop and resize
+    background_rgb: list[int] = field(default_factory=lambda: [124, 116, 104])  # fill outside the mask
+
+
+@dataclass(frozen=True, kw_only=True)
+class PairsParams:
+    """Positive pairs for MACL (stage ``pairs``)."""
+
+    out_dir: str = "data/pairs"  # pairs.parquet, stats.json
+    min_angle_deg: float = 30.0  # MVImgNet: viewing directions at least this far apart
+    max_positives_per_frame: int = 2  # positives kept per reference frame (largest angles first)
+    augmentations_per_box: int = 2  # OpenImages: augmentation recipes per box
+    aug_scale_min: float = 0.7  # subject scale range of the augmentation recipes
+    aug_scale_max: float = 1.3
+    aug_flip_prob: float = 0.5  # chance of a horizontal flip
+    aug_background_prob: float = 0.5  # chance of replacing the background with another photo
+    seed: int = 0  # seeds every recipe
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimilarityParams:
+    """Appearance-similarity top-k tables (stage ``similarity``)."""
+
+    out_dir: str = "data/similarity"  # neighbours.parquet, hard_negatives.parquet
+    k: int = 16  # neighbours kept per frame and per subject
+    block_rows: int = 4096  # query rows per block: memory O(N*k + block_rows*N)
+    near_duplicate_r: float = 0.95  # different subjects at or above this r are near-duplicates
+    hard_negatives: int = 8  # hard negatives listed per subject
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU when present
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportParams:
+    """Training shards (stage ``export``)."""
+
+    out_dir: str = "data/export"  # train/*.parquet, heldout/*.parquet, stats.json
+    image_side: int = 512  # reference images are resized so the shorter side is this
+    jpeg_quality: int = 95
+    rows_per_shard: int = 1000
+    heldout_fraction: float = 0.1  # share of subjects held out (split by subject, never by frame)
+    placeholder_token: str = "sks"  # the placeholder word in captions
+    caption_template: str = "a photo of a {placeholder} {class_name}"
+    seed: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
 class Params:
     """The whole of params.yaml."""
 
@@ -100,6 +168,11 @@ class Params:
     sources: SourcesParams = field(default_factory=SourcesParams)
     ingest: IngestParams = field(default_factory=IngestParams)
     filter: FilterParams = field(default_factory=FilterParams)
+    segment: SegmentParams = field(default_factory=SegmentParams)
+    embed: EmbedParams = field(default_factory=EmbedParams)
+    pairs: PairsParams = field(default_factory=PairsParams)
+    similarity: SimilarityParams = field(default_factory=SimilarityParams)
+    export: ExportParams = field(default_factory=ExportParams)
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
