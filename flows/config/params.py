@@ -13,6 +13,7 @@ from typing import Literal
 
 import yaml
 
+from cc_model.config import ModelParams, TrainParams
 from flows.config.typed import ParamsError, from_mapping
 
 DEFAULT_PARAMS = Path("params.yaml")
@@ -173,6 +174,8 @@ class Params:
     pairs: PairsParams = field(default_factory=PairsParams)
     similarity: SimilarityParams = field(default_factory=SimilarityParams)
     export: ExportParams = field(default_factory=ExportParams)
+    model: ModelParams = field(default_factory=ModelParams)  # cc_model: backbones, MFI encoder, ablations
+    train: TrainParams = field(default_factory=TrainParams)  # cc_model: objective, loss weights, dropout
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:

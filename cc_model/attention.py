@@ -1,0 +1,241 @@
+"""Decoupled cross-attention (Eq. 3) as a diffusers attention processor, with optional map capture.
+
+    out = Softmax(Q K_t^T / sqrt(d)) V_t + gamma * Softmax(Q K_v^T / sqrt(d)) V_v
+
+The attention *module* keeps its frozen to_q/to_k/to_v/to_out; the *processor* owns the algorithm
+and the trainable visual projections under the unique prefix ``cc_visual_kv`` (initialised from the
+layer's to_k/to_v as IP-Adapter does), so the trained UNet weights are exactly the parameters
+whose name contains that prefix. Self-attention processors are left as they are.
+
+Conditioning travels as ``encoder_hidden_states`` in the shape of a tuple, like diffusers' own
+IP-Adapter (which passes ``(text, image)``): the UNet hands it to the cross-attention layers only,
+so self-attention never sees it and no ``cross_attention_kwargs`` warnings fire. Each processor
+knows its layer index a (execution order: down, mid, up) and picks its own text features.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TRAINABLE_PREFIX = "cc_visual_kv"
+
+_CROSS_ATTN = re.compile(
+    r"^(down_blocks|mid_block|up_blocks)(?:\.(\d+))?\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.attn2\.processor$"
+)
+_EXECUTION_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}  # attn_processors lists down, up, mid
+
+
+@dataclass
+class CapturedMaps:
+    """One cross-attention layer's head-averaged attention probabilities, as spatial maps."""
+
+    layer_index: int  # a, in execution order
+    height: int  # the layer's query grid
+    width: int
+    text: torch.Tensor | None  # (B, h, w) probability of the placeholder token (averaged over its occurrences)
+    visual: torch.Tensor | None  # (B, m, h, w) probability of each visual token
+
+
+class AttentionCapture:
+    """Collects the maps the localisation loss needs, only in layers at or below a resolution.
+
+    ``placeholder_weights`` (B, S) selects the placeholder token(s) in each caption: 1/count at
+    each occurrence, 0 elsewhere. Keyed by layer, so a recomputation (gradient checkpointing)
+    overwrites rather than duplicates.
+    """
+
+    def __init__(self, *, placeholder_weights: torch.Tensor, latent_size: tuple[int, int], min_downsample: int = 1):
+        self.placeholder_weights = placeholder_weights
+        self.latent_size = latent_size
+        self.min_downsample = min_downsample
+        self._maps: dict[int, CapturedMaps] = {}
+
+    def grid(self, num_queries: int) -> tuple[int, int] | None:
+        """(h, w) of a layer with this many queries if it is captured, else None."""
+        lh, lw = self.latent_size
+        factor = round(math.sqrt(lh * lw / num_queries))
+        if factor < self.min_downsample or (lh // factor) * (lw // factor) != num_queries:
+            return None
+        return lh // factor, lw // factor
+
+    def record(self, maps: CapturedMaps) -> None:
+        self._maps[maps.layer_index] = maps
+
+    @property
+    def maps(self) -> list[CapturedMaps]:
+        return [self._maps[a] for a in sorted(self._maps)]
+
+
+class DecoupledConditioning(NamedTuple):
+    """What the cross-attention layers receive as ``encoder_hidden_states``."""
+
+    text: torch.Tensor  # (B, l, S, D_text) one text encoding per layer, or (B, S, D_text) shared
+    visual: torch.Tensor | None = None  # (B, m, D_cross) visual tokens f^_v; None: text only
+    capture: AttentionCapture | None = None  # collect maps for the localisation loss
+
+
+class VisualKV(nn.Module):
+    """W_k^v, W_v^v of one layer."""
+
+    def __init__(self, to_k: nn.Linear, to_v: nn.Linear):
+        super().__init__()
+        self.to_k = nn.Linear(to_k.in_features, to_k.out_features, bias=to_k.bias is not None)
+        self.to_v = nn.Linear(to_v.in_features, to_v.out_features, bias=to_v.bias is not None)
+        with torch.no_grad():  # IP-Adapter's init: start from the text projections
+            self.to_k.load_state_dict(to_k.state_dict())
+            self.to_v.load_state_dict(to_v.state_dict())
+        self.to(device=to_k.weight.device, dtype=to_k.weight.dtype)
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.view(x.shape[0], -1, heads, x.shape[-1] // heads).transpose(1, 2)  # (B, h, N, d)
+
+
+def _explicit_attention(q, k, v, scale, mask=None):
+    """Softmax attention that also returns the probabilities (B, h, N, S) (SDPA never forms them)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, h, N, S)
+    if mask is not None:
+        scores = scores + mask
+    probs = scores.softmax(dim=-1)
+    return torch.matmul(probs, v), probs
+
+
+class DecoupledCrossAttnProcessor(nn.Module):
+    """Processor for one cross-attention layer; a plain tensor conditioning behaves like AttnProcessor2_0."""
+
+    def __init__(self, *, layer_index: int, to_k: nn.Linear, to_v: nn.Linear, gamma: float = 1.0):
+        super().__init__()
+        self.layer_index = layer_index
+        self.gamma = gamma
+        self.cc_visual_kv = VisualKV(to_k, to_v)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        cond = encoder_hidden_states
+        if not isinstance(cond, DecoupledConditioning):
+            if cond is None:
+                raise ValueError("DecoupledCrossAttnProcessor is for cross-attention layers only")
+            cond = DecoupledConditioning(text=cond)
+        text = cond.text if cond.text.ndim == 3 else cond.text[:, self.layer_index]  # (B, S, D_text)
+
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)  # (B, N, C)
+        batch, num_queries, _ = hidden_states.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, text.shape[1], batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if attn.norm_cross:
+            text = attn.norm_encoder_hidden_states(text)
+
+        query = _heads(attn.to_q(hidden_states), attn.heads)  # (B, h, N, d)
+        key = _heads(attn.to_k(text), attn.heads)  # (B, h, S, d)
+        value = _heads(attn.to_v(text), attn.heads)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        grid = cond.capture.grid(num_queries) if cond.capture is not None else None
+        text_map = visual_map = None
+        if grid is None:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)  # (B, h, N, d)
+        else:
+            out, probs = _explicit_attention(query, key, value, attn.scale, attention_mask)
+            weights = cond.capture.placeholder_weights.to(probs.dtype)  # (B, S)
+            text_map = torch.einsum("bhns,bs->bn", probs, weights) / attn.heads  # (B, N)
+
+        if cond.visual is not None and (self.gamma != 0 or grid is not None):
+            v_key = _heads(self.cc_visual_kv.to_k(cond.visual), attn.heads)  # (B, h, m, d)
+            v_value = _heads(self.cc_visual_kv.to_v(cond.visual), attn.heads)
+            if grid is None:
+                v_out = F.scaled_dot_product_attention(query, v_key, v_value)
+            else:
+                v_out, v_probs = _explicit_attention(query, v_key, v_value, attn.scale)
+                visual_map = v_probs.mean(dim=1)  # (B, N, m)
+            out = out + self.gamma * v_out
+
+        if grid is not None:
+            h, w = grid
+            cond.capture.record(
+                CapturedMaps(
+                    layer_index=self.layer_index,
+                    height=h,
+                    width=w,
+                    text=text_map.view(batch, h, w),
+                    visual=None if visual_map is None else visual_map.transpose(1, 2).reshape(batch, -1, h, w),
+                )
+            )
+
+        hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * out.shape[-1]).to(query.dtype)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))  # linear, dropout
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def cross_attention_layer_names(unet) -> list[str]:
+    """Processor names of the cross-attention layers in execution order (down, mid, up).
+
+    ``unet.attn_processors`` lists them down, up, mid (module registration order); the UNet
+    runs down, mid, up, and the S+ token of layer a must condition the a-th layer that runs.
+    """
+    names = []
+    for name in unet.attn_processors:
+        module = unet.get_submodule(name.removesuffix(".processor"))
+        if not getattr(module, "is_cross_attention", False):
+            continue
+        if not _CROSS_ATTN.match(name):
+            raise ValueError(f"unexpected cross-attention layer name {name!r}; cannot order it")
+        names.append(name)
+
+    def order(name: str) -> tuple[int, ...]:
+        kind, block, attention, transformer = _CROSS_ATTN.match(name).groups()
+        return _EXECUTION_ORDER[kind], int(block or 0), int(attention), int(transformer)
+
+    return sorted(names, key=order)
+
+
+def install_decoupled_attention(unet, *, gamma: float = 1.0) -> list[str]:
+    """Give every cross-attention layer a DecoupledCrossAttnProcessor; returns their names, a = 0..l-1."""
+    names = cross_attention_layer_names(unet)
+    processors = dict(unet.attn_processors)  # self-attention processors kept as they are
+    for index, name in enumerate(names):
+        module = unet.get_submodule(name.removesuffix(".processor"))
+        processors[name] = DecoupledCrossAttnProcessor(layer_index=index, to_k=module.to_k, to_v=module.to_v, gamma=gamma)
+    unet.set_attn_processor(processors)
+    for name in names:  # the backbone is frozen; only the visual projections train
+        unet.get_submodule(name).requires_grad_(True)
+    return names
+
+
+def set_gamma(unet, gamma: float) -> None:
+    for processor in unet.attn_processors.values():
+        if isinstance(processor, DecoupledCrossAttnProcessor):
+            processor.gamma = gamma
+
+
+__all__ = [
+    "TRAINABLE_PREFIX",
+    "AttentionCapture",
+    "CapturedMaps",
+    "DecoupledConditioning",
+    "DecoupledCrossAttnProcessor",
+    "cross_attention_layer_names",
+    "install_decoupled_attention",
+    "set_gamma",
+]

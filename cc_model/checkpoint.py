@@ -1,0 +1,89 @@
+"""Save and load exactly the trainable weights: safetensors plus the resolved config as JSON beside them.
+
+Loading reads tensors with safetensors and the config with json + the strict typed loader, so
+nothing is ever unpickled. The key set must match the model's trainable set exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from cc_model.config import ModelParams
+from flows.config.typed import from_mapping, to_mapping
+
+WEIGHTS_NAME = "cc_adapter.safetensors"
+CONFIG_NAME = "cc_adapter_config.json"
+FORMAT_VERSION = 1
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)  # a killed writer never leaves a truncated file under the real name
+
+
+def save_trainable(model, directory: str | Path) -> Path:
+    """Write WEIGHTS_NAME and CONFIG_NAME into ``directory``; returns the weights path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.trainable_state_dict().items()}
+    config = {
+        "format_version": FORMAT_VERSION,
+        "model": to_mapping(model.params),
+        "profile": model.profile,
+        "cross_attention_layers": list(model.layer_names),  # layer a -> processor name
+    }
+    text = json.dumps(config, indent=2, sort_keys=True)
+    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"config": text}))
+    _atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(text + "\n", encoding="utf-8"))
+    return directory / WEIGHTS_NAME
+
+
+def read_checkpoint(directory: str | Path) -> tuple[ModelParams, dict, dict[str, torch.Tensor]]:
+    """(resolved ModelParams, the whole config mapping, tensors) from a checkpoint folder."""
+    directory = Path(directory)
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory / name}: missing (not a cc_model checkpoint folder)")
+    config = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
+    if config.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{directory / CONFIG_NAME}: format_version {config.get('format_version')!r} unsupported")
+    params = from_mapping(ModelParams, config["model"], "model")
+    return params, config, load_file(str(directory / WEIGHTS_NAME))
+
+
+def load_trainable(model, directory: str | Path) -> None:
+    """Load a checkpoint into ``model``; keys, shapes and the layer order must match exactly."""
+    params, config, tensors = read_checkpoint(directory)
+    if params != model.params:
+        raise ValueError(f"{directory}: checkpoint config differs from the model's:\n{params}\n!=\n{model.params}")
+    if config["cross_attention_layers"] != list(model.layer_names):
+        raise ValueError(f"{directory}: cross-attention layers differ from the model's UNet")
+    own = model.trainable_named_parameters()
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{directory}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    with torch.no_grad():
+        for name, param in own.items():
+            if tensors[name].shape != param.shape:
+                raise ValueError(f"{directory}: {name} has shape {tuple(tensors[name].shape)}, model {tuple(param.shape)}")
+            param.copy_(tensors[name])
+
+
+def load_model(directory: str | Path, backbones=None):
+    """A CustomContrastModel with the checkpoint's config and weights (backbones loaded if not given)."""
+    from cc_model.backbones import load_backbones
+    from cc_model.model import CustomContrastModel
+
+    params, _, _ = read_checkpoint(directory)
+    model = CustomContrastModel(backbones=backbones or load_backbones(params.backbone), params=params)
+    load_trainable(model, directory)
+    return model
+
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_model", "load_trainable", "read_checkpoint", "save_trainable"]

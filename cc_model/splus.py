@@ -1,0 +1,68 @@
+"""S+ injection: each cross-attention layer gets the caption encoded with its own placeholder token.
+
+For a batch of B captions and l per-layer tokens s+_a, the frozen text encoder runs once on B*l
+sequences: row (b, a) is caption b with the placeholder's input embedding replaced by s+_{b,a}.
+The replacement is a temporary forward hook on the encoder's input-embedding table, so the rest
+of the encoder (positions, causal mask, final norm) is transformers' own public forward.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+def placeholder_token_id(tokenizer, placeholder: str) -> int:
+    """The id of the placeholder word, which must be a single BPE token (e.g. 'sks')."""
+    ids = tokenizer(placeholder, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        raise ValueError(f"model.placeholder_token: {placeholder!r} tokenizes to {len(ids)} tokens; pick a one-token word")
+    return ids[0]
+
+
+@contextmanager
+def _replace_embeddings(embedding: nn.Embedding, input_ids: torch.Tensor, placeholder_id: int, tokens: torch.Tensor):
+    """While active, the embedding of ``placeholder_id`` in row r of ``input_ids`` becomes tokens[r]."""
+    where = (input_ids == placeholder_id).unsqueeze(-1)  # (R, S, 1)
+
+    def hook(module, args, output):  # output: (R, S, D)
+        return torch.where(where, tokens.unsqueeze(1).to(output.dtype), output)
+
+    handle = embedding.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class SPlusTextEncoder:
+    """The frozen CLIP text encoder, in the ordinary and the per-layer (S+) form."""
+
+    def __init__(self, *, text_encoder, placeholder_id: int):
+        self.text_encoder = text_encoder
+        self.placeholder_id = placeholder_id
+
+    def placeholder_embedding(self) -> torch.Tensor:
+        """(D,) the placeholder word's ordinary input embedding."""
+        return self.text_encoder.get_input_embeddings().weight[self.placeholder_id]
+
+    def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, S) -> (B, S, D) the ordinary text path (last hidden state, as SD uses)."""
+        return self.text_encoder(input_ids=input_ids).last_hidden_state
+
+    def encode_per_layer(self, input_ids: torch.Tensor, splus: torch.Tensor) -> torch.Tensor:
+        """(B, S) ids and (B, l, D) S+ tokens -> (B, l, S, D), one batched call of B*l sequences.
+
+        Rows without the placeholder (e.g. a dropped caption) come out as the ordinary encoding.
+        """
+        batch, layers, dim = splus.shape
+        ids = input_ids.repeat_interleave(layers, dim=0)  # (B*l, S), row b*l + a
+        tokens = splus.reshape(batch * layers, dim)  # (B*l, D), same row order
+        with _replace_embeddings(self.text_encoder.get_input_embeddings(), ids, self.placeholder_id, tokens):
+            hidden = self.text_encoder(input_ids=ids).last_hidden_state  # (B*l, S, D)
+        return hidden.view(batch, layers, *hidden.shape[1:])  # (B, l, S, D)
+
+
+__all__ = ["SPlusTextEncoder", "placeholder_token_id"]
