@@ -105,7 +105,7 @@ PAIRS = _schema(
         ("positive_frame_id", pa.string(), True, "the positive frame for multiview pairs, else null"),
         ("angle_deg", pa.float32(), True, "angle between the two viewing directions (COLMAP poses), null if unknown"),
         ("frame_gap", pa.int32(), True, "difference of frame indices (multiview), null for augmentations"),
-        ("area_ratio", pa.float32(), False, "positive subject area / reference subject area"),
+        ("area_ratio", pa.float32(), False, "positive / reference subject area in pixels (augmentations: scale squared)"),
         ("r_ij", pa.float32(), False, "cosine of the two segmented-subject embeddings (MACL's r_ij)"),
         ("aug_crop", pa.list_(pa.float32(), 4), True, "augmentation crop box (x0, y0, x1, y1) normalised, null for multiview"),
         ("aug_scale", pa.float32(), True, "augmentation subject scale factor"),

@@ -1,0 +1,70 @@
+"""Augmentation positives for single-view subjects (OpenImages): recipes and their replay.
+
+A recipe (crop box, subject scale, flip, background id, seed) is all the training loader
+needs to rebuild the positive exactly: :func:`apply_recipe` is deterministic in the recipe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from flows.config.params import PairsParams
+
+
+@dataclass(frozen=True)
+class Recipe:
+    crop: tuple[float, float, float, float]  # (x0, y0, x1, y1) normalised; always holds the subject box
+    scale: float  # subject size factor applied after the crop
+    flip: bool  # horizontal flip
+    background: str | None  # image_path of another frame whose photo replaces the background, or None
+    seed: int  # seeds everything random in apply_recipe
+
+
+def recipe_seed(frame_id: str, index: int, seed: int) -> int:
+    digest = hashlib.blake2b(f"{seed}|{frame_id}|{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def make_recipe(frame_id: str, index: int, box: tuple[float, float, float, float],
+                backgrounds: list[str], params: PairsParams) -> Recipe:
+    """Recipe ``index`` for the subject in ``box`` (x0, y0, x1, y1 normalised)."""
+    seed = recipe_seed(frame_id, index, params.seed)
+    rng = np.random.default_rng(seed)
+    x0, y0, x1, y1 = box
+    # A crop that keeps the whole subject box: each side extends by a random share of the margin.
+    crop = (x0 * rng.uniform(0, 1), y0 * rng.uniform(0, 1),
+            x1 + (1 - x1) * rng.uniform(0, 1), y1 + (1 - y1) * rng.uniform(0, 1))
+    scale = float(rng.uniform(params.aug_scale_min, params.aug_scale_max))
+    flip = bool(rng.uniform() < params.aug_flip_prob)
+    background = None
+    if backgrounds and rng.uniform() < params.aug_background_prob:
+        background = backgrounds[int(rng.integers(len(backgrounds)))]
+    return Recipe(tuple(float(v) for v in crop), scale, flip, background, seed)
+
+
+def apply_recipe(image: Image.Image, mask: np.ndarray, recipe: Recipe,
+                 background: Image.Image | None = None) -> tuple[Image.Image, np.ndarray]:
+    """Replay ``recipe`` on an RGB image and its (H, W) bool mask; returns the positive and its mask.
+
+    ``background`` must be the photo named by ``recipe.background`` (None if that is None).
+    """
+    width, height = image.size
+    x0, y0, x1, y1 = recipe.crop
+    left, top = int(np.floor(x0 * width)), int(np.floor(y0 * height))
+    right, bottom = max(left + 1, int(np.ceil(x1 * width))), max(top + 1, int(np.ceil(y1 * height)))
+    crop = image.crop((left, top, right, bottom))
+    crop_mask = mask[top:bottom, left:right]
+    if background is not None:
+        back = background.convert("RGB").resize(crop.size, Image.BILINEAR)
+        crop = Image.composite(crop, back, Image.fromarray(crop_mask.astype(np.uint8) * 255))
+    size = (max(1, round(crop.width * recipe.scale)), max(1, round(crop.height * recipe.scale)))
+    crop = crop.resize(size, Image.BICUBIC)
+    crop_mask = np.asarray(Image.fromarray(crop_mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 127
+    if recipe.flip:
+        crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        crop_mask = crop_mask[:, ::-1]
+    return crop, np.ascontiguousarray(crop_mask)

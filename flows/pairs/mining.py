@@ -1,0 +1,138 @@
+"""Positive pairs for MACL: other views of one object, or augmentation recipes of one box.
+
+r_ij is the cosine of the two segmented-subject embeddings exactly as stored (float16
+values, summed in float32), so it can be recomputed from the embeddings table.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from flows import ids
+from flows.config.params import PairsParams
+from flows.pairs.augment import make_recipe, recipe_seed
+from flows.pairs.join import SubjectFrame
+from flows.readers.colmap import qvec_to_rotmat
+
+ANGLE_BINS = tuple(range(0, 181, 15))  # histogram edges of the viewing-angle distribution
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """r_ij: dot product of two stored (normalised, float16) embeddings, in float32."""
+    return float(np.dot(a.astype(np.float32), b.astype(np.float32)))
+
+
+def _view_dir(qvec) -> np.ndarray | None:
+    # COLMAP x_cam = R x_world + t: the optical axis in world coordinates is R^T [0, 0, 1].
+    return None if qvec is None else qvec_to_rotmat(qvec)[2]
+
+
+def mine_multiview(frames: list[SubjectFrame], params: PairsParams) -> list[dict[str, Any]]:
+    """Pairs (i, j) of one object's frames whose views differ by at least min_angle_deg.
+
+    Without poses on both sides, the fallback is a frame-index gap of at least
+    len(frames) // 8 (AnyDoor's rule). Up to max_positives_per_frame positives per frame,
+    drawn with a seed per frame so reruns give the same pairs.
+    """
+    n = len(frames)
+    dirs = [_view_dir(f.qvec) for f in frames]
+    min_gap = max(1, n // 8)
+    pairs = []
+    for i, ref in enumerate(frames):
+        candidates = []
+        for j, other in enumerate(frames):
+            if j == i:
+                continue
+            gap = abs((ref.frame_index or 0) - (other.frame_index or 0))
+            if dirs[i] is not None and dirs[j] is not None:
+                angle = float(np.degrees(np.arccos(np.clip(np.dot(dirs[i], dirs[j]), -1.0, 1.0))))
+                if angle >= params.min_angle_deg:
+                    candidates.append((j, angle, gap))
+            elif gap >= min_gap:
+                candidates.append((j, None, gap))
+        rng = np.random.default_rng(recipe_seed(ref.frame_id, 0, params.seed))
+        chosen = sorted(rng.permutation(len(candidates))[: params.max_positives_per_frame].tolist())
+        for c in chosen:
+            j, angle, gap = candidates[c]
+            pos = frames[j]
+            pairs.append(_row(ref, kind="multiview", pair=f"{ref.frame_id}->{pos.frame_id}",
+                              positive_frame_id=pos.frame_id, angle_deg=angle, frame_gap=gap,
+                              area_ratio=pos.area_frac / ref.area_frac if ref.area_frac else 0.0,
+                              r_ij=cosine(ref.embedding, pos.embedding)))
+    return pairs
+
+
+def mine_augmentations(frame: SubjectFrame, backgrounds: list[str], params: PairsParams) -> list[dict[str, Any]]:
+    """augmentations_per_box recipes for a single-view subject.
+
+    The positive shows the same segmented pixels (flipped or rescaled; a new background is
+    masked out before embedding), so its appearance embedding is the reference's own and
+    r_ij = cos(e_i, e_i); CLIP's small flip sensitivity is ignored on purpose.
+    """
+    others = [b for b in backgrounds if b != frame.image_path]
+    rows = []
+    for k in range(params.augmentations_per_box):
+        recipe = make_recipe(frame.frame_id, k, frame.box, others, params)
+        rows.append(_row(frame, kind="augmentation", pair=f"{frame.frame_id}->aug:{k}", area_ratio=recipe.scale ** 2,
+                         r_ij=cosine(frame.embedding, frame.embedding), aug_crop=list(recipe.crop),
+                         aug_scale=recipe.scale, aug_flip=recipe.flip, aug_background=recipe.background,
+                         aug_seed=recipe.seed))
+    return rows
+
+
+def _row(ref: SubjectFrame, *, kind: str, pair: str, area_ratio: float, r_ij: float, **fields) -> dict[str, Any]:
+    row = {"pair_id": pair, "source": ref.source, "subject_id": ref.subject_id, "frame_id": ref.frame_id,
+           "kind": kind, "positive_frame_id": None, "angle_deg": None, "frame_gap": None,
+           "area_ratio": area_ratio, "r_ij": r_ij, "aug_crop": None, "aug_scale": None, "aug_flip": None,
+           "aug_background": None, "aug_seed": None}
+    row.update(fields)
+    return row
+
+
+def mine_pairs(subjects: Iterable[list[SubjectFrame]], backgrounds: list[str],
+               params: PairsParams, stats: "PairStats") -> Iterator[dict[str, Any]]:
+    """All pairs, subject by subject; ``stats`` is updated as they stream past."""
+    for frames in subjects:
+        if frames[0].source == ids.MVIMGNET:
+            rows = mine_multiview(frames, params)
+        else:
+            rows = [row for frame in frames for row in mine_augmentations(frame, backgrounds, params)]
+        stats.add(frames, rows)
+        yield from rows
+
+
+class PairStats:
+    """Counts per source and kind, frames without a positive, angle histogram, r_ij range."""
+
+    def __init__(self) -> None:
+        self.pairs: Counter[str] = Counter()
+        self.frames: Counter[str] = Counter()
+        self.frames_without_positive: Counter[str] = Counter()
+        self.angles = np.zeros(len(ANGLE_BINS) - 1, dtype=np.int64)
+        self.r_min, self.r_max, self.r_sum = np.inf, -np.inf, 0.0
+
+    def add(self, frames: list[SubjectFrame], rows: list[dict[str, Any]]) -> None:
+        source = frames[0].source
+        self.frames[source] += len(frames)
+        with_positive = {r["frame_id"] for r in rows}
+        self.frames_without_positive[source] += sum(f.frame_id not in with_positive for f in frames)
+        for r in rows:
+            self.pairs[f"{source}/{r['kind']}"] += 1
+            self.r_min, self.r_max, self.r_sum = min(self.r_min, r["r_ij"]), max(self.r_max, r["r_ij"]), self.r_sum + r["r_ij"]
+        angles = [r["angle_deg"] for r in rows if r["angle_deg"] is not None]
+        if angles:
+            self.angles += np.histogram(angles, bins=ANGLE_BINS)[0]
+
+    def as_dict(self) -> dict[str, Any]:
+        total = sum(self.pairs.values())
+        return {
+            "pairs": dict(sorted(self.pairs.items())), "pairs_total": total,
+            "frames": dict(sorted(self.frames.items())),
+            "frames_without_positive": dict(sorted(self.frames_without_positive.items())),
+            "angle_histogram": {f"{lo}-{hi}": int(c) for lo, hi, c in zip(ANGLE_BINS, ANGLE_BINS[1:], self.angles)},
+            "r_ij": {"min": float(self.r_min), "max": float(self.r_max), "mean": self.r_sum / total} if total else {},
+        }

@@ -1,0 +1,37 @@
+"""The ``pairs`` stage as plain functions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flows import ids
+from flows.config.params import PairsParams
+from flows.pairs.join import iter_joined, iter_subjects
+from flows.pairs.mining import PairStats, mine_pairs
+from flows.schemas import FRAMES, PAIRS
+from flows.tables import TableWriter, iter_batches, write_json_atomic
+
+BACKGROUND_POOL = 512  # distinct OpenImages photos that augmentation recipes draw backgrounds from
+
+
+def background_pool(frames: Path, limit: int = BACKGROUND_POOL) -> list[str]:
+    """The first ``limit`` distinct accepted OpenImages image paths, in table order."""
+    pool: dict[str, None] = {}
+    for batch in iter_batches(frames, FRAMES, columns=["source", "image_path"]):
+        for source, path in zip(batch.column("source").to_pylist(), batch.column("image_path").to_pylist()):
+            if source == ids.OPENIMAGES:
+                pool.setdefault(path)
+                if len(pool) >= limit:
+                    return list(pool)
+    return list(pool)
+
+
+def build_pairs(frames: Path, masks: Path, embeddings: Path, out_dir: Path, params: PairsParams) -> dict:
+    """Write ``out_dir/pairs.parquet`` and ``stats.json``; return the stats."""
+    stats = PairStats()
+    subjects = iter_subjects(iter_joined(frames, masks, embeddings))
+    with TableWriter(out_dir / "pairs.parquet", PAIRS) as writer:
+        writer.write_rows(mine_pairs(subjects, background_pool(frames), params, stats))
+    result = stats.as_dict()
+    write_json_atomic(out_dir / "stats.json", result)
+    return result

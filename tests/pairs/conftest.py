@@ -1,0 +1,64 @@
+"""Small frames / masks / embeddings tables with known poses, written in the real schemas."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flows.readers.colmap import rotmat_to_qvec
+from flows.schemas import FRAMES, MASKS, embeddings_schema
+from flows.tables import write_table
+
+DIM = 8
+
+
+def orbit_qvec(deg: float):
+    a = np.radians(deg)
+    rot = np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]])
+    return list(rotmat_to_qvec(rot))
+
+
+def frame(fid, subject, source, index=None, qvec=None, path=None):
+    return {"frame_id": fid, "source": source, "subject_id": subject, "class_id": "1", "class_name": "cup",
+            "image_path": path or f"{fid}.jpg", "width": 100, "height": 80, "frame_index": index,
+            "pose_qvec": qvec, "pose_tvec": None if qvec is None else [0.0, 0.0, 3.0],
+            "box_xmin": 0.2, "box_ymin": 0.2, "box_xmax": 0.6, "box_ymax": 0.7, "mask_path": None,
+            "content_hash": "00" * 32, "phash": 0, "blur_score": 100.0, "subject_area_frac": 0.2,
+            "mask_largest_cc_frac": 1.0, "is_group_of": None, "is_depiction": None, "is_occluded": None,
+            "is_truncated": None}
+
+
+def mask_row(fid, subject, area=0.2):
+    return {"frame_id": fid, "subject_id": subject, "width": 100, "height": 80, "rle_counts": b"x",
+            "bbox_x": 20.0, "bbox_y": 16.0, "bbox_w": 40.0, "bbox_h": 40.0, "area_frac": area,
+            "quality": 1.0, "method": "provided", "model_id": None}
+
+
+@pytest.fixture
+def tables(tmp_path):
+    """Object A: 8 views every 45 deg with poses. Object B: 8 frames without poses.
+    Two OpenImages boxes. Frame A/003 has no mask row; B/007 has no embedding."""
+    rng = np.random.default_rng(0)
+    frames, masks, embs = [], [], []
+    for name, posed in (("a", True), ("b", False)):
+        subject = f"mvimgnet:1/{name * 8}"
+        for k in range(8):
+            fid = f"{subject}/{k:03d}.jpg"
+            frames.append(frame(fid, subject, "mvimgnet", k, orbit_qvec(45 * k) if posed else None))
+            if fid != "mvimgnet:1/aaaaaaaa/003.jpg":
+                masks.append(mask_row(fid, subject, area=0.1 + 0.01 * k))
+            if fid != "mvimgnet:1/bbbbbbbb/007.jpg":
+                embs.append(fid)
+    for img in ("0001", "0002"):
+        fid = f"openimages:{img}/k"
+        frames.append(frame(fid, fid, "openimages", path=f"train/{img}.jpg"))
+        masks.append(mask_row(fid, fid))
+        embs.append(fid)
+    vectors = rng.normal(size=(len(embs), DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    write_table(tmp_path / "frames.parquet", FRAMES, frames)
+    write_table(tmp_path / "masks.parquet", MASKS, masks)
+    write_table(tmp_path / "embeddings.parquet", embeddings_schema(DIM),
+                [{"frame_id": f, "subject_id": f.rsplit("/", 1)[0] if f.startswith("mv") else f,
+                  "embedding": v.astype(np.float16).tolist(), "model_id": "test"} for f, v in zip(embs, vectors)])
+    return tmp_path

@@ -1,0 +1,98 @@
+import dataclasses
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flows.config.params import PairsParams
+from flows.pairs.augment import apply_recipe, make_recipe
+from flows.pairs.join import iter_embeddings, iter_joined, iter_subjects
+from flows.pairs.stage import build_pairs
+from flows.schemas import PAIRS
+from flows.tables import iter_rows
+
+P = PairsParams(min_angle_deg=60.0, max_positives_per_frame=3)
+
+
+def run(tables, params=P):
+    stats = build_pairs(tables / "frames.parquet", tables / "masks.parquet", tables / "embeddings.parquet",
+                        tables, params)
+    return list(iter_rows(tables / "pairs.parquet", PAIRS)), stats
+
+
+def test_join_skips_frames_without_mask_or_embedding(tables):
+    joined = list(iter_joined(tables / "frames.parquet", tables / "masks.parquet", tables / "embeddings.parquet"))
+    ids = [f.frame_id for f in joined]
+    assert "mvimgnet:1/aaaaaaaa/003.jpg" not in ids and "mvimgnet:1/bbbbbbbb/007.jpg" not in ids
+    assert len(ids) == 16
+    assert [len(g) for g in iter_subjects(iter(joined))] == [7, 7, 1, 1]
+
+
+def test_multiview_pairs_same_object_and_angle(tables):
+    pairs, stats = run(tables)
+    multi = [p for p in pairs if p["kind"] == "multiview"]
+    assert multi
+    for p in multi:
+        assert p["positive_frame_id"].rsplit("/", 1)[0] == p["subject_id"] == p["frame_id"].rsplit("/", 1)[0]
+        assert p["positive_frame_id"] != p["frame_id"]
+        if p["subject_id"].endswith("aaaaaaaa"):
+            assert p["angle_deg"] >= 60.0 - 1e-4
+            i, j = (int(f.rsplit("/", 1)[1][:3]) for f in (p["frame_id"], p["positive_frame_id"]))
+            expected = min(abs(i - j) * 45, 360 - abs(i - j) * 45)
+            assert p["angle_deg"] == pytest.approx(expected, abs=1e-3)
+        else:  # no poses: fallback on the frame gap, len(frames) // 8 = 0 -> at least 1
+            assert p["angle_deg"] is None and p["frame_gap"] >= 1
+    assert sum(stats["angle_histogram"].values()) == sum(p["angle_deg"] is not None for p in multi)
+    per_frame = {}
+    for p in multi:
+        per_frame[p["frame_id"]] = per_frame.get(p["frame_id"], 0) + 1
+    assert max(per_frame.values()) <= 3
+
+
+def test_r_ij_agrees_with_embeddings_table(tables):
+    pairs, _ = run(tables)
+    emb = dict(iter_embeddings(tables / "embeddings.parquet"))
+    for p in pairs:
+        other = p["positive_frame_id"] or p["frame_id"]
+        r = float(np.dot(emb[p["frame_id"]].astype(np.float32), emb[other].astype(np.float32)))
+        assert p["r_ij"] == pytest.approx(r, abs=1e-3)
+
+
+def test_threshold_respected_and_deterministic(tables):
+    strict, _ = run(tables, dataclasses.replace(P, min_angle_deg=170.0))
+    posed = [p for p in strict if p["subject_id"].endswith("aaaaaaaa")]
+    assert posed and all(p["angle_deg"] >= 170.0 - 1e-4 for p in posed)
+    first, _ = run(tables)
+    second, _ = run(tables)
+    assert first == second
+
+
+def test_augmentation_recipes_replay_exactly(tables):
+    pairs, stats = run(tables)
+    aug = [p for p in pairs if p["kind"] == "augmentation"]
+    assert len(aug) == 2 * P.augmentations_per_box
+    assert stats["pairs"]["openimages/augmentation"] == len(aug)
+    for p in aug:
+        assert p["aug_background"] in (None, "train/0001.jpg", "train/0002.jpg")
+        assert p["aug_background"] != p["frame_id"]  # never its own photo
+        x0, y0, x1, y1 = p["aug_crop"]
+        assert x0 <= 0.2 + 1e-6 and y0 <= 0.2 + 1e-6 and x1 >= 0.6 - 1e-6 and y1 >= 0.7 - 1e-6
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (80, 100, 3), dtype=np.uint8))
+    mask = np.zeros((80, 100), bool)
+    mask[16:56, 20:60] = True
+    recipe = make_recipe("f", 0, (0.2, 0.2, 0.6, 0.7), ["bg.jpg"], dataclasses.replace(P, aug_flip_prob=1.0))
+    back = Image.new("RGB", (10, 10), (0, 255, 0))
+    one, m1 = apply_recipe(image, mask, recipe, back if recipe.background else None)
+    two, m2 = apply_recipe(image, mask, recipe, back if recipe.background else None)
+    assert np.array_equal(np.asarray(one), np.asarray(two)) and np.array_equal(m1, m2)
+    assert m1.sum() > 0
+
+
+def test_non_contiguous_subject_is_an_error(tables):
+    from flows.pairs.join import SubjectFrame
+
+    def f(subject, index):
+        return SubjectFrame(f"{subject}/{index}", subject, "mvimgnet", "p", index, None, (0, 0, 1, 1), 0.1,
+                            np.zeros(2, np.float16))
+    with pytest.raises(ValueError, match="not contiguous"):
+        list(iter_subjects(iter([f("a", 0), f("a", 1), f("b", 0), f("a", 2)])))
