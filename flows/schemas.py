@@ -127,7 +127,43 @@ NEIGHBOURS = _schema(
     ],
 )
 
-ALL_TABLES = {"frames": FRAMES, "rejects": REJECTS, "masks": MASKS, "pairs": PAIRS, "neighbours": NEIGHBOURS}
+EXPORT = _schema(
+    "export",
+    [
+        ("sample_id", pa.string(), False, "the pair this training sample comes from (PAIRS.pair_id)"),
+        ("split", pa.string(), False, "train or heldout; split by subject, so no subject is in both"),
+        ("source", pa.string(), False, "data set of the sample"),
+        ("subject_id", pa.string(), False, "the subject"),
+        ("frame_id", pa.string(), False, "the reference frame"),
+        ("image_jpeg", pa.binary(), False, "reference image, JPEG, shorter side export.image_side"),
+        ("width", pa.int32(), False, "width of image_jpeg in pixels"),
+        ("height", pa.int32(), False, "height of image_jpeg in pixels"),
+        ("mask_rle", pa.binary(), False, "subject mask at image_jpeg size, COCO compressed RLE counts"),
+        ("positive_frame_id", pa.string(), True, "multi-view positive: a frame_id found as frame_id in the same split"),
+        ("aug_crop", pa.list_(pa.float32(), 4), True, "augmentation positive: crop box (see flows.pairs.augment.Recipe)"),
+        ("aug_scale", pa.float32(), True, "augmentation positive: subject scale"),
+        ("aug_flip", pa.bool_(), True, "augmentation positive: horizontal flip"),
+        ("aug_background", pa.string(), True, "augmentation positive: background photo, a key of backgrounds.parquet"),
+        ("aug_seed", pa.int64(), True, "augmentation positive: recipe seed"),
+        ("caption", pa.string(), False, "caption holding the placeholder word, e.g. 'a photo of a sks cup'"),
+        ("placeholder_index", pa.int16(), False, "index of the placeholder among the caption's space-separated words"),
+        ("class_name", pa.string(), False, "the subject's class name"),
+        ("r_ij", pa.float32(), False, "appearance cosine of reference and positive (PAIRS.r_ij)"),
+        ("embedding_id", pa.string(), False, "row of the embeddings table for the reference (its frame_id)"),
+        ("positive_embedding_id", pa.string(), False, "row of the embeddings table for the positive"),
+    ],
+)
+
+BACKGROUNDS = _schema(
+    "backgrounds",
+    [
+        ("image_path", pa.string(), False, "the photo's image_path (the key augmentation recipes use)"),
+        ("image_jpeg", pa.binary(), False, "the photo, JPEG, shorter side export.image_side"),
+    ],
+)
+
+ALL_TABLES = {"frames": FRAMES, "rejects": REJECTS, "masks": MASKS, "pairs": PAIRS, "neighbours": NEIGHBOURS,
+              "export": EXPORT, "backgrounds": BACKGROUNDS}
 
 
 def column_docs(schema: pa.Schema) -> dict[str, str]:

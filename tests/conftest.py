@@ -14,6 +14,8 @@ from flows.runtime import configure  # noqa: E402
 
 configure()
 
+from pipeline_tables import tables  # noqa: E402,F401  (fixture shared by stage tests)
+
 
 @pytest.fixture(scope="session")
 def prefect_harness():

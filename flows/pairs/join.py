@@ -22,12 +22,15 @@ class SubjectFrame:
     frame_id: str
     subject_id: str
     source: str
+    class_name: str
     image_path: str
     frame_index: int | None
     qvec: tuple[float, ...] | None
     box: tuple[float, float, float, float]  # from the mask (normalised x0, y0, x1, y1)
     area_frac: float  # from the mask
     embedding: np.ndarray  # (d,) float16, L2-normalised
+    rle_counts: bytes  # the mask, COCO compressed RLE at (mask_size) pixels
+    mask_size: tuple[int, int]  # (width, height) of the mask = of the image
 
 
 def iter_embeddings(path: Path) -> Iterator[tuple[str, np.ndarray]]:
@@ -47,11 +50,11 @@ def embedding_dim(path: Path) -> int:
 def iter_joined(frames: Path, masks: Path, embeddings: Path) -> Iterator[SubjectFrame]:
     """Frames that have both a mask and an embedding, in frames order."""
     mask_rows = iter_rows(masks, MASKS, columns=["frame_id", "width", "height", "bbox_x", "bbox_y",
-                                                 "bbox_w", "bbox_h", "area_frac"])
+                                                 "bbox_w", "bbox_h", "area_frac", "rle_counts"])
     emb_rows = iter_embeddings(embeddings)
     mask = next(mask_rows, None)
     emb = next(emb_rows, None)
-    columns = ["frame_id", "subject_id", "source", "image_path", "frame_index", "pose_qvec"]
+    columns = ["frame_id", "subject_id", "source", "class_name", "image_path", "frame_index", "pose_qvec"]
     for batch in iter_batches(frames, FRAMES, columns=columns):
         for row in batch.to_pylist():
             fid = row["frame_id"]
@@ -62,8 +65,9 @@ def iter_joined(frames: Path, masks: Path, embeddings: Path) -> Iterator[Subject
                 box = (mask["bbox_x"] / w, mask["bbox_y"] / h,
                        (mask["bbox_x"] + mask["bbox_w"]) / w, (mask["bbox_y"] + mask["bbox_h"]) / h)
                 qvec = tuple(row["pose_qvec"]) if row["pose_qvec"] is not None else None
-                yield SubjectFrame(fid, row["subject_id"], row["source"], row["image_path"],
-                                   row["frame_index"], qvec, box, mask["area_frac"], emb[1])
+                yield SubjectFrame(fid, row["subject_id"], row["source"], row["class_name"], row["image_path"],
+                                   row["frame_index"], qvec, box, mask["area_frac"], emb[1],
+                                   mask["rle_counts"], (w, h))
             if has_mask:
                 mask = next(mask_rows, None)
             if has_emb:

@@ -92,7 +92,7 @@ def test_non_contiguous_subject_is_an_error(tables):
     from flows.pairs.join import SubjectFrame
 
     def f(subject, index):
-        return SubjectFrame(f"{subject}/{index}", subject, "mvimgnet", "p", index, None, (0, 0, 1, 1), 0.1,
-                            np.zeros(2, np.float16))
+        return SubjectFrame(f"{subject}/{index}", subject, "mvimgnet", "cup", "p", index, None, (0, 0, 1, 1), 0.1,
+                            np.zeros(2, np.float16), b"", (1, 1))
     with pytest.raises(ValueError, match="not contiguous"):
         list(iter_subjects(iter([f("a", 0), f("a", 1), f("b", 0), f("a", 2)])))

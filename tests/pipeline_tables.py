@@ -1,9 +1,10 @@
-"""Small frames / masks / embeddings tables with known poses, written in the real schemas."""
+"""Small frames / masks / embeddings tables with known poses, in the real schemas (fixture ``tables``)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from pycocotools import mask as mask_utils
 
 from flows.readers.colmap import rotmat_to_qvec
 from flows.schemas import FRAMES, MASKS, embeddings_schema
@@ -28,8 +29,14 @@ def frame(fid, subject, source, index=None, qvec=None, path=None):
             "is_truncated": None}
 
 
+def _rle() -> bytes:
+    mask = np.zeros((80, 100), dtype=np.uint8)
+    mask[16:56, 20:60] = 1
+    return mask_utils.encode(np.asfortranarray(mask))["counts"]
+
+
 def mask_row(fid, subject, area=0.2):
-    return {"frame_id": fid, "subject_id": subject, "width": 100, "height": 80, "rle_counts": b"x",
+    return {"frame_id": fid, "subject_id": subject, "width": 100, "height": 80, "rle_counts": _rle(),
             "bbox_x": 20.0, "bbox_y": 16.0, "bbox_w": 40.0, "bbox_h": 40.0, "area_frac": area,
             "quality": 1.0, "method": "provided", "model_id": None}
 
@@ -62,3 +69,17 @@ def tables(tmp_path):
                 [{"frame_id": f, "subject_id": f.rsplit("/", 1)[0] if f.startswith("mv") else f,
                   "embedding": v.astype(np.float16).tolist(), "model_id": "test"} for f, v in zip(embs, vectors)])
     return tmp_path
+
+
+def write_images(tables_dir, root):
+    """A JPEG at ``root/<image_path>`` for every frame of the ``tables`` fixture."""
+    from PIL import Image
+
+    from flows.schemas import FRAMES
+    from flows.tables import iter_rows
+
+    rng = np.random.default_rng(1)
+    for row in iter_rows(tables_dir / "frames.parquet", FRAMES):
+        path = root / row["image_path"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (80, 100, 3), dtype=np.uint8)).save(path, quality=90)

@@ -1,0 +1,147 @@
+"""The ``export`` stage: training shards, one row per positive pair, split by subject."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from flows import ids
+from flows.config.params import ExportParams, SourcesParams
+from flows.pairs.join import SubjectFrame, iter_joined
+from flows.paths import image_file
+from flows.schemas import BACKGROUNDS, EXPORT, PAIRS
+from flows.tables import TableWriter, iter_rows, write_json_atomic
+
+SPLITS = ("train", "heldout")
+
+
+def split_of(subject_id: str, params: ExportParams) -> str:
+    """Held-out by subject: a seeded hash puts each subject wholly in one split."""
+    digest = hashlib.blake2b(f"{params.seed}|{subject_id}".encode(), digest_size=8).digest()
+    return "heldout" if int.from_bytes(digest, "little") / 2**64 < params.heldout_fraction else "train"
+
+
+def caption_for(class_name: str, params: ExportParams) -> tuple[str, int]:
+    """(caption, index of the placeholder among its space-separated words)."""
+    caption = params.caption_template.format(placeholder=params.placeholder_token, class_name=class_name)
+    return caption, caption.split(" ").index(params.placeholder_token)
+
+
+def resized_jpeg(path: Path, side: int, quality: int) -> tuple[bytes, tuple[int, int], tuple[int, int]]:
+    """(JPEG bytes with shorter side ``side``, new (w, h), original (w, h))."""
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        scale = side / min(image.size)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        original = image.size
+        buf = io.BytesIO()
+        image.resize(size, Image.BICUBIC).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue(), size, original
+
+
+def resized_rle(counts: bytes, original: tuple[int, int], size: tuple[int, int]) -> bytes:
+    """Decode a COCO RLE at ``original`` (w, h), resize nearest to ``size``, encode again."""
+    mask = mask_utils.decode({"size": [original[1], original[0]], "counts": counts})  # (H, W) uint8
+    mask = np.asarray(Image.fromarray(mask * 255).resize(size, Image.NEAREST)) > 127
+    return mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"]
+
+
+class ShardSink:
+    """Rotating Parquet shards of one split: part-00000.parquet, part-00001.parquet, ..."""
+
+    def __init__(self, folder: Path, rows_per_shard: int):
+        self.folder, self.rows_per_shard = folder, rows_per_shard
+        self.shards: list[str] = []
+        self.rows = 0
+        self._writer: TableWriter | None = None
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self._writer is None or self._writer.rows_written + len(self._writer._buffer) >= self.rows_per_shard:
+            self.close()
+            path = self.folder / f"part-{len(self.shards):05d}.parquet"
+            self._writer = TableWriter(path, EXPORT, buffer_rows=64)  # rows hold images: keep buffers small
+            self.shards.append(path.name)
+        self._writer.write_row(row)
+        self.rows += 1
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def _pairs_by_frame(pairs: Path) -> Iterator[tuple[str, list[dict]]]:
+    group: list[dict] = []
+    for row in iter_rows(pairs, PAIRS):
+        if group and row["frame_id"] != group[0]["frame_id"]:
+            yield group[0]["frame_id"], group
+            group = []
+        group.append(row)
+    if group:
+        yield group[0]["frame_id"], group
+
+
+def export_shards(*, frames: Path, masks: Path, embeddings: Path, pairs: Path, sources: SourcesParams,
+                  out_dir: Path, params: ExportParams) -> dict[str, Any]:
+    """Write ``out_dir/{train,heldout}/part-*.parquet``, ``backgrounds.parquet``, ``stats.json``."""
+    sinks = {split: ShardSink(out_dir / split, params.rows_per_shard) for split in SPLITS}
+    backgrounds: set[str] = set()
+    subjects = {split: set() for split in SPLITS}
+    by_frame = _pairs_by_frame(pairs)
+    pending = next(by_frame, None)
+    for frame in iter_joined(frames, masks, embeddings):
+        if pending is None or pending[0] != frame.frame_id:
+            continue  # a frame without a positive is not a training sample
+        _, frame_pairs = pending
+        pending = next(by_frame, None)
+        split = split_of(frame.subject_id, params)
+        subjects[split].add(frame.subject_id)
+        for sample in _samples(frame, frame_pairs, sources, split, params):
+            if sample["aug_background"]:
+                backgrounds.add(sample["aug_background"])
+            sinks[split].write(sample)
+    if pending is not None:
+        raise ValueError(f"pairs for {pending[0]} do not follow the frames order")
+    for sink in sinks.values():
+        sink.close()
+    _write_backgrounds(sorted(backgrounds), sources, out_dir / "backgrounds.parquet", params)
+    stats = {split: {"rows": sinks[split].rows, "shards": len(sinks[split].shards),
+                     "subjects": len(subjects[split])} for split in SPLITS}
+    stats["backgrounds"] = len(backgrounds)
+    write_json_atomic(out_dir / "stats.json", stats)
+    return stats
+
+
+def _samples(frame: SubjectFrame, frame_pairs: list[dict], sources: SourcesParams,
+             split: str, params: ExportParams) -> Iterator[dict[str, Any]]:
+    """The training rows of one reference frame: its image and mask encoded once for all."""
+    jpeg, size, original = resized_jpeg(image_file(sources, frame.source, frame.image_path),
+                                        params.image_side, params.jpeg_quality)
+    if original != frame.mask_size:
+        raise ValueError(f"{frame.frame_id}: image is {original}, its mask {frame.mask_size}")
+    mask_rle = resized_rle(frame.rle_counts, original, size)
+    caption, index = caption_for(frame.class_name, params)
+    for pair in frame_pairs:
+        yield {
+            "sample_id": pair["pair_id"], "split": split, "source": frame.source, "subject_id": frame.subject_id,
+            "frame_id": frame.frame_id, "image_jpeg": jpeg, "width": size[0], "height": size[1],
+            "mask_rle": mask_rle, "positive_frame_id": pair["positive_frame_id"], "aug_crop": pair["aug_crop"],
+            "aug_scale": pair["aug_scale"], "aug_flip": pair["aug_flip"], "aug_background": pair["aug_background"],
+            "aug_seed": pair["aug_seed"], "caption": caption, "placeholder_index": index,
+            "class_name": frame.class_name, "r_ij": pair["r_ij"], "embedding_id": frame.frame_id,
+            "positive_embedding_id": pair["positive_frame_id"] or frame.frame_id,
+        }
+
+
+def _write_backgrounds(paths: list[str], sources: SourcesParams, target: Path, params: ExportParams) -> None:
+    with TableWriter(target, BACKGROUNDS, buffer_rows=64) as writer:
+        for path in paths:
+            jpeg, _, _ = resized_jpeg(image_file(sources, ids.OPENIMAGES, path), params.image_side, params.jpeg_quality)
+            writer.write_row({"image_path": path, "image_jpeg": jpeg})

@@ -1,0 +1,72 @@
+import dataclasses
+import io
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from flows.config.params import ExportParams, PairsParams, SourcesParams
+from flows.export.shards import caption_for, export_shards, split_of
+from flows.pairs.stage import build_pairs
+from flows.schemas import BACKGROUNDS, EXPORT, PAIRS
+from flows.tables import iter_rows
+from pipeline_tables import write_images
+
+
+def export(tables, params):
+    write_images(tables, tables / "mv")
+    write_images(tables, tables / "oi")
+    build_pairs(tables / "frames.parquet", tables / "masks.parquet", tables / "embeddings.parquet", tables,
+                PairsParams(min_angle_deg=60.0))
+    sources = SourcesParams(mvimgnet_root=str(tables / "mv"), openimages_root=str(tables / "oi"))
+    stats = export_shards(frames=tables / "frames.parquet", masks=tables / "masks.parquet",
+                          embeddings=tables / "embeddings.parquet", pairs=tables / "pairs.parquet",
+                          sources=sources, out_dir=tables / "export", params=params)
+    rows = [r for split in ("train", "heldout") for p in sorted((tables / "export" / split).glob("*.parquet"))
+            for r in iter_rows(p, EXPORT)]
+    return stats, rows
+
+
+def test_one_row_per_pair_split_by_subject(tables):
+    params = ExportParams(image_side=64, rows_per_shard=5, heldout_fraction=0.3)
+    stats, rows = export(tables, params)
+    pairs = list(iter_rows(tables / "pairs.parquet", PAIRS))
+    assert sorted(r["sample_id"] for r in rows) == sorted(p["pair_id"] for p in pairs)
+    assert stats["train"]["rows"] + stats["heldout"]["rows"] == len(pairs)
+    assert stats["train"]["shards"] == -(-stats["train"]["rows"] // 5)
+    splits = {}
+    for r in rows:
+        assert splits.setdefault(r["subject_id"], r["split"]) == r["split"]
+        assert r["split"] == split_of(r["subject_id"], params)
+    by_frame = {r["frame_id"] for r in rows}
+    for r in rows:  # a multi-view positive is itself a reference of the same split
+        if r["positive_frame_id"]:
+            assert r["positive_frame_id"] in by_frame
+
+
+def test_images_masks_and_captions(tables):
+    params = ExportParams(image_side=64)
+    _, rows = export(tables, params)
+    for r in rows:
+        image = Image.open(io.BytesIO(r["image_jpeg"]))
+        assert image.size == (r["width"], r["height"]) and min(image.size) == 64
+        mask = mask_utils.decode({"size": [r["height"], r["width"]], "counts": r["mask_rle"]})
+        ys, xs = np.nonzero(mask)
+        # the fixture's subject box is x 20..60 of 100, y 16..56 of 80
+        assert abs(xs.min() / r["width"] - 0.2) < 0.03 and abs(ys.max() / r["height"] - 0.7) < 0.03
+        words = r["caption"].split(" ")
+        assert words[r["placeholder_index"]] == "sks" and r["class_name"] in r["caption"]
+        assert r["positive_embedding_id"] == (r["positive_frame_id"] or r["frame_id"])
+
+
+def test_backgrounds_are_exported(tables):
+    params = ExportParams(image_side=32)
+    stats, rows = export(tables, params)
+    used = {r["aug_background"] for r in rows if r["aug_background"]}
+    table = {r["image_path"] for r in iter_rows(tables / "export" / "backgrounds.parquet", BACKGROUNDS)}
+    assert used == table and stats["backgrounds"] == len(table)
+
+
+def test_caption_template():
+    params = dataclasses.replace(ExportParams(), caption_template="{placeholder} {class_name} on a table")
+    assert caption_for("mug", params) == ("sks mug on a table", 0)
