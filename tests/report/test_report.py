@@ -1,0 +1,31 @@
+from flows.config.params import PairsParams, SourcesParams
+from flows.pairs.stage import build_pairs
+from flows.report.build import ReportInputs, build_report
+from flows.schemas import NEIGHBOURS
+from flows.tables import write_table
+from pipeline_tables import write_images
+
+
+def test_report_files(tables):
+    write_images(tables, tables / "mv")
+    write_images(tables, tables / "oi")
+    build_pairs(tables / "frames.parquet", tables / "masks.parquet", tables / "embeddings.parquet", tables,
+                PairsParams(min_angle_deg=60.0))
+    subjects = ["mvimgnet:1/aaaaaaaa", "mvimgnet:1/bbbbbbbb", "openimages:0001/k"]
+    rows = [{"level": "subject", "i": s, "j": t, "rank": k, "r": 0.5 - 0.1 * k, "near_duplicate": False}
+            for s in subjects for k, t in enumerate(x for x in subjects if x != s)]
+    write_table(tables / "neighbours.parquet", NEIGHBOURS, rows)
+    inputs = ReportInputs(tables / "frames.parquet", tables / "masks.parquet", tables / "pairs.parquet",
+                          tables / "neighbours.parquet", {"pairs": tables / "stats.json"})
+    sources = SourcesParams(mvimgnet_root=str(tables / "mv"), openimages_root=str(tables / "oi"))
+    out = tables / "report"
+    summary = build_report(inputs, sources, out, n_pairs=4, n_subjects=2)
+    for name in ("report.md", "pairs.png", "neighbours.png", "histograms.png", "hist_area.csv", "hist_angle.csv",
+                 "hist_similarity.csv"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert "![pairs](pairs.png)" in summary["markdown"] and '"pairs_total"' in summary["markdown"]
+    assert sum(summary["histograms"]["subject area fraction"]) == 17  # one per mask row (15 MVImgNet + 2 OpenImages)
+    assert sum(summary["histograms"]["subject similarity r"]) == len(rows)
+    first = (out / "pairs.png").read_bytes()
+    build_report(inputs, sources, out, n_pairs=4, n_subjects=2)
+    assert (out / "pairs.png").read_bytes() == first  # deterministic
