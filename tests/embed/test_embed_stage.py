@@ -1,0 +1,90 @@
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from flows import reasons
+from flows.embed.encode import encode_pixels
+from flows.embed.preprocess import SubjectDataset
+from flows.embed.stage import embed_frames, join_masks, read_columns, FRAME_COLUMNS, MASK_COLUMNS
+from flows.schemas import FRAMES, MASKS, REJECTS, embeddings_schema
+from flows.tables import iter_rows
+from embed_inputs import embed_params, make_inputs
+
+
+def _embeddings(path):
+    table = pq.read_table(path)
+    flat = table["embedding"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return table, flat.reshape(table.num_rows, -1)
+
+
+def test_stage_writes_every_frame_once_in_frames_order(tmp_path, tiny_clip):
+    inputs = make_inputs(tmp_path / "in", n=9, unmasked=(2, 5), corrupt=(6,))
+    out = tmp_path / "out"
+    stats = embed_frames(inputs.frames, inputs.masks, out, embed_params(out), inputs.sources, clip=tiny_clip)
+
+    table, emb = _embeddings(out / "embeddings.parquet")
+    expected = [f for k, f in enumerate(inputs.frame_ids) if k not in (2, 5, 6)]
+    assert table["frame_id"].to_pylist() == expected
+    assert table.schema.equals(embeddings_schema(32), check_metadata=False)
+    assert table.schema.metadata[b"model_id"] == tiny_clip.model_id.encode()
+    assert set(table["model_id"].to_pylist()) == {tiny_clip.model_id}
+    assert emb.dtype == np.float16 and emb.shape == (6, 32)
+    assert np.allclose(np.linalg.norm(emb.astype(np.float32), axis=1), 1.0, atol=2e-3)
+
+    rejects = list(iter_rows(out / "rejects.parquet", REJECTS))
+    assert [(r["item_id"], r["reason"], r["stage"]) for r in rejects] == [
+        (inputs.frame_ids[2], reasons.MISSING_MASK, "embed"), (inputs.frame_ids[5], reasons.MISSING_MASK, "embed"),
+        (inputs.frame_ids[6], reasons.UNREADABLE_IMAGE, "embed")]
+    assert stats["count"] + sum(stats["rejected"].values()) == stats["frames_in"] == 9
+    assert json.loads((out / "stats.json").read_text())["model_id"] == tiny_clip.model_id
+    assert stats["dim"] == 32 and stats["throughput_img_s"] > 0
+
+
+def test_each_row_is_its_own_frames_embedding(tmp_path, tiny_clip):
+    """Order through two worker processes: row k equals frame k embedded on its own."""
+    inputs = make_inputs(tmp_path / "in", n=7)
+    out = tmp_path / "out"
+    embed_frames(inputs.frames, inputs.masks, out, embed_params(out, num_workers=2, batch_size=2),
+                 inputs.sources, clip=tiny_clip)
+    table, emb = _embeddings(out / "embeddings.parquet")
+    assert table["frame_id"].to_pylist() == inputs.frame_ids
+    work, _ = join_masks(read_columns(inputs.frames, FRAMES, FRAME_COLUMNS),
+                         read_columns(inputs.masks, MASKS, MASK_COLUMNS), inputs.sources)
+    dataset = SubjectDataset(work, preprocess=tiny_clip.preprocess, image_size=tiny_clip.image_size,
+                             background=embed_params(out).background_rgb)
+    alone = torch.cat([encode_pixels(tiny_clip.model, dataset[k].pixels[None]) for k in range(7)]).numpy()
+    assert np.abs(alone.astype(np.float32) - emb.astype(np.float32)).max() < 2e-3
+    cosines = alone.astype(np.float32) @ emb.astype(np.float32).T  # (7, 7): each row's own frame wins
+    assert (cosines.argmax(axis=1) == np.arange(7)).all()
+
+
+def test_deterministic_bytes(tmp_path, tiny_clip):
+    inputs = make_inputs(tmp_path / "in", n=6)
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        embed_frames(inputs.frames, inputs.masks, out, embed_params(out), inputs.sources, clip=tiny_clip)
+        runs.append((out / "embeddings.parquet").read_bytes())
+    assert runs[0] == runs[1]
+
+
+def test_duplicate_mask_rows_are_an_error(tmp_path):
+    inputs = make_inputs(tmp_path, n=3)
+    masks = read_columns(inputs.masks, MASKS, MASK_COLUMNS)
+    with pytest.raises(ValueError, match="several rows for frame"):
+        join_masks(read_columns(inputs.frames, FRAMES, FRAME_COLUMNS), pa.concat_tables([masks, masks.slice(0, 1)]),
+                   inputs.sources)
+
+
+def test_image_file_follows_the_source_root(tmp_path):
+    inputs = make_inputs(tmp_path, n=2)
+    work, unmasked = join_masks(read_columns(inputs.frames, FRAMES, FRAME_COLUMNS),
+                                read_columns(inputs.masks, MASKS, MASK_COLUMNS), inputs.sources)
+    assert unmasked.num_rows == 0
+    files = work["image_file"].to_pylist()
+    assert files[0].startswith(inputs.sources.mvimgnet_root + "/") and files[0].endswith("/images/000.jpg")
+    assert files[1] == f"{inputs.sources.openimages_root}/train/{1:016x}.jpg"
