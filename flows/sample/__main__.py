@@ -1,20 +1,7 @@
-"""``python -m flows.sample [params.yaml]``: generate the sample data set with the Prefect flow."""
+"""`python -m flows.sample [params.yaml]` generates the sample data set with the Prefect flow."""
 
-from __future__ import annotations
-
-import sys
-
-from flows import runtime
-
-runtime.configure()  # before prefect is imported
-
-from flows.sample.flow import sample_flow  # noqa: E402
-
-
-def main(argv: list[str]) -> int:
-    sample_flow(params_path=argv[0] if argv else "params.yaml")
-    return 0
-
+from flows.cli import run_stage
+from flows.sample.flow import main
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+    run_stage(main)

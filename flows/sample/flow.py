@@ -67,3 +67,7 @@ def sample_flow(params_path: str = "params.yaml") -> str:
     out = generate.publish(base, target)
     get_run_logger().info("sample written to %s", out)
     return str(out)
+
+
+def main(params_path: str = "params.yaml") -> None:
+    sample_flow(params_path=params_path)
