@@ -38,3 +38,8 @@ FILTER_REASONS = (
     SUBJECT_TOO_SMALL, SUBJECT_TOO_LARGE, BOX_TOO_SMALL, BAD_ASPECT_RATIO, MASK_FRAGMENTED,
     BLURRY, DUPLICATE, NEAR_DUPLICATE, TOO_FEW_VIEWS,
 )
+
+# segment: the frame passed the filters but no subject mask could be made
+EMPTY_MASK = "empty_mask"  # the provided mask or SAM's mask from the box has no subject pixel
+
+SEGMENT_REASONS = (EMPTY_FILE, MISSING_FILE, UNREADABLE_IMAGE, UNREADABLE_MASK, BAD_ANNOTATION, EMPTY_MASK)

@@ -1,0 +1,175 @@
+"""Benchmark: the segment stage's end-to-end throughput against the bare SAM image encoder.
+
+Both are measured in one run, on one device, at the same batch size and dtype (bf16 autocast
+on CUDA, float32 on CPU):
+
+- ``encoder``: ``image_encoder`` forward on pre-made, already normalised tensors on the device;
+- ``stage``: ``flows.segment.stage.segment_frames`` on generated OpenImages-layout JPEGs with
+  ``--boxes`` boxes per image and no masks, so every frame goes through SAM: Parquet in,
+  JPEG decode, resize, encoder, batched decoder, upscaling, RLE, Parquet out.
+
+The model is built and warmed up before timing. The issue's target: stage >= 0.9 x encoder.
+
+    python benchmarks/bench_segment.py --profile tiny --device cpu --batch 4 --n-images 32
+    python benchmarks/bench_segment.py --profile vit_h-random --device cuda --batch 8 --n-images 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from flows.config.params import SegmentParams, SourcesParams  # noqa: E402
+from flows.schemas import FRAMES, REJECTS  # noqa: E402
+from flows.segment import stage  # noqa: E402
+from flows.segment.sam_infer import SamRunner  # noqa: E402
+from flows.segment.sam_model import SPECS, LoadedSam, build_sam  # noqa: E402
+from flows.tables import write_table  # noqa: E402
+
+PROFILES = {"tiny": "tiny", "vit_h-random": "vit_h"}
+
+
+def build_model(profile: str, device: torch.device) -> LoadedSam:
+    """Random weights, initialised directly on the device (ViT-H on CPU takes a while)."""
+    spec = SPECS[PROFILES[profile]]
+    torch.manual_seed(0)
+    with device:
+        model = build_sam(spec)
+    return LoadedSam(model, spec, f"sam:{spec.name}:random-seed0", random_weights=True)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_encoder(runner: SamRunner, batch: int, n_images: int, warmup: int = 2) -> float:
+    """Images/s of the bare image encoder on pre-made device tensors."""
+    s = runner.image_size
+    gen = torch.Generator(device=runner.device).manual_seed(0)
+    x = torch.randn(batch, 3, s, s, device=runner.device, generator=gen)
+    steps = max(1, n_images // batch)
+    with torch.inference_mode(), runner.autocast():
+        for _ in range(warmup):
+            runner.model.image_encoder(x)
+        _sync(runner.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            runner.model.image_encoder(x)
+        _sync(runner.device)
+    return steps * batch / (time.perf_counter() - start)
+
+
+def _jpeg(rng: np.random.Generator, width: int, height: int, boxes: list) -> bytes:
+    """A smooth photo-like background with a flat-coloured ellipse in each box."""
+    base = rng.integers(0, 255, (height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8)
+    image = np.asarray(Image.fromarray(base).resize((width, height), Image.BICUBIC)).copy()
+    yy, xx = np.mgrid[0:height, 0:width]
+    for x0, y0, x1, y1 in boxes:
+        cx, cy, rx, ry = (x0 + x1) / 2 * width, (y0 + y1) / 2 * height, (x1 - x0) / 2 * width, (y1 - y0) / 2 * height
+        image[((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1] = rng.integers(0, 255, 3)
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def generate(root: Path, n_images: int, boxes_per_image: int, width: int, height: int) -> None:
+    """OpenImages-layout JPEGs and a filter-stage frames.parquet with only boxes (no masks).
+
+    The rows carry identity poses, not the nulls real OpenImages rows have: pyarrow 25.0.1 (on
+    the GPU machines) cannot read back null fixed-size lists it wrote; the stage ignores poses.
+    """
+    rng = np.random.default_rng(0)
+    (root / "openimages" / "train").mkdir(parents=True)
+    rows = []
+    for i in range(n_images):
+        image_id = f"{i:08x}"
+        boxes = []
+        for _ in range(boxes_per_image):
+            x0, y0 = rng.uniform(0.0, 0.5, 2)
+            boxes.append((x0, y0, x0 + rng.uniform(0.2, 0.5), y0 + rng.uniform(0.2, 0.5)))
+        (root / "openimages" / "train" / f"{image_id}.jpg").write_bytes(_jpeg(rng, width, height, boxes))
+        for b, (x0, y0, x1, y1) in enumerate(boxes):
+            rows.append({
+                "frame_id": f"openimages:{image_id}/{b:012x}", "source": "openimages",
+                "subject_id": f"openimages:{image_id}/{b:012x}", "class_id": "/m/0", "class_name": "thing",
+                "image_path": f"train/{image_id}.jpg", "width": width, "height": height, "frame_index": None,
+                "pose_qvec": [1.0, 0.0, 0.0, 0.0], "pose_tvec": [0.0, 0.0, 0.0],
+                "box_xmin": x0, "box_ymin": y0, "box_xmax": x1, "box_ymax": y1, "mask_path": None, "content_hash": "0" * 64, "phash": 0, "blur_score": 100.0,
+                "subject_area_frac": (x1 - x0) * (y1 - y0), "mask_largest_cc_frac": None, "is_group_of": False,
+                "is_depiction": False, "is_occluded": False, "is_truncated": False,
+            })
+    write_table(root / "filter" / "frames.parquet", FRAMES, rows)
+    write_table(root / "filter" / "rejects.parquet", REJECTS, [])
+
+
+def bench_stage(runner: SamRunner, root: Path, batch: int, workers: int | None) -> tuple[float, dict]:
+    """Seconds of one whole stage run over the data in ``root``, and its stats."""
+    sources = SourcesParams(openimages_root=str(root / "openimages"))
+    params = SegmentParams(out_dir=str(root / "segment"), batch_images=batch, frames_per_shard=1_000_000)
+    _sync(runner.device)
+    start = time.perf_counter()
+    stats = stage.segment_frames(root / "filter", root / "segment", sources=sources, params=params,
+                                 runner=lambda: runner, workers=workers)
+    _sync(runner.device)
+    return time.perf_counter() - start, stats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="tiny")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=4, help="images per encoder batch (segment.batch_images)")
+    parser.add_argument("--n-images", type=int, default=32)
+    parser.add_argument("--boxes", type=int, default=2, help="boxes (frames) per image")
+    parser.add_argument("--size", type=int, nargs=2, default=None, metavar=("W", "H"),
+                        help="generated image size; default: the encoder input's long side, 4:3")
+    parser.add_argument("--workers", type=int, default=None, help="loader threads (default: min(8, cores))")
+    parser.add_argument("--keep", action="store_true", help="keep the generated data")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    runner = SamRunner(build_model(args.profile, device), device)
+    side = runner.image_size
+    width, height = args.size or (side, side * 3 // 4)
+    root = Path(tempfile.mkdtemp(prefix="bench-segment-"))
+    try:
+        generate(root / "warm", min(args.n_images, 2 * args.batch), args.boxes, width, height)
+        generate(root / "run", args.n_images, args.boxes, width, height)
+        bench_stage(runner, root / "warm", args.batch, args.workers)  # warm-up: kernels, allocator, threads
+        encoder_before = bench_encoder(runner, args.batch, args.n_images)
+        seconds, stats = bench_stage(runner, root / "run", args.batch, args.workers)
+        encoder_after = bench_encoder(runner, args.batch, args.n_images)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    encoder = (encoder_before + encoder_after) / 2
+    stage_rate = args.n_images / seconds
+    print(json.dumps({
+        "profile": args.profile, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "dtype": "bf16-autocast" if device.type == "cuda" else "float32", "batch": args.batch,
+        "n_images": args.n_images, "boxes_per_image": args.boxes, "image_size": [width, height],
+        "encoder_input": side, "torch_threads": torch.get_num_threads(),
+        "encoder_images_per_s": round(encoder, 3),
+        "encoder_images_per_s_before_after": [round(encoder_before, 3), round(encoder_after, 3)],
+        "stage_images_per_s": round(stage_rate, 3), "stage_frames_per_s": round(stage_rate * args.boxes, 3),
+        "ratio": round(stage_rate / encoder, 3),
+        "stage_stats": {k: stats[k] for k in ("input_frames", "masks", "rejected", "methods")},
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
