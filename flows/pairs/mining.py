@@ -133,6 +133,6 @@ class PairStats:
             "pairs": dict(sorted(self.pairs.items())), "pairs_total": total,
             "frames": dict(sorted(self.frames.items())),
             "frames_without_positive": dict(sorted(self.frames_without_positive.items())),
-            "angle_histogram": {f"{lo}-{hi}": int(c) for lo, hi, c in zip(ANGLE_BINS, ANGLE_BINS[1:], self.angles)},
+            "angle_histogram": {f"{lo:03d}-{hi:03d}": int(c) for lo, hi, c in zip(ANGLE_BINS, ANGLE_BINS[1:], self.angles)},
             "r_ij": {"min": float(self.r_min), "max": float(self.r_max), "mean": self.r_sum / total} if total else {},
         }
