@@ -21,10 +21,11 @@ from flows.config.params import EmbedParams, Params, SourcesParams, load_params 
 
 
 @task(cache_policy=NO_CACHE)
-def embed_task(frames: Path, masks: Path, out_dir: Path, params: EmbedParams, sources: SourcesParams) -> dict:
+def embed_task(frames: Path, masks: Path, out_dir: Path, params: EmbedParams, sources: SourcesParams,
+               segment_rejects: Path) -> dict:
     from flows.embed.stage import embed_frames
 
-    return embed_frames(frames, masks, out_dir, params, sources)
+    return embed_frames(frames, masks, out_dir, params, sources, segment_rejects=segment_rejects)
 
 
 def run_embed(params: Params) -> dict:
@@ -32,7 +33,8 @@ def run_embed(params: Params) -> dict:
     logger = get_run_logger()
     stats = embed_task(Path(params.filter.out_dir) / "frames.parquet",
                        Path(params.segment.out_dir) / "masks.parquet",
-                       Path(params.embed.out_dir), params.embed, params.sources)
+                       Path(params.embed.out_dir), params.embed, params.sources,
+                       Path(params.segment.out_dir) / "rejects.parquet")
     if stats["random_weights"]:
         logger.warning("embed: %s has RANDOM weights: the embeddings are meaningless (profile tiny)",
                        stats["model_id"])

@@ -82,16 +82,30 @@ def image_files(frames: pa.Table, sources: SourcesParams) -> pa.Array:
     return pc.binary_join_element_wise(prefix, frames["image_path"], "").combine_chunks()
 
 
+def segment_rejected(path: Path | None) -> pa.Array:
+    """frame ids the segment stage rejected (they have no mask on purpose), from its rejects table."""
+    if path is None:
+        return pa.array([], pa.string())
+    table = read_columns(path, REJECTS, ["item_id", "stage"])
+    return table.filter(pc.equal(table["stage"], "segment"))["item_id"].combine_chunks()
+
+
 def embed_frames(frames_path: Path, masks_path: Path, out_dir: Path, params: EmbedParams,
-                 sources: SourcesParams, *, device: str = "auto", clip: LoadedClip | None = None) -> dict:
+                 sources: SourcesParams, *, device: str = "auto", clip: LoadedClip | None = None,
+                 segment_rejects: Path | None = None) -> dict:
     """Run the stage; return the stats also written to ``out_dir/stats.json``.
 
     ``clip`` overrides the model that ``params`` names (tests and benchmarks pass one in).
+    Frames listed in ``segment_rejects`` are accounted for there and skipped here; any other
+    frame without a mask is rejected as missing_mask.
     """
     torch_device = resolve_device(device)
     frames = read_columns(frames_path, FRAMES, FRAME_COLUMNS)
     masks = read_columns(masks_path, MASKS, MASK_COLUMNS)
     work, unmasked = join_masks(frames, masks, sources)
+    upstream = pc.is_in(unmasked["frame_id"], value_set=segment_rejected(segment_rejects))
+    skipped = int(pc.sum(upstream).as_py() or 0)
+    unmasked = unmasked.filter(pc.invert(upstream))
     clip = clip or load_clip(spec_for(params), device=torch_device)
     schema = embeddings_schema(clip.dim).with_metadata(
         {**embeddings_schema(clip.dim).metadata, b"model_id": clip.model_id.encode()})
@@ -120,6 +134,7 @@ def embed_frames(frames_path: Path, masks_path: Path, out_dir: Path, params: Emb
     count = embeddings.rows_written
     stats = {
         "count": count, "rejected": dict(sorted(rejected.items())), "frames_in": frames.num_rows,
+        "rejected_by_segment": skipped,
         "dim": clip.dim, "model_id": clip.model_id, "random_weights": clip.random_weights,
         "device": torch_device.type, "dtype": "bfloat16 autocast" if torch_device.type == "cuda" else "float32",
         "batch_size": params.batch_size, "num_workers": params.num_workers,

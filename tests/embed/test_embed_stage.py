@@ -88,3 +88,21 @@ def test_image_file_follows_the_source_root(tmp_path):
     files = work["image_file"].to_pylist()
     assert files[0].startswith(inputs.sources.mvimgnet_root + "/") and files[0].endswith("/images/000.jpg")
     assert files[1] == f"{inputs.sources.openimages_root}/train/{1:016x}.jpg"
+
+
+def test_frames_the_segment_stage_rejected_are_not_counted_twice(tmp_path, tiny_clip):
+    from flows.accounting import FRAME, reject_row
+    from flows.tables import write_table
+
+    inputs = make_inputs(tmp_path / "in", n=5, unmasked=(1, 3))
+    segment_rejects = tmp_path / "segment_rejects.parquet"
+    write_table(segment_rejects, REJECTS, [reject_row(
+        item_id=inputs.frame_ids[1], source="mvimgnet", kind=FRAME, path="x", stage="segment",
+        reason=reasons.EMPTY_MASK, detail="test")])
+    out = tmp_path / "out"
+    stats = embed_frames(inputs.frames, inputs.masks, out, embed_params(out), inputs.sources, clip=tiny_clip,
+                         segment_rejects=segment_rejects)
+    rejects = list(iter_rows(out / "rejects.parquet", REJECTS))
+    assert [r["item_id"] for r in rejects] == [inputs.frame_ids[3]]  # 1 is segment's, 3 is really missing
+    assert stats["rejected_by_segment"] == 1
+    assert stats["count"] + sum(stats["rejected"].values()) + stats["rejected_by_segment"] == stats["frames_in"]

@@ -1,0 +1,186 @@
+"""Benchmark: exact top-k cosine neighbours (flows/similarity/topk.py) against a baseline, same run.
+
+cpu:  faiss-cpu IndexFlatIP (add + search k+1, self dropped) vs ``topk_cosine(device="cpu")``
+      on the same random L2-normalised float32 data; ratio and whether the neighbours are
+      identical (min over --repeat alternated runs). Acceptance: ratio <= 1.2 on N=100k, d=768, k=32.
+cuda: random normalised float16 data made on the GPU; a naive blockwise fp16 matmul + torch.topk
+      vs ``topk_cosine_torch`` for each --levels x --block-rows variant, plus the GEMM
+      alone (the floor) and an exact float32 check of --check-rows sampled rows.
+      Acceptance: 1M x 768 top-32 in <= 4 s on an H100.
+
+Every result is one JSON line on stdout.
+
+    python benchmarks/bench_similarity.py --device cpu --n 100000 --d 768 --k 32
+    python benchmarks/bench_similarity.py --device cuda --n 1000000 --d 768 --k 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def emit(**row) -> None:
+    print(json.dumps(row), flush=True)
+
+
+def peak_rss_bytes() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) << 10
+
+
+def random_unit_rows(n: int, d: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = np.empty((n, d), np.float32)
+    for r0 in range(0, n, 50_000):  # chunked: no second full-size temporary
+        chunk = rng.standard_normal((min(50_000, n - r0), d), dtype=np.float32)
+        x[r0:r0 + len(chunk)] = chunk / np.linalg.norm(chunk, axis=1, keepdims=True)
+    return x
+
+
+def bench_cpu(args) -> None:
+    import faiss
+
+    from flows.similarity.topk import _drop_self, _order_rows, topk_cosine
+
+    x = random_unit_rows(args.n, args.d, args.seed)
+    emit(what="setup", device="cpu", n=args.n, d=args.d, k=args.k, cpus=os.cpu_count(),
+         faiss_threads=faiss.omp_get_max_threads(), loadavg_before=os.getloadavg())
+    t_base, t_ours = [], []
+    for rep in range(args.repeat):  # alternated, so a change in the machine's load hits both
+        t0 = time.perf_counter()
+        index = faiss.IndexFlatIP(args.d)
+        index.add(x)
+        base_val, base_idx = index.search(x, args.k + 1)  # + 1: the row itself, dropped below
+        base_idx, base_val = _order_rows(*_drop_self(base_idx, base_val, np.arange(args.n)))
+        t_base.append(time.perf_counter() - t0)
+        del index
+        emit(what="faiss_indexflatip", rep=rep, seconds=round(t_base[-1], 2), loadavg=os.getloadavg())
+        t0 = time.perf_counter()
+        idx, val = topk_cosine(x, k=args.k, device="cpu", block_rows=args.block_rows)
+        t_ours.append(time.perf_counter() - t0)
+        emit(what="topk_cosine", rep=rep, seconds=round(t_ours[-1], 2), loadavg=os.getloadavg())
+    same_rows = (np.sort(idx, axis=1) == np.sort(base_idx, axis=1)).all(axis=1)
+    emit(what="summary", device="cpu", n=args.n, d=args.d, k=args.k, repeat=args.repeat,
+         faiss_s=round(min(t_base), 2), ours_s=round(min(t_ours), 2), ratio=round(min(t_ours) / min(t_base), 3),
+         identical_neighbours=bool(same_rows.all()), rows_differing=int((~same_rows).sum()),
+         max_abs_value_diff=float(np.abs(val - base_val).max()),
+         peak_rss_gib=round(peak_rss_bytes() / 2**30, 2), loadavg_after=os.getloadavg())
+
+
+def bench_cuda(args) -> None:
+    import torch
+
+    from flows.similarity.topk import topk_cosine_torch
+
+    dev = torch.device("cpu" if args.dry_run else "cuda")
+    gen = torch.Generator(device=dev).manual_seed(args.seed)
+    x = torch.empty((args.n, args.d), dtype=torch.float16, device=dev)
+    for r0 in range(0, args.n, 262_144):
+        chunk = torch.randn((min(262_144, args.n - r0), args.d), device=dev, generator=gen)
+        x[r0:r0 + len(chunk)] = torch.nn.functional.normalize(chunk, dim=1)
+    name = "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name()
+    emit(what="setup", device=name, torch=torch.__version__, n=args.n, d=args.d, k=args.k)
+    sync = (lambda: None) if args.dry_run else torch.cuda.synchronize
+
+    def timed(fn):
+        sync()
+        t0 = time.perf_counter()
+        out = fn()
+        sync()
+        return out, time.perf_counter() - t0
+
+    topk_cosine_torch(x[:65_536], k=args.k)  # warm-up: kernels, cuBLAS heuristics, allocator
+    naive_block = args.block_rows[0] or 2048
+    if not args.skip_naive:
+        (n_idx, _), t_naive = timed(lambda: naive_topk(x, args.k, naive_block))
+        emit(what="naive_mm_topk", block_rows=naive_block, seconds=round(t_naive, 3))
+    _, t_gemm = timed(lambda: gemm_only(x, naive_block))
+    emit(what="gemm_only_floor", block_rows=naive_block, seconds=round(t_gemm, 3))
+    rows = torch.randperm(args.n, device=dev, generator=gen)[:args.check_rows]
+    ref_idx, ref_val = exact_rows(x, rows, args.k)
+    for levels in args.levels:
+        for b in args.block_rows:
+            if not args.dry_run:
+                torch.cuda.reset_peak_memory_stats()
+            (idx, val), t = timed(lambda: topk_cosine_torch(x, k=args.k, block_rows=b or None, group_sizes=levels,
+                                                            score_dtype=torch.float16))
+            got = torch.sort(idx[rows], dim=1).values
+            exact_match = (got == torch.sort(ref_idx, dim=1).values).all(dim=1).float().mean().item()
+            row = dict(what="topk_cosine_torch", group_sizes=levels, block_rows=b or "auto", seconds=round(t, 3),
+                       peak_gpu_gib=0 if args.dry_run else round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                       exact_rows_identical=exact_match,
+                       exact_max_abs_value_diff=float((val[rows] - ref_val).abs().max()))
+            if not args.skip_naive:
+                same = (torch.sort(idx, dim=1).values == torch.sort(n_idx, dim=1).values).all(dim=1)
+                row.update(vs_naive_rows_identical=same.float().mean().item(), speedup_vs_naive=round(t_naive / t, 2))
+            emit(**row)
+            del idx, val
+
+
+def naive_topk(x, k, block_rows):
+    """The DESIGN's naive blockwise version: fp16 matmul, self masked, torch.topk over full rows."""
+    import torch
+
+    n = len(x)
+    idx = torch.empty((n, k), dtype=torch.int64, device=x.device)
+    val = torch.empty((n, k), dtype=torch.float32, device=x.device)
+    for r0 in range(0, n, block_rows):
+        scores = x[r0:r0 + block_rows] @ x.T  # (B, N)
+        scores.diagonal(offset=r0).fill_(-float("inf"))
+        v, i = scores.topk(k, dim=1)
+        idx[r0:r0 + block_rows], val[r0:r0 + block_rows] = i, v.float()
+    return idx, val
+
+
+def gemm_only(x, block_rows):
+    for r0 in range(0, len(x), block_rows):
+        scores = x[r0:r0 + block_rows] @ x.T  # (B, N)
+    return scores
+
+
+def exact_rows(x, rows, k):
+    """float32 scores of the sampled rows against all N, self excluded: the reference."""
+    import torch
+
+    scores = x[rows].float() @ x.float().T  # (R, N)
+    scores[torch.arange(len(rows), device=x.device), rows] = -float("inf")
+    val, idx = scores.topk(k, dim=1)
+    return idx, val
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--n", type=int, default=None, help="rows (default 100000 on cpu, 1000000 on cuda)")
+    parser.add_argument("--d", type=int, default=768)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeat", type=int, default=1, help="cpu: alternate baseline and ours; min of each")
+    parser.add_argument("--block-rows", type=int, nargs="+", default=[0], help="0: the engine's default")
+    parser.add_argument("--levels", type=lambda s: tuple(int(g) for g in s.split(",") if g), nargs="+",
+                        default=[(64, 16)], help="cuda: group-max select fan-outs, e.g. 64,16 (',' = plain topk)")
+    parser.add_argument("--check-rows", type=int, default=512, help="cuda: rows checked against exact float32")
+    parser.add_argument("--skip-naive", action="store_true", help="cuda: skip the naive baseline")
+    parser.add_argument("--dry-run", action="store_true", help="cuda: run the cuda benchmark's code on the CPU")
+    args = parser.parse_args()
+    if args.device == "cpu":
+        args.n = args.n or 100_000
+        args.block_rows = args.block_rows[0] or None
+        bench_cpu(args)
+    else:
+        args.n = args.n or 1_000_000
+        bench_cuda(args)
+
+
+if __name__ == "__main__":
+    main()
