@@ -127,6 +127,25 @@ NEIGHBOURS = _schema(
     ],
 )
 
+HARD_NEGATIVES = _schema(
+    "hard_negatives",
+    [
+        ("subject_id", pa.string(), False, "the subject"),
+        ("negative_subject_id", pa.string(), False, "a similar other subject that is not a near-duplicate of it"),
+        ("rank", pa.int16(), False, "0 = the hardest negative"),
+        ("r", pa.float32(), False, "cosine of the two subjects' mean embeddings"),
+    ],
+)
+
+NEAR_DUPLICATES = _schema(
+    "near_duplicates",
+    [
+        ("subject_a", pa.string(), False, "one subject of the pair (the smaller id)"),
+        ("subject_b", pa.string(), False, "the other subject"),
+        ("r", pa.float32(), False, "highest cosine seen between them (frames or subject means)"),
+    ],
+)
+
 EXPORT = _schema(
     "export",
     [
@@ -163,6 +182,7 @@ BACKGROUNDS = _schema(
 )
 
 ALL_TABLES = {"frames": FRAMES, "rejects": REJECTS, "masks": MASKS, "pairs": PAIRS, "neighbours": NEIGHBOURS,
+              "hard_negatives": HARD_NEGATIVES, "near_duplicates": NEAR_DUPLICATES,
               "export": EXPORT, "backgrounds": BACKGROUNDS}
 
 
