@@ -83,8 +83,11 @@ def image_files(frames: pa.Table, sources: SourcesParams) -> pa.Array:
 
 
 def segment_rejected(path: Path | None) -> pa.Array:
-    """frame ids the segment stage rejected (they have no mask on purpose), from its rejects table."""
-    if path is None:
+    """frame ids the segment stage rejected (they have no mask on purpose), from its rejects table.
+
+    Without that table (masks made by other means), every frame without a mask is embed's reject.
+    """
+    if path is None or not path.exists():
         return pa.array([], pa.string())
     table = read_columns(path, REJECTS, ["item_id", "stage"])
     return table.filter(pc.equal(table["stage"], "segment"))["item_id"].combine_chunks()
