@@ -39,23 +39,13 @@ from transformers import (  # noqa: E402
     CLIPVisionModel,
 )
 
+from cc_model.architectures import CLIP_VOCAB_SIZE, SCHEDULER_CONFIG, sd15_configs, tiny_configs  # noqa: E402, F401
 from cc_model.config import SD15_REPO, BackboneParams  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-CLIP_VOCAB_SIZE = 49408
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-SCHEDULER_CONFIG = dict(  # SD1.5's training noise schedule
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    steps_offset=1,
-    prediction_type="epsilon",
-)
 
 
 class BackboneNotFoundError(FileNotFoundError):
@@ -104,85 +94,7 @@ def check_tokenizer(tokenizer: CLIPTokenizer, source: str) -> CLIPTokenizer:
     return tokenizer
 
 
-# --------------------------------------------------------------------------- random configs
-
-
-def tiny_configs() -> dict[str, dict]:
-    """Small configs with SD1.5's block structure (attention-free last down / first up block)."""
-    return {
-        "unet": dict(
-            sample_size=16,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=2,
-            norm_num_groups=8,
-        ),
-        "vae": dict(
-            in_channels=3,
-            out_channels=3,
-            latent_channels=4,
-            block_out_channels=(8, 16),
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            layers_per_block=1,
-            norm_num_groups=8,
-            sample_size=32,
-        ),
-        "text": dict(
-            vocab_size=CLIP_VOCAB_SIZE,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        ),
-        "vision": dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=8,
-        ),
-    }
-
-
-def sd15_configs(image_encoder: str = "vit-h") -> dict[str, dict]:
-    """SD1.5-size configs (for random-weight benchmarks): UNet, VAE, CLIP ViT-L/14 text, ViT-H or L image."""
-    vision = {
-        "vit-h": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16),
-        "vit-l": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
-    }[image_encoder]
-    return {
-        # diffusers' UNet2DConditionModel defaults are SD1.5's, except the text width (768, not 1280).
-        "unet": dict(sample_size=64, cross_attention_dim=768),
-        "vae": dict(
-            block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
-            layers_per_block=2,
-            sample_size=512,
-        ),
-        "text": dict(
-            vocab_size=CLIP_VOCAB_SIZE,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-        ),
-        "vision": dict(vision, image_size=224, patch_size=14),
-    }
+# --------------------------------------------------------------------------- random weights
 
 
 def build_random_backbones(configs: dict[str, dict], *, seed: int = 0, profile: str = "tiny") -> Backbones:

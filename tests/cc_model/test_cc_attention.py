@@ -1,0 +1,155 @@
+"""Decoupled cross-attention: layer order, equivalence with the plain UNet, per-layer text, capture."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from cc_model.attention import (
+    AttentionCapture,
+    DecoupledConditioning,
+    DecoupledCrossAttnProcessor,
+    cross_attention_layer_names,
+    install_decoupled_attention,
+)
+
+B, T, D = 2, 77, 32
+
+
+def inputs(unet):
+    c, s = unet.config.in_channels, unet.config.sample_size
+    return torch.randn(B, c, s, s), torch.tensor([10, 900])
+
+
+@pytest.fixture
+def unets(tiny_backbones):
+    plain = copy.deepcopy(tiny_backbones.unet)
+    unet = tiny_backbones.unet
+    self_before = {k: v for k, v in unet.attn_processors.items() if "attn1" in k}
+    names = install_decoupled_attention(unet, gamma=0.0)
+    return plain, unet, names, self_before
+
+
+def test_layer_indices_follow_execution_order(unets):
+    _, unet, names, _ = unets
+    assert [n.split(".")[0] for n in names] == ["down_blocks", "mid_block", "up_blocks", "up_blocks"]
+    called = []
+    for name in names:
+        module = unet.get_submodule(name.removesuffix(".processor"))
+        module.register_forward_pre_hook(lambda m, args, kw=None: called.append(m.processor.layer_index))
+    latents, t = inputs(unet)
+    with torch.no_grad():
+        unet(latents, t, encoder_hidden_states=torch.randn(B, T, D))
+    assert called == list(range(len(names)))
+    assert [unet.attn_processors[n].layer_index for n in names] == list(range(len(names)))
+    # attn_processors itself lists up before mid: the order had to be computed
+    listed = [n for n in unet.attn_processors if n in names]
+    assert listed != names
+
+
+def test_self_attention_untouched_and_visual_kv_initialised_from_layer(unets):
+    _, unet, names, self_before = unets
+    for name, proc in self_before.items():
+        assert unet.attn_processors[name] is proc
+    for name in names:
+        attn = unet.get_submodule(name.removesuffix(".processor"))
+        kv = attn.processor.cc_visual_kv
+        assert torch.equal(kv.to_k.weight, attn.to_k.weight) and torch.equal(kv.to_v.weight, attn.to_v.weight)
+        assert kv.to_k.weight.data_ptr() != attn.to_k.weight.data_ptr()
+
+
+@pytest.mark.parametrize("capture", [False, True])
+def test_gamma_zero_equals_plain_unet(unets, capture):
+    plain, unet, names, _ = unets
+    latents, t = inputs(unet)
+    text = torch.randn(B, T, D)
+    cap = None
+    if capture:  # the explicit-softmax path must agree with SDPA too
+        cap = AttentionCapture(placeholder_weights=torch.eye(T)[:B], latent_size=latents.shape[-2:])
+    with torch.no_grad():
+        expected = plain(latents, t, encoder_hidden_states=text).sample
+        per_layer = text.unsqueeze(1).expand(B, len(names), T, D)
+        cond = DecoupledConditioning(text=per_layer, visual=torch.randn(B, 4, D), capture=cap)
+        got = unet(latents, t, encoder_hidden_states=cond).sample
+        got_plain_tensor = unet(latents, t, encoder_hidden_states=text).sample
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_plain_tensor, expected, rtol=1e-5, atol=1e-5)
+    if capture:
+        assert [m.layer_index for m in cap.maps] == list(range(len(names)))
+
+
+def test_nonzero_gamma_changes_output_and_zero_visual_tokens_do_not(unets):
+    plain, unet, names, _ = unets
+    latents, t = inputs(unet)
+    text = torch.randn(B, T, D)
+    for name in names:
+        unet.attn_processors[name].gamma = 1.0
+    with torch.no_grad():
+        base = plain(latents, t, encoder_hidden_states=text).sample
+        with_image = unet(latents, t, encoder_hidden_states=DecoupledConditioning(text, torch.randn(B, 4, D))).sample
+        zero_image = unet(latents, t, encoder_hidden_states=DecoupledConditioning(text, torch.zeros(B, 4, D))).sample
+    assert not torch.allclose(with_image, base, atol=1e-4)
+    torch.testing.assert_close(zero_image, base, rtol=1e-5, atol=1e-5)  # bias-free K/V: exact no-op
+
+
+def test_each_layer_receives_its_own_text(unets):
+    _, unet, names, _ = unets
+    latents, t = inputs(unet)
+    per_layer = torch.randn(B, len(names), T, D)
+    seen = {}
+    for name in names:
+        attn = unet.get_submodule(name.removesuffix(".processor"))
+        index = attn.processor.layer_index
+        attn.to_k.register_forward_hook(lambda m, args, out, i=index: seen.__setitem__(i, args[0]))
+    with torch.no_grad():
+        unet(latents, t, encoder_hidden_states=DecoupledConditioning(text=per_layer))
+    for a in range(len(names)):
+        torch.testing.assert_close(seen[a], per_layer[:, a])
+
+
+def test_captured_maps_are_the_explicit_probabilities(unets):
+    _, unet, names, _ = unets
+    latents, t = inputs(unet)
+    text, visual = torch.randn(B, T, D), torch.randn(B, 4, D)
+    name = names[0]
+    attn = unet.get_submodule(name.removesuffix(".processor"))
+    attn.processor.gamma = 1.0
+    grabbed = {}
+    attn.register_forward_pre_hook(lambda m, args: grabbed.__setitem__("h", args[0]))
+    weights = torch.zeros(B, T)
+    weights[:, 5] = 1.0
+    cap = AttentionCapture(placeholder_weights=weights, latent_size=latents.shape[-2:])
+    with torch.no_grad():
+        unet(latents, t, encoder_hidden_states=DecoupledConditioning(text, visual, cap))
+        hidden = grabbed["h"]  # (B, N, C)
+        heads = attn.heads
+
+        def probs(keys):
+            q = attn.to_q(hidden).view(B, -1, heads, hidden.shape[-1] // heads).transpose(1, 2)
+            k = keys.view(B, -1, heads, keys.shape[-1] // heads).transpose(1, 2)
+            return (q @ k.transpose(-1, -2) * attn.scale).softmax(-1).mean(1)  # (B, N, S)
+
+        text_probs = probs(attn.to_k(text))[..., 5]
+        visual_probs = probs(attn.processor.cc_visual_kv.to_k(visual))
+    maps = cap.maps[0]
+    side = latents.shape[-1]
+    assert (maps.height, maps.width) == (side, side) and maps.visual.shape == (B, 4, side, side)
+    torch.testing.assert_close(maps.text.reshape(B, -1), text_probs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(maps.visual.flatten(2).transpose(1, 2), visual_probs, rtol=1e-5, atol=1e-6)
+
+
+def test_capture_only_in_layers_at_or_below_the_resolution():
+    cap = AttentionCapture(placeholder_weights=torch.ones(1, 3), latent_size=(64, 64), min_downsample=2)
+    assert cap.grid(64 * 64) is None
+    assert cap.grid(32 * 32) == (32, 32)
+    assert cap.grid(8 * 8) == (8, 8)
+
+
+def test_processors_are_the_only_new_trainable_unet_weights(unets):
+    _, unet, _, _ = unets
+    trainable = [n for n, p in unet.named_parameters() if p.requires_grad]
+    assert trainable and all(".processor.cc_visual_kv." in n for n in trainable)
+    assert all(isinstance(p, DecoupledCrossAttnProcessor) for n, p in unet.attn_processors.items() if "attn2" in n)
+    assert len(cross_attention_layer_names(unet)) == 4

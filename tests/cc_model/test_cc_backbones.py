@@ -1,0 +1,87 @@
+"""Backbones: offline tokenizer, tiny profile, and the real-weights loader on tiny models saved in the real layouts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cc_model.backbones import (
+    CLIP_VOCAB_SIZE,
+    BackboneNotFoundError,
+    check_tokenizer,
+    clip_tokenizer_from_open_clip,
+    load_backbones,
+    save_backbones,
+)
+from cc_model.config import BackboneParams
+
+
+def test_tokenizer_is_clip_bpe_and_matches_open_clip():
+    from open_clip.tokenizer import SimpleTokenizer
+
+    tok = clip_tokenizer_from_open_clip()
+    assert len(tok) == CLIP_VOCAB_SIZE
+    reference = SimpleTokenizer()
+    for text in ["a photo of sks dog", "Hello, World! it's 3 cats", "a sks in the snow-covered park"]:
+        ours = tok(text, padding="max_length", max_length=20).input_ids
+        theirs = reference(text, context_length=20)[0].tolist()
+        n = theirs.index(49407) + 1
+        assert ours[:n] == theirs[:n]
+        assert set(ours[n:]) <= {49407}  # SD pads with <|endoftext|>, open_clip with 0
+    assert tok("sks", add_special_tokens=False).input_ids == [48136]
+
+
+def test_two_token_tokenizer_is_rejected():
+    from transformers import CLIPTokenizer
+
+    with pytest.raises(BackboneNotFoundError, match="expected 49408"):
+        check_tokenizer(CLIPTokenizer(), "somewhere")
+
+
+def test_tiny_profile_is_frozen(tiny_backbones):
+    for module in (tiny_backbones.unet, tiny_backbones.vae, tiny_backbones.text_encoder, tiny_backbones.image_encoder):
+        assert not any(p.requires_grad for p in module.parameters())
+        assert not module.training
+
+
+def test_sd15_missing_names_path_and_command(tmp_path):
+    params = BackboneParams(profile="sd15", sd15_path=str(tmp_path / "nope"))
+    with pytest.raises(BackboneNotFoundError, match="hf download") as info:
+        load_backbones(params)
+    assert "nope" in str(info.value)
+    repo = BackboneParams(profile="sd15")  # the default repo id is not in this machine's HF cache
+    with pytest.raises(BackboneNotFoundError, match="stable-diffusion-v1-5/stable-diffusion-v1-5"):
+        load_backbones(repo)
+
+
+def test_sd15_incomplete_folder_names_missing_files(tmp_path, tiny_backbones):
+    save_backbones(tiny_backbones, tmp_path / "sd", tmp_path / "ip" / "models" / "image_encoder")
+    (tmp_path / "sd" / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    params = BackboneParams(profile="sd15", sd15_path=str(tmp_path / "sd"), image_encoder_path=str(tmp_path / "ip"))
+    with pytest.raises(BackboneNotFoundError, match="unet/diffusion_pytorch_model.safetensors"):
+        load_backbones(params)
+
+
+def test_real_loader_reads_tiny_models_saved_in_real_layouts(tmp_path, tiny_backbones):
+    save_backbones(tiny_backbones, tmp_path / "sd", tmp_path / "ip" / "models" / "image_encoder")
+    assert (tmp_path / "sd" / "unet" / "config.json").is_file()
+    params = BackboneParams(profile="sd15", sd15_path=str(tmp_path / "sd"), image_encoder_path=str(tmp_path / "ip"))
+    loaded = load_backbones(params)
+    assert loaded.profile == "sd15" and len(loaded.tokenizer) == CLIP_VOCAB_SIZE
+    ids = loaded.tokenizer(["a sks"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    pixels = torch.randn(1, 3, 32, 32)
+    latents, t = torch.randn(1, 4, 16, 16), torch.tensor([3])
+    ours, theirs = tiny_backbones, loaded
+    with torch.no_grad():
+        text = ours.text_encoder(input_ids=ids).last_hidden_state
+        torch.testing.assert_close(theirs.text_encoder(input_ids=ids).last_hidden_state, text)
+        torch.testing.assert_close(
+            theirs.image_encoder(pixel_values=pixels).last_hidden_state,
+            ours.image_encoder(pixel_values=pixels).last_hidden_state,
+        )
+        torch.testing.assert_close(
+            theirs.unet(latents, t, encoder_hidden_states=text).sample,
+            ours.unet(latents, t, encoder_hidden_states=text).sample,
+        )
+    assert theirs.scheduler.config.beta_schedule == "scaled_linear"
+    assert not any(p.requires_grad for p in loaded.unet.parameters())

@@ -1,0 +1,60 @@
+"""Save/load exactly the trainable weights (safetensors + resolved config JSON); nothing unpickled."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cc_model.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_model, load_trainable, read_checkpoint, save_trainable
+
+
+def test_roundtrip_exact_keys_and_values(tmp_path, make_model, make_batch, monkeypatch):
+    model = make_model()
+    with torch.no_grad():
+        for p in model.trainable_named_parameters().values():
+            p.add_(0.01 * torch.randn_like(p))  # differ from any fresh init
+    save_trainable(model, tmp_path)
+    saved = load_file(str(tmp_path / WEIGHTS_NAME))
+    assert set(saved) == set(model.trainable_named_parameters())
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert config["model"]["mfi"]["dim"] == 32 and config["model"]["mfi"]["image_layers"] == [1, 2, 3]  # resolved
+    assert config["cross_attention_layers"] == model.layer_names
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("checkpoint loading must not unpickle")
+
+    monkeypatch.setattr(pickle, "load", no_unpickling)
+    monkeypatch.setattr(pickle, "loads", no_unpickling)
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    other = make_model(seed=0)
+    load_trainable(other, tmp_path)
+    for name, value in model.trainable_state_dict().items():
+        torch.testing.assert_close(other.trainable_state_dict()[name], value, rtol=0, atol=0)
+    batch = make_batch(model)
+    model.eval(), other.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(other(batch)["total"], model(batch)["total"])
+    rebuilt = load_model(tmp_path)  # tiny backbones rebuilt from the saved config
+    assert rebuilt.params == model.params
+
+
+def test_mismatched_config_or_keys_rejected(tmp_path, make_model, make_params):
+    save_trainable(make_model(), tmp_path)
+    with pytest.raises(ValueError, match="config differs"):
+        load_trainable(make_model(make_params("id0_visual")), tmp_path)
+    params, config, tensors = read_checkpoint(tmp_path)
+    from safetensors.torch import save_file
+
+    tensors.pop(next(iter(tensors)))
+    save_file(tensors, str(tmp_path / WEIGHTS_NAME))
+    with pytest.raises(ValueError, match="missing keys"):
+        load_trainable(make_model(), tmp_path)
+
+
+def test_not_a_checkpoint_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match=WEIGHTS_NAME):
+        read_checkpoint(tmp_path)

@@ -1,0 +1,123 @@
+"""The model object: exact gradient flow, ablation switches (Tables 3-4), conditioning dropout."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from cc_model.config import ConditioningDropoutParams, TrainParams
+
+
+def prefixes(names) -> set[str]:
+    """mfi.<part> for MFI weights, 'unet...cc_visual_kv' for the processors' projections."""
+    out = set()
+    for n in names:
+        out.add("unet.*.processor.cc_visual_kv" if ".cc_visual_kv." in n else ".".join(n.split(".")[:2]))
+    return out
+
+
+def step_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    terms = model(batch)
+    terms["total"].backward()
+    return terms
+
+
+def test_gradients_reach_exactly_the_trainable_parameters(make_model, make_batch):
+    model = make_model().eval()  # eval: no conditioning dropout
+    batch = make_batch(model)
+    trainable = model.trainable_named_parameters()
+    assert prefixes(trainable) == {
+        "mfi.visual_qformer",
+        "mfi.textual_qformer",
+        "mfi.tv_fusion",
+        "unet.*.processor.cc_visual_kv",
+    }
+    assert all(p.requires_grad for p in trainable.values())
+    frozen = {n: p for n, p in model.named_parameters() if n not in trainable}
+    assert frozen and not any(p.requires_grad for p in frozen.values())
+    # One step first: the TV fusion's zero-initialised output blocks gradients to its inner weights at init.
+    step_grads(model, batch)
+    torch.optim.SGD(trainable.values(), lr=1e-2).step()
+    step_grads(model, batch)
+    no_grad = [n for n, p in trainable.items() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert no_grad == []
+    assert all(p.grad is None for p in frozen.values())
+
+
+# Paper Table 3 (MFI parts) and Table 4 (losses): parameter groups, query counts, loss terms.
+ABLATIONS = {
+    "id0_visual": ({"mfi.visual_qformer"}, False, {"ldm", "loc"}),
+    "id1_textual": ({"mfi.visual_qformer", "mfi.textual_qformer"}, False, {"ldm", "loc"}),
+    "id2_mfi": ({"mfi.visual_qformer", "mfi.textual_qformer", "mfi.tv_fusion"}, False, {"ldm", "loc"}),
+    "id3_cscl": ({"mfi.visual_qformer", "mfi.textual_qformer", "mfi.tv_fusion"}, True, {"ldm", "loc", "cscl"}),
+    "id4_macl": ({"mfi.visual_qformer", "mfi.textual_qformer", "mfi.tv_fusion"}, False, {"ldm", "loc", "macl"}),
+    "id5_full": (
+        {"mfi.visual_qformer", "mfi.textual_qformer", "mfi.tv_fusion"},
+        True,
+        {"ldm", "loc", "cscl", "macl"},
+    ),
+}
+
+
+@pytest.mark.parametrize("preset", list(ABLATIONS))
+def test_ablation_switches_change_parameters_and_terms(preset, make_model, make_batch, make_params):
+    groups, with_cls, terms_expected = ABLATIONS[preset]
+    model = make_model(make_params(preset)).eval()
+    m, layers = model.params.mfi.num_visual_tokens, len(model.layer_names)
+    assert prefixes(model.trainable_named_parameters()) == groups | {"unet.*.processor.cc_visual_kv"}
+    assert model.mfi.visual_qformer.queries.shape[0] == m + with_cls
+    if model.mfi.textual_qformer is not None:
+        assert model.mfi.textual_qformer.queries.layer_embedding.shape[0] == layers + with_cls
+    calls = []
+    model.text_encoder.register_forward_pre_hook(lambda mod, a, kw: calls.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    terms = model(make_batch(model))
+    assert set(terms) == terms_expected | {"total"}
+    batch_size = 4
+    assert calls == [batch_size * layers if preset != "id0_visual" else batch_size]  # S+ path vs plain caption
+
+
+def test_image_dropout_gives_the_base_model_with_the_plain_caption(make_model, make_batch):
+    model = make_model(train=TrainParams(dropout=ConditioningDropoutParams(image=1.0, text=0.0, both=0.0)))
+    base_unet = copy.deepcopy(model.unet)
+    base_unet.set_attn_processor(AttnProcessor2_0())  # the plain diffusers UNet
+    batch = make_batch(model)
+    model.train()
+    terms = model(batch)
+    with torch.no_grad():
+        text = model.text_encoder(input_ids=batch.input_ids).last_hidden_state
+        expected = F.mse_loss(base_unet(batch.noisy_latents, batch.timesteps, encoder_hidden_states=text).sample, batch.target)
+    assert float(terms["ldm"].detach()) == pytest.approx(float(expected), rel=1e-5)
+    assert float(terms["loc"].detach()) == 0.0  # dropped rows do not enter the localisation loss
+    assert {"cscl", "macl"} <= set(terms)  # contrastive terms use the undropped features
+
+
+def test_text_dropout_uses_the_empty_caption(make_model, make_batch):
+    model = make_model(train=TrainParams(dropout=ConditioningDropoutParams(image=0.0, text=1.0, both=0.0))).train()
+    batch = make_batch(model)
+    batch = dataclasses.replace(batch, input_ids=model.tokenize(["no placeholder here"] * 4))
+    terms = model(batch)  # no error: dropped captions need no placeholder
+    assert float(terms["loc"].detach()) == 0.0
+
+
+def test_dropout_frequencies_and_eval_mode(make_model):
+    model = make_model(train=TrainParams(dropout=ConditioningDropoutParams(image=0.1, text=0.2, both=0.3))).train()
+    image, text = model.sample_dropout(20000, "cpu", torch.Generator().manual_seed(1))
+    assert float((image & ~text).float().mean()) == pytest.approx(0.1, abs=0.01)
+    assert float((text & ~image).float().mean()) == pytest.approx(0.2, abs=0.01)
+    assert float((image & text).float().mean()) == pytest.approx(0.3, abs=0.01)
+    image, text = model.eval().sample_dropout(100, "cpu")
+    assert not image.any() and not text.any()
+    assert not model.unet.training  # the frozen parts stay in eval mode whatever the model's mode
+
+
+def test_caption_without_placeholder_is_an_error(make_model, make_batch):
+    model = make_model().eval()
+    batch = dataclasses.replace(make_batch(model), input_ids=model.tokenize(["a dog"] * 4))
+    with pytest.raises(ValueError, match="placeholder"):
+        model(batch)

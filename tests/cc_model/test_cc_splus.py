@@ -1,0 +1,79 @@
+"""S+ injection: one batched B*l text-encoder call, placeholder replaced per layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cc_model.splus import SPlusTextEncoder, placeholder_token_id
+
+
+@pytest.fixture
+def encoder(tiny_backbones):
+    pid = placeholder_token_id(tiny_backbones.tokenizer, "sks")
+    return SPlusTextEncoder(text_encoder=tiny_backbones.text_encoder, placeholder_id=pid), tiny_backbones.tokenizer
+
+
+def ids_of(tokenizer, captions):
+    return tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
+
+
+def test_ordinary_embedding_tokens_reproduce_the_ordinary_text_path(encoder):
+    enc, tok = encoder
+    ids = ids_of(tok, ["a photo of sks dog", "sks on a beach, sks again"])
+    layers = 5
+    splus = enc.placeholder_embedding().detach().expand(2, layers, -1)
+    with torch.no_grad():
+        per_layer = enc.encode_per_layer(ids, splus)
+        ordinary = enc.encode(ids)
+    assert per_layer.shape == (2, layers, 77, 32)
+    for a in range(layers):
+        torch.testing.assert_close(per_layer[:, a], ordinary, rtol=1e-5, atol=1e-5)
+
+
+def test_batched_call_equals_a_loop_over_layers_and_is_one_call(encoder):
+    enc, tok = encoder
+    ids = ids_of(tok, ["a sks cup", "a red sks"])
+    splus = torch.randn(2, 3, 32)
+    calls = []
+    handle = enc.text_encoder.register_forward_pre_hook(lambda m, args, kw: calls.append(kw["input_ids"].shape), with_kwargs=True)
+    with torch.no_grad():
+        batched = enc.encode_per_layer(ids, splus)
+    handle.remove()
+    assert calls == [torch.Size([6, 77])]  # B*l sequences in one call
+    with torch.no_grad():
+        for a in range(3):
+            torch.testing.assert_close(batched[:, a], enc.encode_per_layer(ids, splus[:, a : a + 1])[:, 0])
+
+
+def test_token_replaces_the_placeholder_only(encoder):
+    enc, tok = encoder
+    ids = ids_of(tok, ["a photo of sks dog"])
+    position = int((ids[0] == enc.placeholder_id).nonzero()[0])
+    with torch.no_grad():
+        out = enc.encode_per_layer(ids, torch.randn(1, 2, 32) * 3)
+        ordinary = enc.encode(ids)
+    # causal text encoder: positions before the placeholder are unchanged, from it on they differ
+    torch.testing.assert_close(out[0, 0, :position], ordinary[0, :position])
+    assert not torch.allclose(out[0, 0, position], ordinary[0, position])
+    assert not torch.allclose(out[0, 0, position:], out[0, 1, position:])
+
+
+def test_caption_without_placeholder_is_encoded_ordinarily(encoder):
+    enc, tok = encoder
+    ids = ids_of(tok, [""])
+    with torch.no_grad():
+        out = enc.encode_per_layer(ids, torch.randn(1, 2, 32))
+        torch.testing.assert_close(out[0, 1], enc.encode(ids)[0])
+
+
+def test_gradients_reach_the_splus_tokens(encoder):
+    enc, tok = encoder
+    splus = torch.randn(1, 2, 32, requires_grad=True)
+    enc.encode_per_layer(ids_of(tok, ["a sks"]), splus).sum().backward()
+    assert splus.grad is not None and splus.grad.abs().sum() > 0
+
+
+def test_multi_token_placeholder_rejected(tiny_backbones):
+    with pytest.raises(ValueError, match="one-token word"):
+        placeholder_token_id(tiny_backbones.tokenizer, "sks dog")
