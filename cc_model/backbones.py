@@ -131,7 +131,7 @@ SD15_FILES = {
 TOKENIZER_FILE_SETS = (["tokenizer/vocab.json", "tokenizer/merges.txt"], ["tokenizer/tokenizer.json"])
 
 
-def _resolve_root(path_or_repo: str, what: str) -> Path:
+def _resolve_root(path_or_repo: str, what: str, include: str = "") -> Path:
     """A local folder as given, or the cached snapshot of a Hugging Face repo id (no network)."""
     path = Path(path_or_repo).expanduser()
     if path.is_dir():
@@ -147,8 +147,8 @@ def _resolve_root(path_or_repo: str, what: str) -> Path:
             pass
     raise BackboneNotFoundError(
         f"{what}: {path_or_repo!r} is neither a local folder nor a repo in the Hugging Face cache. "
-        f"Get it with `hf download {path_or_repo}` (older hubs: `huggingface-cli download "
-        f"{path_or_repo}`), or point params.yaml at a local folder."
+        f"Get it with `hf download {path_or_repo}{include}` (older hubs: `huggingface-cli download "
+        f"{path_or_repo}{include}`), or point params.yaml at a local folder."
     )
 
 
@@ -168,8 +168,10 @@ def load_sd15_backbones(params: BackboneParams) -> Backbones:
     sd_root = _resolve_root(params.sd15_path, "model.backbone.sd15_path (Stable Diffusion 1.5)")
     sd_files = [f for files in SD15_FILES.values() for f in files]
     _require_files(sd_root, sd_files, TOKENIZER_FILE_SETS, "Stable Diffusion 1.5", SD15_REPO)
-    image_root = _resolve_root(params.image_encoder_path, "model.backbone.image_encoder_path")
     sub = params.image_encoder_subfolder.strip("/")
+    image_root = _resolve_root(
+        params.image_encoder_path, "model.backbone.image_encoder_path", f" --include '{sub}/*'" if sub else ""
+    )
     image_dir = image_root / sub if sub else image_root
     sub_prefix = f"{sub}/" if sub else ""
     _require_files(

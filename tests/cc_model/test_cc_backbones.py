@@ -85,3 +85,10 @@ def test_real_loader_reads_tiny_models_saved_in_real_layouts(tmp_path, tiny_back
         )
     assert theirs.scheduler.config.beta_schedule == "scaled_linear"
     assert not any(p.requires_grad for p in loaded.unet.parameters())
+
+
+def test_missing_image_encoder_names_the_subfolder_to_fetch(tmp_path, tiny_backbones):
+    save_backbones(tiny_backbones, tmp_path / "sd", tmp_path / "elsewhere")
+    params = BackboneParams(profile="sd15", sd15_path=str(tmp_path / "sd"), image_encoder_path="h94/IP-Adapter")
+    with pytest.raises(BackboneNotFoundError, match=r"image_encoder_path.*--include 'models/image_encoder/\*'"):
+        load_backbones(params)

@@ -121,3 +121,13 @@ def test_caption_without_placeholder_is_an_error(make_model, make_batch):
     batch = dataclasses.replace(make_batch(model), input_ids=model.tokenize(["a dog"] * 4))
     with pytest.raises(ValueError, match="placeholder"):
         model(batch)
+
+
+def test_diffusion_inputs_from_images(make_model):
+    from cc_model.model import diffusion_inputs
+
+    model = make_model()
+    g = torch.Generator().manual_seed(0)
+    noisy, timesteps, target = diffusion_inputs(model, torch.rand(2, 3, 32, 32) * 2 - 1, generator=g)
+    assert noisy.shape == target.shape == (2, 4, 16, 16) and timesteps.shape == (2,)
+    assert int(timesteps.max()) < model.scheduler.config.num_train_timesteps
