@@ -21,7 +21,7 @@ from cc_model.attention import (
 from cc_model.backbones import Backbones
 from cc_model.config import ModelParams, TrainParams, resolve_model_params
 from cc_model.losses import CSCLLoss, LDMLoss, LocalisationLoss, MACLLoss, TotalLoss
-from cc_model.mfi import MFIEncoder
+from cc_model.mfi import MFIEncoder, MFIOutput
 from cc_model.splus import SPlusTextEncoder, placeholder_token_id
 
 
@@ -124,27 +124,55 @@ class CustomContrastModel(nn.Module):
 
     def forward(self, batch: TrainBatch, *, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Named loss terms ("ldm", and per ablation "cscl", "macl", "loc") plus their weighted "total"."""
-        ablation, num_layers = self.params.ablation, len(self.layer_names)
-        b = batch.input_ids.shape[0]
-        device = batch.noisy_latents.device
+        self._check(batch)
+        b, device = batch.input_ids.shape[0], batch.noisy_latents.device
         drop_image, drop_text = self.sample_dropout(b, device, generator)
         input_ids = torch.where(drop_text[:, None], self.empty_ids.to(device), batch.input_ids)  # (B, T)
-        has_placeholder = (input_ids == self.text.placeholder_id).any(dim=1)
-        if bool((~has_placeholder & ~drop_text).any()):
+        if bool(((input_ids == self.text.placeholder_id).sum(dim=1) == 0).logical_and(~drop_text).any()):
             raise ValueError(f"captions without the placeholder {self.params.placeholder_token!r} in the batch")
+        out, f_t_all = self._encode_images(batch)
+        conditioning = self._conditioning(out, input_ids, drop_image, latent_size=batch.noisy_latents.shape[-2:])
+        prediction = self.unet(batch.noisy_latents, batch.timesteps, encoder_hidden_states=conditioning).sample
 
+        terms = self.ldm_loss(prediction, batch.target)
+        if self.params.ablation.cscl:
+            terms |= self.cscl_loss(out.visual_cls, out.textual_cls)
+        if self.params.ablation.macl:
+            positive_index = torch.cat([torch.arange(b) + b, torch.arange(b)]).to(device)  # (2B,) [refs; positives]
+            terms |= self.macl_loss(f_t_all[:, : len(self.layer_names)], positive_index, batch.appearance_sim)
+        if conditioning.capture is not None:
+            keep = (~drop_image & ~drop_text).float()  # dropped rows have no subject to localise
+            terms |= self.loc_loss(conditioning.capture.maps, batch.masks, sample_weight=keep)
+        terms["total"] = self.total_loss(terms)
+        return terms
+
+    def _check(self, batch: TrainBatch) -> None:
+        ablation = self.params.ablation
+        if ablation.macl and (batch.appearance_sim is None or batch.positive_pixels is None):
+            raise ValueError("MACL needs positive_pixels and appearance_sim in the batch")
+        if ablation.localisation and batch.masks is None:
+            raise ValueError("the localisation loss needs masks in the batch")
+
+    def _encode_images(self, batch: TrainBatch) -> tuple[MFIOutput, torch.Tensor | None]:
+        """MFI outputs of the references, and f_t of [references; positives] when MACL needs them."""
+        b = batch.input_ids.shape[0]
         pixels = batch.reference_pixels
-        if ablation.macl:  # the positives go through the same encoder and textual Q-former
+        if self.params.ablation.macl:  # the positives go through the same encoder and textual Q-former
             pixels = torch.cat([batch.reference_pixels, batch.positive_pixels])  # (2B, 3, S, S)
-        f_image = self.image_features(pixels)  # (B' , N, D_img)
+        f_image = self.image_features(pixels)  # (B', N, D_img)
         f_t_all = None
-        if ablation.textual_qformer:
+        if self.params.ablation.textual_qformer:
             timesteps = batch.timesteps.repeat(pixels.shape[0] // b)  # a positive shares its reference's t
             f_t_all = self.mfi.textual(f_image, timesteps)  # (B', l[+1], D_text)
         out = self.mfi(f_image[:b], batch.timesteps, f_t=None if f_t_all is None else f_t_all[:b])
+        return out, f_t_all
 
-        # Dropping the image zeroes the visual tokens (bias-free K/V -> the visual branch adds exactly 0)
-        # and restores the placeholder's ordinary embedding: the base model with the plain caption.
+    def _conditioning(self, out: MFIOutput, input_ids, drop_image, *, latent_size) -> DecoupledConditioning:
+        """Per-layer (S+) or shared text features, visual tokens and, if needed, a map capture.
+
+        Dropping the image zeroes the visual tokens (bias-free K/V: the visual branch adds exactly 0)
+        and restores the placeholder's ordinary embedding: the base model with the plain caption.
+        """
         visual = out.visual_tokens * (~drop_image).to(out.visual_tokens.dtype)[:, None, None]  # (B, m, D)
         if out.splus is not None:
             ordinary = self.text.placeholder_embedding().to(out.splus.dtype)
@@ -153,35 +181,15 @@ class CustomContrastModel(nn.Module):
         else:
             with torch.no_grad():
                 text = self.text.encode(input_ids)  # (B, T, D) shared by every layer
-
         capture = None
-        if ablation.localisation:
-            weights = (input_ids == self.text.placeholder_id).float()
+        if self.params.ablation.localisation:
+            weights = (input_ids == self.text.placeholder_id).float()  # (B, T)
             capture = AttentionCapture(
                 placeholder_weights=weights / weights.sum(dim=1, keepdim=True).clamp_min(1.0),
-                latent_size=tuple(batch.noisy_latents.shape[-2:]),
+                latent_size=tuple(latent_size),
                 min_downsample=self.params.loc_min_downsample,
             )
-        prediction = self.unet(
-            batch.noisy_latents,
-            batch.timesteps,
-            encoder_hidden_states=DecoupledConditioning(text=text, visual=visual, capture=capture),
-        ).sample
-
-        terms = self.ldm_loss(prediction, batch.target)
-        if ablation.cscl:
-            terms |= self.cscl_loss(out.visual_cls, out.textual_cls)
-        if ablation.macl:
-            if batch.appearance_sim is None or batch.positive_pixels is None:
-                raise ValueError("MACL needs positive_pixels and appearance_sim in the batch")
-            positive_index = torch.cat([torch.arange(b) + b, torch.arange(b)]).to(device)  # (2B,)
-            terms |= self.macl_loss(f_t_all[:, :num_layers], positive_index, batch.appearance_sim)
-        if ablation.localisation:
-            if batch.masks is None:
-                raise ValueError("the localisation loss needs masks in the batch")
-            terms |= self.loc_loss(capture.maps, batch.masks, sample_weight=(~drop_image & ~drop_text).float())
-        terms["total"] = self.total_loss(terms)
-        return terms
+        return DecoupledConditioning(text=text, visual=visual, capture=capture)
 
 
 def cast_frozen(model: CustomContrastModel, dtype: torch.dtype) -> CustomContrastModel:
