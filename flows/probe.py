@@ -71,13 +71,25 @@ def probe_image(data: bytes, *, probe_side: int) -> ImageProbe:
     return ImageProbe(width, height, hashlib.sha256(data).hexdigest(), phash, blur)
 
 
+MASK_THRESHOLD = 127  # a mask PNG pixel is subject when its gray value is above this
+
+
+def decode_mask(data: bytes, *, width: int, height: int) -> np.ndarray:
+    """A data set's mask PNG bytes as a (height, width) bool array at image size.
+
+    Masks stored smaller (OpenImages) are resized nearest (OpenCV's convention), which keeps
+    them binary. Raises :class:`UnreadableFile` (empty_file or unreadable_mask).
+    """
+    image = _decode(data, "mask", reasons.EMPTY_FILE, reasons.UNREADABLE_MASK)
+    gray = np.asarray(image.convert("L"))
+    if gray.shape != (height, width):
+        gray = cv2.resize(gray, (width, height), interpolation=cv2.INTER_NEAREST)
+    return gray > MASK_THRESHOLD
+
+
 def probe_mask(data: bytes, *, width: int, height: int) -> MaskProbe:
     """Measure a subject mask, resized (nearest) to the image size if stored smaller."""
-    image = _decode(data, "mask", reasons.EMPTY_FILE, reasons.UNREADABLE_MASK)
-    mask = np.asarray(image.convert("L"))
-    if mask.shape != (height, width):
-        mask = cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
-    binary = (mask > 127).astype(np.uint8)
+    binary = decode_mask(data, width=width, height=height).astype(np.uint8)
     area = int(binary.sum())
     if area == 0:
         return MaskProbe(0.0, 0.0, (0.0, 0.0, 0.0, 0.0))

@@ -6,18 +6,13 @@ compressed RLE (pycocotools, column-major) with its COCO bbox and area fraction.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
-import cv2
 import numpy as np
-from PIL import Image
 from pycocotools import mask as mask_utils
 
 from flows import reasons
-from flows.probe import UnreadableFile
-
-MASK_THRESHOLD = 127  # a mask PNG pixel is subject when its gray value is above this (as in ingest)
+from flows.probe import UnreadableFile, decode_mask
 
 
 def read_mask_file(path: Path, *, width: int, height: int) -> np.ndarray:
@@ -29,17 +24,7 @@ def read_mask_file(path: Path, *, width: int, height: int) -> np.ndarray:
         data = path.read_bytes()
     except FileNotFoundError:
         raise UnreadableFile(reasons.MISSING_FILE, f"mask {path} does not exist") from None
-    if not data:
-        raise UnreadableFile(reasons.EMPTY_FILE, "mask is a zero-byte file")
-    try:
-        image = Image.open(io.BytesIO(data))
-        gray = np.asarray(image.convert("L"))
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise UnreadableFile(reasons.UNREADABLE_MASK, f"mask does not decode: {exc}") from None
-    if gray.shape != (height, width):
-        # OpenImages masks are stored at reduced resolution; nearest keeps them binary.
-        gray = cv2.resize(gray, (width, height), interpolation=cv2.INTER_NEAREST)
-    return gray > MASK_THRESHOLD
+    return decode_mask(data, width=width, height=height)
 
 
 def encode_masks(masks: np.ndarray) -> list[dict]:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from flows import ids, reasons
+from flows import paths, reasons
 from flows.accounting import FRAME, reject_row
 from flows.config.params import SourcesParams
 from flows.probe import UnreadableFile
@@ -28,13 +28,11 @@ PROVIDED, SAM_BOX, SAM_REFINED = "provided", "sam_box", "sam_refined"  # MASKS.m
 
 
 def image_file(sources: SourcesParams, frame: dict) -> Path:
-    root = sources.mvimgnet_root if frame["source"] == ids.MVIMGNET else sources.openimages_root
-    return Path(root) / frame["image_path"]
+    return paths.image_file(sources, frame["source"], frame["image_path"])
 
 
 def mask_file(sources: SourcesParams, frame: dict) -> Path:
-    root = sources.mvimgnet_mask_root if frame["source"] == ids.MVIMGNET else sources.openimages_root
-    return Path(root) / frame["mask_path"]
+    return paths.mask_file(sources, frame["source"], frame["mask_path"])
 
 
 def frame_reject(frame: dict, reason: str, detail: str, *, path: str | None = None) -> dict[str, Any]:
