@@ -12,7 +12,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 ## repro: set up the environment if needed, then run the whole pipeline on the sample data
 repro: $(STAMP)
 	dvc repro
-	dvc metrics show
+	python -m flows.summary
 
 ## test: set up the environment if needed, then run the test suite (what CI runs)
 test: $(STAMP)
