@@ -94,41 +94,42 @@ def _coords(row: dict, names: tuple[str, str, str, str]) -> tuple[float, float, 
     return xmin, xmax, ymin, ymax
 
 
-def iter_boxes(path: str | Path) -> Iterator[Box | BadRow]:
-    """Stream the boxes CSV, one :class:`Box` or :class:`BadRow` per data row."""
-    path = Path(path)
+def _iter_parsed(path: Path, required: tuple[str, ...], parse) -> Iterator:
+    """Stream a CSV by header names; ``parse(row, image_id)`` makes a record or raises ValueError."""
     with _open(path) as handle:
         reader = csv.DictReader(handle)
-        _header(reader, BOX_COLUMNS, path)
+        _header(reader, required, path)
         for row in reader:
-            line = reader.line_num
             image_id = (row.get("ImageID") or "").strip() or None
             try:
                 if None in row.values() or not image_id:
                     raise ValueError("too few fields or empty ImageID")
-                xmin, xmax, ymin, ymax = _coords(row, ("XMin", "XMax", "YMin", "YMax"))
-                flags = [_flag(row.get(name)) for name in BOX_FLAGS]
-                yield Box(image_id, row["LabelName"].strip(), xmin, xmax, ymin, ymax, *flags)
+                yield parse(row, image_id)
             except (ValueError, TypeError, AttributeError) as exc:
-                yield BadRow(line, str(exc), image_id)
+                yield BadRow(reader.line_num, str(exc), image_id)
+
+
+def _parse_box(row: dict, image_id: str) -> Box:
+    xmin, xmax, ymin, ymax = _coords(row, ("XMin", "XMax", "YMin", "YMax"))
+    flags = [_flag(row.get(name)) for name in BOX_FLAGS]
+    return Box(image_id, row["LabelName"].strip(), xmin, xmax, ymin, ymax, *flags)
+
+
+def _parse_segmentation(row: dict, image_id: str) -> SegmentationRow:
+    if not (row.get("MaskPath") or "").strip():
+        raise ValueError("empty MaskPath")
+    coords = _coords(row, ("BoxXMin", "BoxXMax", "BoxYMin", "BoxYMax"))
+    return SegmentationRow(row["MaskPath"].strip(), image_id, row["LabelName"].strip(), *coords)
+
+
+def iter_boxes(path: str | Path) -> Iterator[Box | BadRow]:
+    """Stream the boxes CSV, one :class:`Box` or :class:`BadRow` per data row."""
+    return _iter_parsed(Path(path), BOX_COLUMNS, _parse_box)
 
 
 def iter_segmentations(path: str | Path) -> Iterator[SegmentationRow | BadRow]:
     """Stream the segmentation CSV, one :class:`SegmentationRow` or :class:`BadRow` per row."""
-    path = Path(path)
-    with _open(path) as handle:
-        reader = csv.DictReader(handle)
-        _header(reader, SEGMENTATION_COLUMNS, path)
-        for row in reader:
-            line = reader.line_num
-            image_id = (row.get("ImageID") or "").strip() or None
-            try:
-                if None in row.values() or not image_id or not (row.get("MaskPath") or "").strip():
-                    raise ValueError("too few fields, empty ImageID or empty MaskPath")
-                coords = _coords(row, ("BoxXMin", "BoxXMax", "BoxYMin", "BoxYMax"))
-                yield SegmentationRow(row["MaskPath"].strip(), image_id, row["LabelName"].strip(), *coords)
-            except (ValueError, TypeError, AttributeError) as exc:
-                yield BadRow(line, str(exc), image_id)
+    return _iter_parsed(Path(path), SEGMENTATION_COLUMNS, _parse_segmentation)
 
 
 def read_class_descriptions(path: str | Path) -> dict[str, str]:
