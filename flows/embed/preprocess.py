@@ -9,7 +9,7 @@ This runs in DataLoader workers so that decoding overlaps the model's forward.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -129,19 +129,16 @@ def segment_subject(image: Image.Image, mask: np.ndarray, bbox: Sequence[float],
     return canvas
 
 
-class SubjectDataset(torch.utils.data.Dataset):
-    """Segmented subjects of a work table, preprocessed for the model, in table order.
+class SubjectCutter:
+    """One work row -> its :class:`Item`: the per-frame work that both datasets below run.
 
-    The table stays an Arrow table: forked workers share its buffers instead of copying
-    Python objects (whose reference counts would touch, and so copy, every page).
     A frame that fails yields zeros and a reason instead of raising, so one bad file never
     stops the stage; the caller writes it to the rejects table.
     """
 
-    def __init__(self, work: pa.Table, *, preprocess: Callable[[Image.Image], torch.Tensor],
-                 image_size: int, background: Sequence[int]):
+    def __init__(self, *, preprocess: Callable[[Image.Image], torch.Tensor], image_size: int,
+                 background: Sequence[int]):
         """``preprocess``: the model's whole eval transform, or the ``host`` half of :func:`split_preprocess`."""
-        self.work = work.select(list(WORK_COLUMNS)).combine_chunks()
         self.preprocess = preprocess
         self.image_size = image_size
         self.background = tuple(int(v) for v in background)
@@ -149,11 +146,8 @@ class SubjectDataset(torch.utils.data.Dataset):
         probe = preprocess(Image.new("RGB", (image_size, image_size), self.background))
         self._blank = torch.zeros_like(probe)
 
-    def __len__(self) -> int:
-        return self.work.num_rows
-
-    def __getitem__(self, index: int) -> Item:
-        row = {name: self.work.column(name)[index].as_py() for name in WORK_COLUMNS}
+    def __call__(self, index: int, row: dict) -> Item:
+        """``row``: the WORK_COLUMNS of one frame, as Python values."""
         try:
             return Item(index, self.subject_pixels(row), "", "")
         except SubjectError as exc:
@@ -169,6 +163,41 @@ class SubjectDataset(torch.utils.data.Dataset):
         bbox = (row["bbox_x"], row["bbox_y"], row["bbox_w"], row["bbox_h"])
         subject = segment_subject(image, mask, bbox, self.background)
         return self.preprocess(subject)
+
+
+class SubjectDataset(torch.utils.data.Dataset):
+    """Segmented subjects of a work table, preprocessed for the model, in table order.
+
+    The table stays an Arrow table: forked workers share its buffers instead of copying
+    Python objects (whose reference counts would touch, and so copy, every page).
+    """
+
+    def __init__(self, work: pa.Table, *, preprocess: Callable[[Image.Image], torch.Tensor],
+                 image_size: int, background: Sequence[int]):
+        """``preprocess``: the model's whole eval transform, or the ``host`` half of :func:`split_preprocess`."""
+        self.work = work.select(list(WORK_COLUMNS)).combine_chunks()
+        self.cut = SubjectCutter(preprocess=preprocess, image_size=image_size, background=background)
+
+    def __len__(self) -> int:
+        return self.work.num_rows
+
+    def __getitem__(self, index: int) -> Item:
+        return self.cut(index, {name: self.work.column(name)[index].as_py() for name in WORK_COLUMNS})
+
+
+class StreamedSubjects(torch.utils.data.Dataset):
+    """Segmented subjects of work rows that arrive with the request: ``dataset[(index, row)]``.
+
+    The dataset holds no table: the loader's batch sampler reads the rows and sends each
+    batch to a worker (see :func:`make_stream_loader`), so one set of workers serves an input
+    of any length with only the batches in flight in memory.
+    """
+
+    def __init__(self, cut: SubjectCutter):
+        self.cut = cut
+
+    def __getitem__(self, key: tuple[int, dict]) -> Item:
+        return self.cut(*key)
 
 
 def _open_image(path: Path) -> Image.Image:
@@ -188,3 +217,14 @@ def make_loader(dataset: SubjectDataset, *, batch_size: int, num_workers: int,
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
         pin_memory=pin_memory, persistent_workers=num_workers > 0, in_order=True)
+
+
+def make_stream_loader(dataset: StreamedSubjects, batches: Iterable[list[tuple[int, dict]]], *,
+                       num_workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+    """Batches of ``batches`` (lists of (work row number, row)) in order, one loader for the whole stream.
+
+    ``batches`` is the loader's batch sampler: the loader reads it lazily in this process,
+    ``prefetch_factor * num_workers`` batches ahead of the model, so it can be a streaming read.
+    """
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
+                                       pin_memory=pin_memory, in_order=True)

@@ -1,9 +1,13 @@
 """The ``embed`` stage as plain functions: join frames with masks, embed every subject, write.
 
 Inputs: the filter stage's frames.parquet and the segment stage's masks.parquet (one mask row
-per frame). Outputs, in ``embed.out_dir``: embeddings.parquet (frames order, one row per
-embedded frame, model_id also in the schema metadata), rejects.parquet (this stage's rejects
-only) and stats.json. Every input frame ends in exactly one of the two tables.
+per frame, in frames order). Outputs, in ``embed.out_dir``: embeddings.parquet (frames order,
+one row per embedded frame, model_id also in the schema metadata), rejects.parquet (this
+stage's rejects only) and stats.json. Every input frame ends in exactly one of the two tables.
+
+Both inputs are streamed (flows.embed.join), so memory stays flat however many frames there
+are: a first pass over the frame ids rejects the frames without a mask (and checks the
+tables' order before any model runs), a second feeds the joined rows to the DataLoader.
 """
 
 from __future__ import annotations
@@ -11,26 +15,33 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
-from flows import ids, reasons
+from flows import reasons
 from flows.accounting import FRAME, reject_row
 from flows.config.params import EmbedParams, SourcesParams
 from flows.embed.clip_model import LoadedClip, load_clip, spec_for
-from flows.embed.encode import encode_batches
-from flows.embed.preprocess import SubjectDataset, make_loader, split_preprocess
-from flows.schemas import FRAMES, MASKS, REJECTS, embeddings_schema
+from flows.embed.encode import EncodedBatch, encode_batches
+from flows.embed.join import (
+    CHUNK_ROWS, FRAME_COLUMNS, MASK_COLUMNS, check_sources, iter_chunks, join_masks, mask_positions, read_columns,
+)
+from flows.embed.preprocess import (
+    WORK_COLUMNS, StreamedSubjects, SubjectCutter, make_stream_loader, split_preprocess,
+)
+from flows.schemas import REJECTS, embeddings_schema
 from flows.tables import ROW_GROUP_ROWS, TableWriter, write_json_atomic
 
 STAGE = "embed"
-FRAME_COLUMNS = ["frame_id", "source", "subject_id", "image_path"]
-MASK_COLUMNS = ["frame_id", "width", "height", "rle_counts", "bbox_x", "bbox_y", "bbox_w", "bbox_h"]
+# The join's names stay importable from here (tests, benchmarks/bench_embed.py).
+__all__ = ["FRAME_COLUMNS", "MASK_COLUMNS", "embed_frames", "join_masks", "read_columns", "segment_rejected"]
 
 log = logging.getLogger(__name__)
 
@@ -40,46 +51,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(device)
-
-
-def read_columns(path: Path, schema: pa.Schema, columns: list[str]) -> pa.Table:
-    """Some columns of a pipeline table, checking the file is that table."""
-    missing = set(columns) - set(pq.read_schema(path).names)
-    if missing:
-        raise ValueError(f"{path}: not a {schema.metadata[b'table'].decode()} table (missing {sorted(missing)})")
-    return pq.read_table(path, columns=columns)
-
-
-def join_masks(frames: pa.Table, masks: pa.Table, sources: SourcesParams) -> tuple[pa.Table, pa.Table]:
-    """(work, unmasked): frames with their mask columns and image file, in frames order; frames with no mask.
-
-    Work columns: the frame columns, ``image_file`` (absolute or relative to the working
-    directory), ``mask_width``, ``mask_height``, ``rle_counts`` and the COCO bbox.
-    """
-    if pc.count_distinct(masks["frame_id"]).as_py() != masks.num_rows:
-        counts = pc.value_counts(masks["frame_id"]).to_pylist()
-        dup = next(c["values"] for c in counts if c["counts"] > 1)
-        raise ValueError(f"masks table has several rows for frame {dup!r}; the segment stage writes one per frame")
-    position = pc.index_in(frames["frame_id"], value_set=masks["frame_id"])  # row in masks, null if none
-    has_mask = pc.is_valid(position)
-    work = frames.filter(has_mask)
-    mask_rows = masks.take(position.filter(has_mask))
-    for name in MASK_COLUMNS[1:]:
-        renamed = {"width": "mask_width", "height": "mask_height"}.get(name, name)
-        work = work.append_column(renamed, mask_rows[name])
-    work = work.append_column("image_file", image_files(work, sources))
-    return work, frames.filter(pc.invert(has_mask))
-
-
-def image_files(frames: pa.Table, sources: SourcesParams) -> pa.Array:
-    """``<source root>/<image_path>`` per frame (FRAMES.source picks the root)."""
-    roots = {ids.MVIMGNET: sources.mvimgnet_root, ids.OPENIMAGES: sources.openimages_root}
-    unknown = set(pc.unique(frames["source"]).to_pylist()) - roots.keys()
-    if unknown:
-        raise ValueError(f"frames from unknown source(s) {sorted(unknown)}")
-    prefix = pc.if_else(pc.equal(frames["source"], ids.MVIMGNET),
-                        roots[ids.MVIMGNET].rstrip("/") + "/", roots[ids.OPENIMAGES].rstrip("/") + "/")
-    return pc.binary_join_element_wise(prefix, frames["image_path"], "").combine_chunks()
 
 
 def segment_rejected(path: Path | None) -> pa.Array:
@@ -95,79 +66,147 @@ def segment_rejected(path: Path | None) -> pa.Array:
 
 def embed_frames(frames_path: Path, masks_path: Path, out_dir: Path, params: EmbedParams,
                  sources: SourcesParams, *, device: str = "auto", clip: LoadedClip | None = None,
-                 segment_rejects: Path | None = None) -> dict:
+                 segment_rejects: Path | None = None, chunk_rows: int = CHUNK_ROWS) -> dict:
     """Run the stage; return the stats also written to ``out_dir/stats.json``.
 
     ``clip`` overrides the model that ``params`` names (tests and benchmarks pass one in).
     Frames listed in ``segment_rejects`` are accounted for there and skipped here; any other
-    frame without a mask is rejected as missing_mask.
+    frame without a mask is rejected as missing_mask. ``chunk_rows`` frames are joined at a time.
     """
     torch_device = resolve_device(device)
-    frames = read_columns(frames_path, FRAMES, FRAME_COLUMNS)
-    masks = read_columns(masks_path, MASKS, MASK_COLUMNS)
-    work, unmasked = join_masks(frames, masks, sources)
-    upstream = pc.is_in(unmasked["frame_id"], value_set=segment_rejected(segment_rejects))
-    skipped = int(pc.sum(upstream).as_py() or 0)
-    unmasked = unmasked.filter(pc.invert(upstream))
-    clip = clip or load_clip(spec_for(params), device=torch_device)
-    schema = embeddings_schema(clip.dim).with_metadata(
-        {**embeddings_schema(clip.dim).metadata, b"model_id": clip.model_id.encode()})
     out_dir.mkdir(parents=True, exist_ok=True)
     rejected: dict[str, int] = {}
-    keys = work.select(["frame_id", "subject_id"]).combine_chunks()
-    start = time.perf_counter()
-    with TableWriter(out_dir / "rejects.parquet", REJECTS) as rejects, \
-            _BufferedBatches(out_dir / "embeddings.parquet", schema) as embeddings:
+    with TableWriter(out_dir / "rejects.parquet", REJECTS) as rejects:
 
         def reject(row: dict, reason: str, detail: str) -> None:
             rejects.write_row(reject_row(item_id=row["frame_id"], source=row["source"], kind=FRAME,
                                          path=row["image_path"], stage=STAGE, reason=reason, detail=detail))
             rejected[reason] = rejected.get(reason, 0) + 1
 
-        for row in unmasked.select(FRAME_COLUMNS).to_pylist():
-            reject(row, reasons.MISSING_MASK, "no row in the segment stage's masks table")
-        for batch in _encode(work, clip, params, torch_device):
-            ok = np.array([not r for r in batch.reasons], dtype=bool)
-            embeddings.write(_embedding_rows(keys.take(pa.array(batch.indices[ok])), batch.embeddings[ok],
-                                             clip.model_id, schema))
-            for i in np.flatnonzero(~ok):
-                reject(work.slice(int(batch.indices[i]), 1).select(FRAME_COLUMNS).to_pylist()[0],
-                       batch.reasons[i], batch.details[i])
+        tally = _reject_unmasked(frames_path, masks_path, segment_rejected(segment_rejects), reject, chunk_rows)
+        clip = clip or load_clip(spec_for(params), device=torch_device)
+        schema = embeddings_schema(clip.dim).with_metadata(
+            {**embeddings_schema(clip.dim).metadata, b"model_id": clip.model_id.encode()})
+        stream = _WorkStream(frames_path, masks_path, sources, batch_size=params.batch_size, chunk_rows=chunk_rows)
+        start = time.perf_counter()
+        with _BufferedBatches(out_dir / "embeddings.parquet", schema) as embeddings:
+            for batch in _encode(stream, tally.masked, clip, params, torch_device):
+                frames = stream.frames_of(batch)
+                ok = np.array([not r for r in batch.reasons], dtype=bool)
+                embeddings.write(_embedding_rows(frames.filter(pa.array(ok)), batch.embeddings[ok],
+                                                 clip.model_id, schema))
+                for i in np.flatnonzero(~ok):
+                    reject(frames.slice(int(i), 1).to_pylist()[0], batch.reasons[i], batch.details[i])
     seconds = time.perf_counter() - start
-    count = embeddings.rows_written
     stats = {
-        "count": count, "rejected": dict(sorted(rejected.items())), "frames_in": frames.num_rows,
-        "rejected_by_segment": skipped,
+        "count": embeddings.rows_written, "rejected": dict(sorted(rejected.items())), "frames_in": tally.frames_in,
+        "rejected_by_segment": tally.skipped,
         "dim": clip.dim, "model_id": clip.model_id, "random_weights": clip.random_weights,
         "device": torch_device.type, "dtype": "bfloat16 autocast" if torch_device.type == "cuda" else "float32",
         "batch_size": params.batch_size, "num_workers": params.num_workers,
-        "seconds": round(seconds, 3), "throughput_img_s": round(work.num_rows / seconds, 1) if seconds else None,
+        "seconds": round(seconds, 3), "throughput_img_s": round(tally.masked / seconds, 1) if seconds else None,
     }
     write_json_atomic(out_dir / "stats.json", stats)
     return stats
 
 
-def _encode(work: pa.Table, clip: LoadedClip, params: EmbedParams, device: torch.device):
-    if work.num_rows == 0:
+class _Tally(NamedTuple):
+    frames_in: int  # rows of the frames table
+    masked: int  # frames with a mask row: the work the model gets
+    skipped: int  # frames without one that the segment stage rejected (its rejects, not ours)
+
+
+def _reject_unmasked(frames: Path, masks: Path, upstream: pa.Array, reject: Callable[[dict, str, str], None],
+                     chunk_rows: int) -> _Tally:
+    """First pass, over the ids only: reject the frames with no mask row, in frames order.
+
+    Also finds a bad masks table (out of order, repeated rows) or an unknown source before any
+    model runs. ``upstream``: the segment stage's rejects, skipped here.
+    """
+    skip = set(upstream.to_pylist())  # O(segment rejects), as segment_rejected already is
+    frames_in = masked = skipped = 0
+    for chunk, masks_chunk in iter_chunks(frames, masks, mask_columns=["frame_id"], chunk_rows=chunk_rows):
+        has_mask = pc.is_valid(mask_positions(chunk["frame_id"], masks_chunk["frame_id"]))
+        work = chunk.filter(has_mask)
+        check_sources(work)
+        frames_in, masked = frames_in + chunk.num_rows, masked + work.num_rows
+        for row in chunk.filter(pc.invert(has_mask)).to_pylist():
+            if row["frame_id"] in skip:
+                skipped += 1
+            else:
+                reject(row, reasons.MISSING_MASK, "no row in the segment stage's masks table")
+    return _Tally(frames_in, masked, skipped)
+
+
+class _WorkStream:
+    """The joined work rows as the loader's batch sampler, each batch's frame columns kept until it is encoded.
+
+    Batches are ``batch_size`` rows of the whole work sequence (as a loader over one work
+    table would cut them), whatever the chunks: the same batches give the same embeddings.
+    """
+
+    def __init__(self, frames: Path, masks: Path, sources: SourcesParams, *, batch_size: int, chunk_rows: int):
+        self._frames, self._masks, self._sources = frames, masks, sources
+        self._batch_size, self._chunk_rows = batch_size, chunk_rows
+        self._in_flight: deque[tuple[int, pa.Table]] = deque()  # (first work row, FRAME_COLUMNS) per batch
+
+    def __iter__(self) -> Iterator[list[tuple[int, dict]]]:
+        self._in_flight.clear()
+        chunks = (join_masks(frames, masks, self._sources)[0]
+                  for frames, masks in iter_chunks(self._frames, self._masks, chunk_rows=self._chunk_rows))
+        start = 0
+        for batch in _rebatch(chunks, self._batch_size):
+            self._in_flight.append((start, batch.select(FRAME_COLUMNS)))
+            yield list(enumerate(batch.select(list(WORK_COLUMNS)).to_pylist(), start))
+            start += batch.num_rows
+
+    def frames_of(self, encoded: EncodedBatch) -> pa.Table:
+        """FRAME_COLUMNS of an encoded batch's rows; batches come back in the order they went out."""
+        start, frames = self._in_flight.popleft()
+        if encoded.indices.tolist() != list(range(start, start + frames.num_rows)):
+            raise RuntimeError(f"encoded batch {encoded.indices[:3]}... is not work rows {start}.. in order")
+        return frames
+
+
+def _rebatch(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
+    """The rows of ``tables``, in order, regrouped into tables of ``rows`` rows (the last may be shorter)."""
+    parts: list[pa.Table] = []
+    have = 0
+    for table in tables:
+        offset = 0
+        while offset < table.num_rows:
+            take = min(rows - have, table.num_rows - offset)
+            parts.append(table.slice(offset, take))
+            have, offset = have + take, offset + take
+            if have == rows:
+                yield pa.concat_tables(parts)
+                parts, have = [], 0
+    if parts:
+        yield pa.concat_tables(parts)
+
+
+def _encode(stream: _WorkStream, rows: int, clip: LoadedClip, params: EmbedParams,
+            device: torch.device) -> Iterator[EncodedBatch]:
+    if rows == 0:
         return
     if device.type == "cpu" and params.num_workers > 0:
         # The workers take their cores; more model threads than the cores left only spin.
         threads = torch.get_num_threads()
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - params.num_workers))
         try:
-            yield from _encode_on(work, clip, params, device)
+            yield from _encode_on(stream, clip, params, device)
         finally:
             torch.set_num_threads(threads)
     else:
-        yield from _encode_on(work, clip, params, device)
+        yield from _encode_on(stream, clip, params, device)
 
 
-def _encode_on(work: pa.Table, clip: LoadedClip, params: EmbedParams, device: torch.device):
+def _encode_on(stream: _WorkStream, clip: LoadedClip, params: EmbedParams,
+               device: torch.device) -> Iterator[EncodedBatch]:
     preprocess = split_preprocess(clip.preprocess)
-    dataset = SubjectDataset(work, preprocess=preprocess.host, image_size=clip.image_size,
-                             background=params.background_rgb)
-    loader = make_loader(dataset, batch_size=params.batch_size, num_workers=params.num_workers,
-                         pin_memory=device.type == "cuda")
+    dataset = StreamedSubjects(SubjectCutter(preprocess=preprocess.host, image_size=clip.image_size,
+                                             background=params.background_rgb))
+    loader = make_stream_loader(dataset, stream, num_workers=params.num_workers, pin_memory=device.type == "cuda")
     yield from encode_batches(clip.model, loader, device, on_device=preprocess.device)
 
 

@@ -7,12 +7,13 @@ import io
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 from PIL import Image
 from pycocotools import mask as mask_utils
 
 from flows.config.params import EmbedParams, SourcesParams
 from flows.schemas import FRAMES, MASKS
-from flows.tables import write_table
+from flows.tables import TableWriter, write_table
 
 BACKGROUND = (124, 116, 104)
 
@@ -101,3 +102,32 @@ def make_inputs(root: Path, *, n: int = 8, seed: int = 0, unmasked: tuple[int, .
 
 def embed_params(out_dir: Path, **over) -> EmbedParams:
     return EmbedParams(out_dir=str(out_dir), **{"batch_size": 3, "num_workers": 0, **over})
+
+
+def masks_in_frames_order(inputs: EmbedInputs) -> EmbedInputs:
+    """Rewrite ``inputs.masks`` in frames order, as the segment stage writes it (make_inputs reverses it)."""
+    position = {frame_id: k for k, frame_id in enumerate(inputs.frame_ids)}
+    rows = sorted(pq.read_table(inputs.masks).to_pylist(), key=lambda row: position[row["frame_id"]])
+    write_table(inputs.masks, MASKS, rows)
+    return inputs
+
+
+def make_bulky_inputs(root: Path, *, n: int, rle_bytes: int) -> EmbedInputs:
+    """``n`` frames, each with a mask row of ``rle_bytes`` of RLE filler and no image file.
+
+    For memory tests: the masks table is large in memory (small on disk: the filler
+    compresses), while every frame fails fast, as missing_file, before its RLE is decoded.
+    Masks are in frames order, in row groups of 128 rows (a Parquet reader holds a row group).
+    """
+    sources = SourcesParams(mvimgnet_root=str(root / "mvimgnet"), openimages_root=str(root / "openimages"))
+    frame_ids = [f"openimages:{k:016x}/box" for k in range(n)]
+    with TableWriter(root / "frames.parquet", FRAMES, buffer_rows=1024) as frames:
+        frames.write_rows(frame_row(frame_id, "openimages", frame_id, f"train/{k:016x}.jpg", 32, 32)
+                          for k, frame_id in enumerate(frame_ids))
+    mask = {"width": 32, "height": 32, "bbox_x": 4.0, "bbox_y": 4.0, "bbox_w": 8.0, "bbox_h": 8.0,
+            "area_frac": 0.05, "quality": 1.0, "method": "provided", "model_id": None}
+    filler = b"x" * rle_bytes
+    with TableWriter(root / "masks.parquet", MASKS, buffer_rows=128) as masks:
+        masks.write_rows({**mask, "frame_id": frame_id, "subject_id": frame_id, "rle_counts": b"%016x" % k + filler}
+                         for k, frame_id in enumerate(frame_ids))
+    return EmbedInputs(root / "frames.parquet", root / "masks.parquet", sources, frame_ids, frame_ids)
