@@ -8,13 +8,18 @@ from flows import ids
 from flows.config.params import SourcesParams
 
 
+def image_root(sources: SourcesParams, source: str) -> Path:
+    """The folder a source's ``image_path`` values are relative to."""
+    if source == ids.MVIMGNET:
+        return Path(sources.mvimgnet_root)
+    if source == ids.OPENIMAGES:
+        return Path(sources.openimages_root)
+    raise ValueError(f"unknown source {source!r}")
+
+
 def image_file(sources: SourcesParams, source: str, image_path: str) -> Path:
     """The image of a frames row (``image_path`` is relative to its source's root)."""
-    if source == ids.MVIMGNET:
-        return Path(sources.mvimgnet_root) / image_path
-    if source == ids.OPENIMAGES:
-        return Path(sources.openimages_root) / image_path
-    raise ValueError(f"unknown source {source!r}")
+    return image_root(sources, source) / image_path
 
 
 def mask_file(sources: SourcesParams, source: str, mask_path: str) -> Path:

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -114,6 +115,13 @@ def concat_tables(parts: Iterable[str | Path], target: str | Path, schema: pa.Sc
             for batch in iter_batches(part, schema):
                 writer.write_batch(batch)
     return writer.rows_written
+
+
+def fixed_size_list_to_numpy(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A FixedSizeList column (e.g. embeddings) as an (n, size) array, without a Python loop."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, column.type.list_size)  # (n, size)
 
 
 def count_rows(path: str | Path) -> int:

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from flows import ids
 from flows.config.params import SourcesParams
+from flows.paths import image_root
 from flows.schemas import FRAMES, MASKS
 
 CHUNK_ROWS = 4096  # frames joined at a time; their masks' RLE is what the stage holds in memory
@@ -136,5 +137,5 @@ def image_files(frames: pa.Table, sources: SourcesParams) -> pa.Array:
     """``<source root>/<image_path>`` per frame (FRAMES.source picks the root)."""
     check_sources(frames)
     prefix = pc.if_else(pc.equal(frames["source"], ids.MVIMGNET),
-                        sources.mvimgnet_root.rstrip("/") + "/", sources.openimages_root.rstrip("/") + "/")
+                        str(image_root(sources, ids.MVIMGNET)) + "/", str(image_root(sources, ids.OPENIMAGES)) + "/")
     return pc.binary_join_element_wise(prefix, frames["image_path"], "").combine_chunks()

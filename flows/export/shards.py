@@ -60,15 +60,18 @@ class ShardSink:
         self.folder, self.rows_per_shard = folder, rows_per_shard
         self.shards: list[str] = []
         self.rows = 0
+        self._in_shard = 0  # rows given to the current shard
         self._writer: TableWriter | None = None
 
     def write(self, row: dict[str, Any]) -> None:
-        if self._writer is None or self._writer.rows_written + len(self._writer._buffer) >= self.rows_per_shard:
+        if self._writer is None or self._in_shard >= self.rows_per_shard:
             self.close()
+            self._in_shard = 0
             path = self.folder / f"part-{len(self.shards):05d}.parquet"
             self._writer = TableWriter(path, EXPORT, buffer_rows=64)  # rows hold images: keep buffers small
             self.shards.append(path.name)
         self._writer.write_row(row)
+        self._in_shard += 1
         self.rows += 1
 
     def close(self) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from flows.schemas import FRAMES, MASKS
-from flows.tables import iter_batches, iter_rows
+from flows.tables import fixed_size_list_to_numpy, iter_batches, iter_rows
 
 
 @dataclass(frozen=True)
@@ -37,9 +37,7 @@ def iter_embeddings(path: Path) -> Iterator[tuple[str, np.ndarray]]:
     """(frame_id, embedding (d,) float16) in table order, one batch in memory at a time."""
     file = pq.ParquetFile(path)
     for batch in file.iter_batches(columns=["frame_id", "embedding"]):
-        column = batch.column("embedding")
-        dim = column.type.list_size
-        vectors = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)  # (B, d)
+        vectors = fixed_size_list_to_numpy(batch.column("embedding"))  # (B, d)
         yield from zip(batch.column("frame_id").to_pylist(), vectors)
 
 

@@ -15,18 +15,21 @@ import pyarrow.parquet as pq
 
 from flows.config.params import SimilarityParams
 from flows.schemas import HARD_NEGATIVES, NEAR_DUPLICATES, NEIGHBOURS
-from flows.similarity.mining import hard_negatives, near_duplicate_subject_pairs, neighbour_table, union_subject_pairs
+from flows.similarity.mining import (
+    hard_negatives,
+    near_duplicate_subject_pairs,
+    neighbour_table,
+    union_subject_pairs,
+)
 from flows.similarity.subjects import subject_codes, subject_mean_embeddings
 from flows.similarity.topk import topk_cosine
-from flows.tables import TableWriter, write_json_atomic
+from flows.tables import TableWriter, fixed_size_list_to_numpy, write_json_atomic
 
 
 def read_embeddings(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(frame_ids (N,), subject_ids (N,), embeddings (N, d) float16) in table order."""
     table = pq.read_table(path, columns=["frame_id", "subject_id", "embedding"])
-    column = table.column("embedding").combine_chunks()
-    dim = column.type.list_size
-    vectors = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)  # (N, d)
+    vectors = fixed_size_list_to_numpy(table.column("embedding"))  # (N, d)
     return (np.asarray(table.column("frame_id").to_pylist(), dtype=str),
             np.asarray(table.column("subject_id").to_pylist(), dtype=str), vectors)
 
