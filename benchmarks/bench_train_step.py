@@ -6,7 +6,8 @@ the batch, i.e. VAE latents, noise and tokenized captions, is prepared beforehan
 
 - ``cc``: the configured model (default: every paper component on: K=3 image layers, visual +
   textual Q-formers, TV fusion, S+ injection through B*l text-encoder sequences, positives through
-  the image encoder and textual Q-former, CSCL, MACL, localisation maps in every layer).
+  the image encoder and textual Q-former, CSCL, MACL, localisation maps in the layers
+  model.loc_min_downsample selects: by default all but the full-resolution ones).
 - ``baseline``: IP-Adapter-plus style: penultimate image layer only, a visual Q-former (Resampler)
   of the same depth and m, decoupled cross-attention with SDPA everywhere, LDM loss only, plain
   caption through the text encoder once per sample.
@@ -90,7 +91,9 @@ def time_block(step, steps: int, device: str) -> float:
 
 
 def variants(args, m: int) -> dict[str, ModelParams]:
-    base = ModelParams(loc_min_downsample=args.loc_min_downsample)
+    base = ModelParams()
+    if args.loc_min_downsample is not None:
+        base = dataclasses.replace(base, loc_min_downsample=args.loc_min_downsample)
     base = dataclasses.replace(base, mfi=dataclasses.replace(base.mfi, num_visual_tokens=m, depth=args.depth))
     baseline = dataclasses.replace(
         base,
@@ -120,7 +123,8 @@ def main() -> None:
     parser.add_argument("--image-encoder", choices=["vit-h", "vit-l"], default="vit-h")
     parser.add_argument("--num-visual-tokens", type=int, default=None, help="m; default 16 (4 for tiny)")
     parser.add_argument("--depth", type=int, default=4, help="Q-former depth (paper: 4)")
-    parser.add_argument("--loc-min-downsample", type=int, default=1, help="1 = localisation maps in every layer")
+    parser.add_argument("--loc-min-downsample", type=int, default=None,
+                        help="default: model.loc_min_downsample's default; 1 = localisation maps in every layer")
     parser.add_argument("--ladder", action="store_true", help="also time the ablation presets")
     args = parser.parse_args()
 
@@ -146,6 +150,7 @@ def main() -> None:
         return seconds, (torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
 
     all_params = variants(args, m)
+    cc_params = all_params["cc"]
     baseline_model, baseline_step = prepare(all_params.pop("baseline"))
     out_ratio, times, memory, trainable, layers = {}, {"baseline": []}, {}, {}, len(baseline_model.layer_names)
     trainable["baseline"] = sum(p.numel() for p in baseline_model.trainable_named_parameters().values())
@@ -177,7 +182,7 @@ def main() -> None:
         "repeats": args.repeats,
         "cross_attention_layers": layers,
         "num_visual_tokens": m,
-        "loc_min_downsample": args.loc_min_downsample,
+        "loc_min_downsample": cc_params.loc_min_downsample,
         "baseline_step_s": round(median["baseline"], 5),
         "cc_step_s": round(median["cc"], 5),
         "ratio": round(out_ratio["cc"], 3),

@@ -56,6 +56,7 @@ class AttentionCapture:
         self.latent_size = latent_size
         self.min_downsample = min_downsample
         self._maps: dict[int, CapturedMaps] = {}
+        self._columns: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def grid(self, num_queries: int) -> tuple[int, int] | None:
         """(h, w) of a layer with this many queries if it is captured, else None."""
@@ -64,6 +65,19 @@ class AttentionCapture:
         if factor < self.min_downsample or (lh // factor) * (lw // factor) != num_queries:
             return None
         return lh // factor, lw // factor
+
+    def placeholder_columns(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index, weight), each (B, J): the placeholder's positions and weights, J = most occurrences.
+
+        Computed once per capture (one host sync), shared by every captured layer. Rows without
+        the placeholder get weight 0, hence an all-zero text map.
+        """
+        if self._columns is None:
+            weights = self.placeholder_weights
+            most = max(1, int((weights != 0).sum(dim=1).max()))
+            weight, index = weights.topk(most, dim=1)
+            self._columns = index, weight
+        return self._columns
 
     def record(self, maps: CapturedMaps) -> None:
         self._maps[maps.layer_index] = maps
@@ -98,13 +112,34 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(x.shape[0], -1, heads, x.shape[-1] // heads).transpose(1, 2)  # (B, h, N, d)
 
 
-def _explicit_attention(q, k, v, scale, mask=None):
-    """Softmax attention that also returns the probabilities (B, h, N, S) (SDPA never forms them)."""
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, h, N, S)
+def attention_probabilities(query, key, scale, mask=None) -> torch.Tensor:
+    """softmax(Q K^T * scale [+ mask]) in float32, (B, h, N, S): what SDPA computes but never returns."""
+    scores = torch.matmul(query, key.transpose(-1, -2)).float() * scale
     if mask is not None:
         scores = scores + mask
-    probs = scores.softmax(dim=-1)
-    return torch.matmul(probs, v), probs
+    return scores.softmax(dim=-1)
+
+
+def placeholder_probability(query, key, scale, index, weight, mask=None) -> torch.Tensor:
+    """The placeholder's text attention probability, averaged over heads: (B, N) in float32.
+
+    query (B, h, N, d), key (B, h, S, d); index/weight (B, J): the placeholder's positions in each
+    caption and their weights (AttentionCapture.placeholder_columns). Equal to
+    ``(softmax(Q K^T * scale) @ w).mean(heads)`` but only a logsumexp over S and J columns are
+    formed, so neither the forward nor the backward holds more than one (B, h, N, S) tensor.
+    """
+    scores = torch.matmul(query, key.transpose(-1, -2)).float() * scale  # (B, h, N, S)
+    if mask is not None:
+        scores = scores + mask
+    lse = scores.logsumexp(dim=-1, keepdim=True)  # (B, h, N, 1)
+    heads, dim = key.shape[1], key.shape[-1]
+    chosen = key.gather(2, index[:, None, :, None].expand(-1, heads, -1, dim))  # (B, h, J, d)
+    picked = torch.matmul(query, chosen.transpose(-1, -2)).float() * scale  # (B, h, N, J)
+    if mask is not None:
+        mask = mask.expand(query.shape[0], heads, -1, -1)  # (B, h, N or 1, S)
+        picked = picked + mask.gather(-1, index[:, None, None, :].expand(-1, -1, mask.shape[2], -1))
+    probs = (picked - lse).exp()  # (B, h, N, J)
+    return (probs * weight[:, None, None, :].float()).sum(dim=-1).mean(dim=1)
 
 
 class DecoupledCrossAttnProcessor(nn.Module):
@@ -149,23 +184,19 @@ class DecoupledCrossAttnProcessor(nn.Module):
             key = attn.norm_k(key)
 
         grid = cond.capture.grid(num_queries) if cond.capture is not None else None
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)  # (B, h, N, d)
         text_map = visual_map = None
-        if grid is None:
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)  # (B, h, N, d)
-        else:
-            out, probs = _explicit_attention(query, key, value, attn.scale, attention_mask)
-            weights = cond.capture.placeholder_weights.to(probs.dtype)  # (B, S)
-            text_map = torch.einsum("bhns,bs->bn", probs, weights) / attn.heads  # (B, N)
+        if grid is not None:  # maps for the localisation loss, beside (not instead of) the fused kernel
+            index, weight = cond.capture.placeholder_columns()
+            text_map = placeholder_probability(query, key, attn.scale, index, weight, attention_mask)  # (B, N)
 
         if cond.visual is not None and (self.gamma != 0 or grid is not None):
             v_key = _heads(self.cc_visual_kv.to_k(cond.visual), attn.heads)  # (B, h, m, d)
-            v_value = _heads(self.cc_visual_kv.to_v(cond.visual), attn.heads)
-            if grid is None:
-                v_out = F.scaled_dot_product_attention(query, v_key, v_value)
-            else:
-                v_out, v_probs = _explicit_attention(query, v_key, v_value, attn.scale)
-                visual_map = v_probs.mean(dim=1)  # (B, N, m)
-            out = out + self.gamma * v_out
+            if self.gamma != 0:
+                v_value = _heads(self.cc_visual_kv.to_v(cond.visual), attn.heads)
+                out = out + self.gamma * F.scaled_dot_product_attention(query, v_key, v_value)
+            if grid is not None:
+                visual_map = attention_probabilities(query, v_key, attn.scale).mean(dim=1)  # (B, N, m)
 
         if grid is not None:
             h, w = grid
@@ -235,7 +266,9 @@ __all__ = [
     "CapturedMaps",
     "DecoupledConditioning",
     "DecoupledCrossAttnProcessor",
+    "attention_probabilities",
     "cross_attention_layer_names",
     "install_decoupled_attention",
+    "placeholder_probability",
     "set_gamma",
 ]

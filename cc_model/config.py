@@ -81,7 +81,12 @@ class ModelParams:
     ablation: AblationParams = field(default_factory=AblationParams)
     placeholder_token: str = "sks"  # the caption word whose embedding the S+ tokens replace; one BPE token
     gamma: float = 1.0  # weight of the visual cross-attention branch (Eq. 3)
-    loc_min_downsample: int = 1  # capture maps only in layers at latent_size / f with f >= this (1 = all layers)
+    # Localisation maps come from the cross-attention layers at latent_size / f with f >= this.
+    # 2 (default) skips the full-resolution layers (SD1.5: the 64x64 ones in down_blocks.0 and
+    # up_blocks.3), as FastComposer, where the loss comes from, does: its default
+    # localization_layers=5 keeps the middle five of down0..2, mid, up1..3. 1 = every layer
+    # (DESIGN's literal "all maps"); it cost +0.13-0.2x of a step on an H100 in 64x64 layers.
+    loc_min_downsample: int = 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,6 +123,9 @@ class TrainParams:
     lr: float = 3e-5  # AdamW learning rate of the trainable weights
     batch_size: int = 8  # reference/positive pairs per step
     max_steps: int = 200_000  # optimizer steps
+    # torch.compile backend for the text encoder's transformer stack, which the S+ path runs on
+    # B*l sequences with a backward pass (the largest extra cost over IP-Adapter); None = eager.
+    compile_text_encoder: str | None = None  # e.g. "inductor"
     loss: LossParams = field(default_factory=LossParams)
     dropout: ConditioningDropoutParams = field(default_factory=ConditioningDropoutParams)
 

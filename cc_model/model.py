@@ -67,6 +67,8 @@ class CustomContrastModel(nn.Module):
             text_dim=text_dim,
             num_cross_attention_layers=len(self.layer_names),
         )
+        if self.train_params.compile_text_encoder:  # the stack only: the S+ hook on the embeddings stays eager
+            text_encoder.encoder.compile(backend=self.train_params.compile_text_encoder)
         self.text = SPlusTextEncoder(
             text_encoder=text_encoder, placeholder_id=placeholder_token_id(self.tokenizer, self.params.placeholder_token)
         )
@@ -177,7 +179,8 @@ class CustomContrastModel(nn.Module):
         if out.splus is not None:
             ordinary = self.text.placeholder_embedding().to(out.splus.dtype)
             splus = torch.where(drop_image[:, None, None], ordinary, out.splus)  # (B, l, D)
-            text = self.text.encode_per_layer(input_ids, splus)  # (B, l, T, D)
+            plain = drop_image | ~(input_ids == self.text.placeholder_id).any(dim=1)  # no S+ in these rows
+            text = self.text.encode_per_layer(input_ids, splus, plain=plain)  # (B, l, T, D)
         else:
             with torch.no_grad():
                 text = self.text.encode(input_ids)  # (B, T, D) shared by every layer

@@ -52,11 +52,27 @@ class SPlusTextEncoder:
         """(B, S) -> (B, S, D) the ordinary text path (last hidden state, as SD uses)."""
         return self.text_encoder(input_ids=input_ids).last_hidden_state
 
-    def encode_per_layer(self, input_ids: torch.Tensor, splus: torch.Tensor) -> torch.Tensor:
+    def encode_per_layer(self, input_ids: torch.Tensor, splus: torch.Tensor, *, plain: torch.Tensor | None = None) -> torch.Tensor:
         """(B, S) ids and (B, l, D) S+ tokens -> (B, l, S, D), one batched call of B*l sequences.
 
         Rows without the placeholder (e.g. a dropped caption) come out as the ordinary encoding.
+        ``plain`` (B,) bool marks rows known to need no S+ (conditioning dropout: the caption was
+        dropped, or the S+ tokens were reset to the ordinary embedding): they are encoded once,
+        without gradient, and repeated over the l layers, the same values at 1/l of the cost.
         """
+        layers = splus.shape[1]
+        if plain is None or not bool(plain.any()):
+            return self._per_layer(input_ids, splus)
+        keep, skip = (~plain).nonzero().squeeze(1), plain.nonzero().squeeze(1)
+        with torch.no_grad():
+            shared = self.encode(input_ids[skip])  # (B_plain, S, D)
+        parts = [shared[:, None].expand(-1, layers, -1, -1)]
+        if len(keep):
+            parts.insert(0, self._per_layer(input_ids[keep], splus[keep]))
+        order = torch.cat([keep, skip]).argsort()  # back to the batch's row order
+        return torch.cat(parts)[order]
+
+    def _per_layer(self, input_ids: torch.Tensor, splus: torch.Tensor) -> torch.Tensor:
         batch, layers, dim = splus.shape
         ids = input_ids.repeat_interleave(layers, dim=0)  # (B*l, S), row b*l + a
         tokens = splus.reshape(batch * layers, dim)  # (B*l, D), same row order

@@ -11,8 +11,10 @@ from cc_model.attention import (
     AttentionCapture,
     DecoupledConditioning,
     DecoupledCrossAttnProcessor,
+    attention_probabilities,
     cross_attention_layer_names,
     install_decoupled_attention,
+    placeholder_probability,
 )
 
 B, T, D = 2, 77, 32
@@ -153,3 +155,29 @@ def test_processors_are_the_only_new_trainable_unet_weights(unets):
     assert trainable and all(".processor.cc_visual_kv." in n for n in trainable)
     assert all(isinstance(p, DecoupledCrossAttnProcessor) for n, p in unet.attn_processors.items() if "attn2" in n)
     assert len(cross_attention_layer_names(unet)) == 4
+
+
+def test_placeholder_probability_equals_softmax_column_with_gradients():
+    """The logsumexp form equals the weighted softmax columns, values and gradients, mask included."""
+    torch.manual_seed(0)
+    b, h, n, s, d = 3, 2, 6, 9, 4
+    query = torch.randn(b, h, n, d, dtype=torch.float64, requires_grad=True)
+    key = torch.randn(b, h, s, d, dtype=torch.float64, requires_grad=True)
+    weights = torch.zeros(b, s, dtype=torch.float64)
+    weights[0, 2] = 1.0  # one occurrence
+    weights[1, [3, 7]] = 0.5  # two occurrences
+    # row 2: no placeholder (a dropped caption) -> an all-zero map
+    mask = torch.zeros(b, h, 1, s)
+    mask[..., -1] = -1e4  # e.g. a masked-out padding position
+    cap = AttentionCapture(placeholder_weights=weights, latent_size=(n, 1))
+    index, weight = cap.placeholder_columns()
+    assert index.shape == (b, 2)
+    got = placeholder_probability(query, key, 0.5, index, weight, mask)
+    reference = (attention_probabilities(query, key, 0.5, mask).double() @ weights[:, None, :, None]).squeeze(-1).mean(1)
+    torch.testing.assert_close(got, reference.float(), rtol=1e-6, atol=1e-7)
+    assert torch.all(got[2] == 0)
+    upstream = torch.randn(b, n, dtype=torch.float32)
+    grads = torch.autograd.grad((got * upstream).sum(), (query, key))
+    expected = torch.autograd.grad((reference.float() * upstream).sum(), (query, key))
+    for g, e in zip(grads, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)

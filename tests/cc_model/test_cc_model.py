@@ -131,3 +131,20 @@ def test_diffusion_inputs_from_images(make_model):
     noisy, timesteps, target = diffusion_inputs(model, torch.rand(2, 3, 32, 32) * 2 - 1, generator=g)
     assert noisy.shape == target.shape == (2, 4, 16, 16) and timesteps.shape == (2,)
     assert int(timesteps.max()) < model.scheduler.config.num_train_timesteps
+
+
+def test_compiled_text_encoder_gives_the_same_terms_and_gradients(make_model, make_batch):
+    """train.compile_text_encoder goes through torch.compile (aot_eager: traced, no codegen) unchanged."""
+    eager, compiled = make_model(), make_model(train=TrainParams(compile_text_encoder="aot_eager"))
+    batch = make_batch(eager)
+    results = []
+    for model in (eager, compiled):
+        terms = model.eval()(batch)
+        terms["total"].backward()
+        results.append((terms, {n: p.grad for n, p in model.trainable_named_parameters().items()}))
+    (terms_e, grads_e), (terms_c, grads_c) = results
+    assert terms_e.keys() == terms_c.keys()
+    for name in terms_e:
+        torch.testing.assert_close(terms_c[name], terms_e[name], rtol=1e-4, atol=1e-5)
+    for name, grad in grads_e.items():
+        torch.testing.assert_close(grads_c[name], grad, rtol=1e-3, atol=1e-5)

@@ -77,3 +77,31 @@ def test_gradients_reach_the_splus_tokens(encoder):
 def test_multi_token_placeholder_rejected(tiny_backbones):
     with pytest.raises(ValueError, match="one-token word"):
         placeholder_token_id(tiny_backbones.tokenizer, "sks dog")
+
+
+@pytest.mark.parametrize("plain_rows", [[True, False, True], [False, False, True], [False, False, False]])
+def test_plain_rows_are_encoded_once_with_the_same_values_and_gradients(encoder, plain_rows):
+    """Rows marked plain (dropped image/caption) skip the B*l call; values and other rows' gradients unchanged."""
+    enc, tok = encoder
+    ids = ids_of(tok, ["a photo of sks dog", "a sks cup", ""])
+    layers = 4
+    splus = torch.randn(3, layers, 32)
+    splus[0] = enc.placeholder_embedding().detach()  # a dropped image: S+ reset to the ordinary embedding
+    # row 2 is a dropped caption (no placeholder); row 1 needs its S+ tokens and is never plain
+    plain = torch.tensor(plain_rows)
+    calls = []
+    handle = enc.text_encoder.register_forward_pre_hook(lambda m, args, kw: calls.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    results = []
+    for mask in (None, plain):
+        tokens = splus.clone().requires_grad_(True)
+        out = enc.encode_per_layer(ids, tokens, plain=mask)
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        results.append((out.detach(), tokens.grad))
+    handle.remove()
+    kept = plain_rows.count(False)
+    assert sorted(calls[1:]) == sorted(n for n in (kept * layers, 3 - kept) if n)  # S+ rows once per layer, plain once
+    (full, grad_full), (fast, grad_fast) = results
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+    # the model never lets gradient reach the S+ tokens of plain rows (they were replaced or unused)
+    assert torch.all(grad_fast[plain] == 0)
+    torch.testing.assert_close(grad_fast[~plain], grad_full[~plain], rtol=1e-4, atol=1e-6)
