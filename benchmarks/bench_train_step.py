@@ -47,11 +47,12 @@ from cc_model.synthetic import synthetic_batch  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def build(profile: str, params: ModelParams, device: str, dtype: torch.dtype, image_encoder: str):
+def build(profile: str, params: ModelParams, device: str, dtype: torch.dtype, image_encoder: str,
+          train: TrainParams):
     configs = tiny_configs() if profile == "tiny" else sd15_configs(image_encoder)
     with torch.device(device):  # random init directly on the device (SD1.5 size on CPU takes a while)
         backbones = build_random_backbones(configs, seed=0, profile=profile)
-        model = CustomContrastModel(backbones=backbones, params=params, train=TrainParams())
+        model = CustomContrastModel(backbones=backbones, params=params, train=train)
     model.to(device).eval()  # eval: no conditioning dropout, every step does the full work
     if dtype != torch.float32:
         cast_frozen(model, dtype)
@@ -126,6 +127,8 @@ def main() -> None:
     parser.add_argument("--loc-min-downsample", type=int, default=None,
                         help="default: model.loc_min_downsample's default; 1 = localisation maps in every layer")
     parser.add_argument("--ladder", action="store_true", help="also time the ablation presets")
+    parser.add_argument("--compile-text-encoder", default=None, metavar="BACKEND",
+                        help="train.compile_text_encoder for both models, e.g. inductor (default: eager)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -134,7 +137,8 @@ def main() -> None:
     cuda = args.device.startswith("cuda")
 
     def prepare(params):
-        model = build(args.profile, params, args.device, dtype, args.image_encoder)
+        train = TrainParams(compile_text_encoder=args.compile_text_encoder)
+        model = build(args.profile, params, args.device, dtype, args.image_encoder, train)
         batch = synthetic_batch(
             model, batch_size=args.batch, generator=torch.Generator().manual_seed(0), device=args.device, dtype=dtype
         )
@@ -183,6 +187,7 @@ def main() -> None:
         "cross_attention_layers": layers,
         "num_visual_tokens": m,
         "loc_min_downsample": cc_params.loc_min_downsample,
+        "compile_text_encoder": args.compile_text_encoder,
         "baseline_step_s": round(median["baseline"], 5),
         "cc_step_s": round(median["cc"], 5),
         "ratio": round(out_ratio["cc"], 3),

@@ -12,7 +12,6 @@ import io
 from dataclasses import dataclass
 
 import cv2
-import imagehash
 import numpy as np
 from PIL import Image
 
@@ -67,6 +66,8 @@ def probe_image(data: bytes, *, probe_side: int) -> ImageProbe:
         gray = gray.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BILINEAR)
     pixels = np.asarray(gray, dtype=np.float32)
     blur = float(cv2.Laplacian(pixels, cv2.CV_32F).var())
+    import imagehash  # here, not at the top: segment and embed read masks through this module without it
+
     phash = int(str(imagehash.phash(gray)), 16)
     return ImageProbe(width, height, hashlib.sha256(data).hexdigest(), phash, blur)
 

@@ -23,8 +23,8 @@ Three engines, one contract (``topk_cosine``):
   2.56 s, naive matmul + topk 9.3 s, this engine 4.04 s with group_sizes (64, 16): the max
   pass over the buffer ~0.9 s, selects and rescoring ~0.6 s. Contiguous groups (a max over
   a short innermost axis) ran at a fifth of memory speed and cost 7.4 s in all.
-- **triton** (cuda; ``topk_cosine_torch(engine="triton")``, the default there when triton
-  imports): the same select without the (B, N) buffer. A Triton kernel
+- **triton** (cuda; ``topk_cosine_torch(engine="triton")``, opt-in until a GPU run shows it
+  faster): the same select without the (B, N) buffer. A Triton kernel
   (``triton_groupmax.group_max_scores``) computes each fp16 GEMM tile in registers, sets
   self and padding to -inf, and writes only the maxima of *contiguous* groups of g columns
   (g a power of 2, inside the kernel's column tile): a (B, N / g) float32 tensor. The higher
@@ -166,9 +166,9 @@ def topk_cosine_torch(x, *, k: int, exclude_self: bool = True, block_rows: int |
     margin: extra candidates rescored exactly; default 0 when scores are float32, else
         max(8, k // 4).
     score_dtype: dtype of the GEMM and score buffer; default float16 on cuda, float32 elsewhere.
-    engine: "torch", "triton" (module docstring) or "auto": triton when x is on cuda and
-        triton imports, else torch. Where no group level applies (few columns), both engines
-        run the torch path's plain topk.
+    engine: "torch", "triton" (module docstring) or "auto": torch for now, the one timed on a
+        GPU; the triton engine is opt-in until it is. Where no group level applies (few
+        columns), both engines run the torch path's plain topk.
     triton_config: ``triton_groupmax.TritonConfig`` (tile sizes) for the triton engine.
     """
     import torch
@@ -223,12 +223,8 @@ def topk_cosine_torch(x, *, k: int, exclude_self: bool = True, block_rows: int |
 def _resolve_engine(engine: str, x) -> str:
     if engine not in ("auto", "torch", "triton"):
         raise ValueError(f"engine must be auto, torch or triton, got {engine!r}")
-    if engine == "auto":
-        if not x.is_cuda:
-            return "torch"  # and triton is not even imported
-        from flows.similarity.triton_groupmax import triton_available
-
-        return "triton" if triton_available() else "torch"
+    if engine == "auto":  # the engine timed on a GPU (4.04 s for 1M x 768 top-32 on an H100); the
+        return "torch"  # triton engine becomes the default once benchmarks/gpu_checks.sh shows it faster
     return engine
 
 

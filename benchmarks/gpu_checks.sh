@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Every GPU benchmark the open issues ask for, in one call of the device tool (about 8 minutes).
+#
+# The device machines have Python 3.12 with torch, transformers, pyarrow, timm, opencv, but no
+# open_clip, diffusers, segment-anything, pycocotools or faiss, and no network. Download their
+# wheels here first (git-ignored folder, carried with the call):
+#
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+#     -d .gpuwheels open_clip_torch==3.3.0 ftfy wcwidth pycocotools==2.0.11 diffusers==0.42.1 \
+#     segment-anything==1.0 faiss-cpu
+#
+# Device tool call:  command "bash benchmarks/gpu_checks.sh", carry [".gpuwheels"], timeout_s 600.
+# Results: $OUT/NAME.out (each benchmark's stdout), $OUT/results.jsonl (exit code and seconds per
+# check) and $OUT/log.txt (stderr, versions). At most 8 files come back: keep it at 5 checks.
+#
+# CPU smoke test of this script (tiny sizes, the local venv, no wheels):
+#   GPU_CHECKS_SMOKE=1 OUT=/tmp/gpu-checks bash benchmarks/gpu_checks.sh
+#
+# Order = priority, each check under its own timeout, so a slow or failing one never costs the rest.
+set -u
+OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
+RESULTS="$OUT/results.jsonl"
+LOG="$OUT/log.txt"
+: >"$RESULTS"
+: >"$LOG"
+
+if [ "${GPU_CHECKS_SMOKE:-0}" = 1 ]; then
+    PY=${PY:-.venv/bin/python}
+    DEVICE=cpu
+    EMBED="--profile tiny --batch 16 --n-images 64 --workers 1 --repeats 1"
+    SIM="--n 3000 --d 64 --k 8 --dry-run --skip-naive"
+    SEG="--profile tiny --batch 2 --n-images 4"
+    TRAIN="--profile tiny --dtype fp32 --batch 2 --steps 1 --repeats 1 --warmup 1"
+    COMPILE=aot_eager
+    LIMIT=300
+else
+    PY=${PY:-python3}
+    DEVICE=cuda
+    EMBED="--profile vit-l-14-random --batch 256 --n-images 24576 --workers 14"
+    SIM="--n 1000000 --d 768 --k 32 --skip-naive --triton-tiles 128,128,64,8,3 128,256,64,8,4"
+    SEG="--profile vit_h-random --batch 8 --n-images 128"
+    TRAIN="--profile sd15-random --dtype bf16 --batch 16 --steps 5 --repeats 3"
+    COMPILE=inductor
+    LIMIT=150
+    if [ -d .gpuwheels ]; then
+        "$PY" -m pip install --quiet --no-index --no-deps --target /tmp/site .gpuwheels/*.whl >>"$LOG" 2>&1
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    fi
+    { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; } >>"$LOG" 2>&1
+fi
+"$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__)" >>"$LOG" 2>&1
+
+check() {  # check NAME SECONDS SCRIPT ARGS...: stdout to $OUT/NAME.out, stderr to the log
+    local name=$1 seconds=$2 script=$3
+    shift 3
+    local start=$SECONDS
+    echo "=== $name: $script $*" >>"$LOG"
+    timeout "$seconds" "$PY" "$script" "$@" >"$OUT/$name.out" 2>>"$LOG"
+    local rc=$?
+    echo "{\"check\": \"$name\", \"exit\": $rc, \"seconds\": $((SECONDS - start))}" >>"$RESULTS"
+    echo "=== $name: exit $rc after $((SECONDS - start)) s" >>"$LOG"
+}
+
+# shellcheck disable=SC2086  # the argument strings are split on purpose
+{
+    check embed "$LIMIT" benchmarks/bench_embed.py --device "$DEVICE" $EMBED
+    check similarity "$LIMIT" benchmarks/bench_similarity.py --device "$DEVICE" $SIM
+    check train_step "$LIMIT" benchmarks/bench_train_step.py --device "$DEVICE" $TRAIN
+    check segment 90 benchmarks/bench_segment.py --device "$DEVICE" $SEG
+    check train_step_compiled "$LIMIT" benchmarks/bench_train_step.py --device "$DEVICE" $TRAIN \
+        --compile-text-encoder "$COMPILE"
+}
+for f in "$RESULTS" "$OUT"/*.out; do echo "--- $f"; cat "$f"; done
