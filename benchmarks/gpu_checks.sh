@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU benchmark the open issues ask for, in one call of the device tool (about 8 minutes).
+# Every GPU benchmark the open issues ask for, in one call of the device tool (8-10 minutes).
 #
 # The device machines have Python 3.12 with torch, transformers, pyarrow, timm, opencv, but no
 # open_clip, diffusers, segment-anything, pycocotools or faiss, and no network. Download their
@@ -34,16 +34,14 @@ if [ "${GPU_CHECKS_SMOKE:-0}" = 1 ]; then
     SEG="--profile tiny --batch 2 --n-images 4"
     TRAIN="--profile tiny --dtype fp32 --batch 2 --steps 1 --repeats 1 --warmup 1"
     COMPILE=aot_eager
-    LIMIT=300
 else
     PY=${PY:-python3}
     DEVICE=cuda
-    EMBED="--profile vit-l-14-random --batch 256 --n-images 24576 --workers 14"
+    EMBED="--profile vit-l-14-random --batch 256 --n-images 16384 --workers 14"
     SIM="--n 1000000 --d 768 --k 32 --skip-naive --triton-tiles 128,128,64,8,3 128,256,64,8,4"
     SEG="--profile vit_h-random --batch 8 --n-images 128"
     TRAIN="--profile sd15-random --dtype bf16 --batch 16 --steps 5 --repeats 3"
     COMPILE=inductor
-    LIMIT=150
     if [ -d .gpuwheels ]; then
         "$PY" -m pip install --quiet --no-index --no-deps --target /tmp/site .gpuwheels/*.whl >>"$LOG" 2>&1
         export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -63,13 +61,15 @@ check() {  # check NAME SECONDS SCRIPT ARGS...: stdout to $OUT/NAME.out, stderr 
     echo "=== $name: exit $rc after $((SECONDS - start)) s" >>"$LOG"
 }
 
+# Limits (seconds) sum to 620 with the setup: past the device tool's 600 s only the last,
+# least important check is cut, and whatever is already under $OUT still comes back.
 # shellcheck disable=SC2086  # the argument strings are split on purpose
 {
-    check embed "$LIMIT" benchmarks/bench_embed.py --device "$DEVICE" $EMBED
-    check similarity "$LIMIT" benchmarks/bench_similarity.py --device "$DEVICE" $SIM
-    check train_step "$LIMIT" benchmarks/bench_train_step.py --device "$DEVICE" $TRAIN
-    check segment 90 benchmarks/bench_segment.py --device "$DEVICE" $SEG
-    check train_step_compiled "$LIMIT" benchmarks/bench_train_step.py --device "$DEVICE" $TRAIN \
+    check embed 150 benchmarks/bench_embed.py --device "$DEVICE" $EMBED
+    check similarity 120 benchmarks/bench_similarity.py --device "$DEVICE" $SIM
+    check train_step 120 benchmarks/bench_train_step.py --device "$DEVICE" $TRAIN
+    check segment 80 benchmarks/bench_segment.py --device "$DEVICE" $SEG
+    check train_step_compiled 150 benchmarks/bench_train_step.py --device "$DEVICE" $TRAIN \
         --compile-text-encoder "$COMPILE"
 }
 for f in "$RESULTS" "$OUT"/*.out; do echo "--- $f"; cat "$f"; done
