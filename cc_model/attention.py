@@ -11,6 +11,12 @@ Conditioning travels as ``encoder_hidden_states`` in the shape of a tuple, like 
 IP-Adapter (which passes ``(text, image)``): the UNet hands it to the cross-attention layers only,
 so self-attention never sees it and no ``cross_attention_kwargs`` warnings fire. Each processor
 knows its layer index a (execution order: down, mid, up) and picks its own text features.
+
+Every layer computes its output with SDPA. Layers that the localisation loss reads (an
+:class:`AttentionCapture` at their resolution) also compute the maps beside it, from Q and K
+only: the placeholder's text probability via a logsumexp over the text keys, and the visual
+probabilities via a softmax over the m visual keys (:func:`placeholder_probability`,
+:func:`attention_probabilities`).
 """
 
 from __future__ import annotations
