@@ -165,7 +165,7 @@ EXPORT = _schema(
         ("aug_background", pa.string(), True, "augmentation positive: background photo, a key of backgrounds.parquet"),
         ("aug_seed", pa.int64(), True, "augmentation positive: recipe seed"),
         ("caption", pa.string(), False, "caption holding the placeholder word, e.g. 'a photo of a sks cup'"),
-        ("placeholder_index", pa.int16(), False, "index of the placeholder among the caption's space-separated words"),
+        ("placeholder_index", pa.int16(), False, "column of the placeholder in the caption's CLIP token ids (0 = start token)"),
         ("class_name", pa.string(), False, "the subject's class name"),
         ("r_ij", pa.float32(), False, "appearance cosine of reference and positive (PAIRS.r_ij)"),
         ("embedding_id", pa.string(), False, "row of the embeddings table for the reference (its frame_id)"),

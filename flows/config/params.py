@@ -177,6 +177,13 @@ class Params:
     model: ModelParams = field(default_factory=ModelParams)  # cc_model: backbones, MFI encoder, ablations
     train: TrainParams = field(default_factory=TrainParams)  # cc_model: objective, loss weights, dropout
 
+    def __post_init__(self) -> None:
+        if self.export.placeholder_token != self.model.placeholder_token:
+            raise ParamsError(
+                f"export.placeholder_token: {self.export.placeholder_token!r} differs from model.placeholder_token "
+                f"{self.model.placeholder_token!r}; the shards' captions must hold the word the model replaces"
+            )
+
 
 def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
     """Read and validate params.yaml; raise :class:`ParamsError` naming the first bad key."""

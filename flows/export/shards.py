@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 from collections.abc import Iterator
@@ -28,10 +29,36 @@ def split_of(subject_id: str, params: ExportParams) -> str:
     return "heldout" if int.from_bytes(digest, "little") / 2**64 < params.heldout_fraction else "train"
 
 
+@functools.cache
+def _clip_bpe():
+    from open_clip.tokenizer import SimpleTokenizer  # imports torch: only when captions are made
+
+    return SimpleTokenizer()
+
+
+def placeholder_token_index(caption: str, placeholder: str) -> int:
+    """Position of ``placeholder`` in the CLIP tokenization of ``caption``, start token at 0.
+
+    The BPE is CLIP's (open_clip ships it; SD1.5's text tokenizer is the same vocabulary), so this
+    is the column of the placeholder in the model's ``input_ids``.
+    """
+    bpe = _clip_bpe()
+    word = bpe.encode(placeholder)
+    if len(word) != 1:
+        raise ValueError(f"export.placeholder_token: {placeholder!r} is {len(word)} BPE tokens; pick a one-token word")
+    tokens = bpe.encode(caption)
+    if word[0] not in tokens:
+        raise ValueError(f"caption {caption!r} does not hold the placeholder {placeholder!r} as a token")
+    index = 1 + tokens.index(word[0])  # 1: the start-of-text token
+    if 2 + len(tokens) > bpe.context_length:
+        raise ValueError(f"caption {caption!r} is {len(tokens)} tokens; CLIP keeps {bpe.context_length - 2}")
+    return index
+
+
 def caption_for(class_name: str, params: ExportParams) -> tuple[str, int]:
-    """(caption, index of the placeholder among its space-separated words)."""
+    """(caption, token index of the placeholder in its CLIP tokenization, start token at 0)."""
     caption = params.caption_template.format(placeholder=params.placeholder_token, class_name=class_name)
-    return caption, caption.split(" ").index(params.placeholder_token)
+    return caption, placeholder_token_index(caption, params.placeholder_token)
 
 
 def resized_jpeg(path: Path, side: int, quality: int) -> tuple[bytes, tuple[int, int], tuple[int, int]]:

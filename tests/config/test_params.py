@@ -73,3 +73,8 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_configs_are_frozen():
     with pytest.raises(Exception):
         FilterParams().min_image_side = 3  # type: ignore[misc]
+
+
+def test_placeholder_tokens_must_agree(tmp_path):
+    with pytest.raises(ParamsError, match=r"^export\.placeholder_token: 'zwx' differs from model\.placeholder_token 'sks'"):
+        load_params(write(tmp_path, "export:\n  placeholder_token: zwx\n"))

@@ -2,9 +2,11 @@ import dataclasses
 import io
 
 import numpy as np
+import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from cc_model.backbones import clip_tokenizer_from_open_clip
 from flows.config.params import ExportParams, PairsParams, SourcesParams
 from flows.export.shards import caption_for, export_shards, split_of
 from flows.pairs.stage import build_pairs
@@ -46,6 +48,8 @@ def test_one_row_per_pair_split_by_subject(tables):
 
 def test_images_masks_and_captions(tables):
     params = ExportParams(image_side=64)
+    tokenizer = clip_tokenizer_from_open_clip()  # cc_model's tokenizer: SD1.5's vocabulary
+    (sks,) = tokenizer("sks", add_special_tokens=False).input_ids
     _, rows = export(tables, params)
     for r in rows:
         image = Image.open(io.BytesIO(r["image_jpeg"]))
@@ -54,8 +58,8 @@ def test_images_masks_and_captions(tables):
         ys, xs = np.nonzero(mask)
         # the fixture's subject box is x 20..60 of 100, y 16..56 of 80
         assert abs(xs.min() / r["width"] - 0.2) < 0.03 and abs(ys.max() / r["height"] - 0.7) < 0.03
-        words = r["caption"].split(" ")
-        assert words[r["placeholder_index"]] == "sks" and r["class_name"] in r["caption"]
+        input_ids = tokenizer(r["caption"], padding="max_length", max_length=77).input_ids  # what the model reads
+        assert input_ids[r["placeholder_index"]] == sks and r["class_name"] in r["caption"]
         assert r["positive_embedding_id"] == (r["positive_frame_id"] or r["frame_id"])
 
 
@@ -69,4 +73,15 @@ def test_backgrounds_are_exported(tables):
 
 def test_caption_template():
     params = dataclasses.replace(ExportParams(), caption_template="{placeholder} {class_name} on a table")
-    assert caption_for("mug", params) == ("sks mug on a table", 0)
+    assert caption_for("mug", params) == ("sks mug on a table", 1)  # 0 is the start token
+    params = dataclasses.replace(params, caption_template="a photograph of {class_name} sks")
+    assert caption_for("teddy bear", params) == ("a photograph of teddy bear sks", 6)
+
+
+def test_caption_errors():
+    with pytest.raises(ValueError, match="2 BPE tokens"):
+        caption_for("mug", dataclasses.replace(ExportParams(), placeholder_token="zzqx"))
+    with pytest.raises(ValueError, match="does not hold the placeholder"):
+        caption_for("mug", dataclasses.replace(ExportParams(), caption_template="a {placeholder}s {class_name}"))
+    with pytest.raises(ValueError, match="CLIP keeps 75"):
+        caption_for("mug " * 80, ExportParams())
