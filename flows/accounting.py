@@ -10,6 +10,10 @@ import pyarrow.compute as pc
 from flows.schemas import FRAMES, REJECTS
 from flows.tables import iter_batches
 
+class AccountingError(RuntimeError):
+    """A stage's counts do not add up: an input would be lost without a trace."""
+
+
 FRAME = "frame"  # a reject that counts toward its source's frames
 ANNOTATION = "annotation"  # a reject of a mask row or pose file, counted apart
 

@@ -43,3 +43,9 @@ FILTER_REASONS = (
 EMPTY_MASK = "empty_mask"  # the provided mask or SAM's mask from the box has no subject pixel
 
 SEGMENT_REASONS = (EMPTY_FILE, MISSING_FILE, UNREADABLE_IMAGE, UNREADABLE_MASK, BAD_ANNOTATION, EMPTY_MASK)
+
+# pairs: the frame has a mask and an embedding but no positive, so it is no training reference
+# (it stays in the embeddings and similarity tables, as a negative)
+NO_POSITIVE = "no_positive"
+
+PAIRS_REASONS = (NO_POSITIVE,)

@@ -55,7 +55,7 @@ REJECTS = _schema(
         ("source", pa.string(), False, "data set: mvimgnet or openimages"),
         ("item_kind", pa.string(), False, "frame (counts toward the source's frames) or annotation (a mask row, a pose file)"),
         ("path", pa.string(), True, "offending file or annotation path relative to the source root"),
-        ("stage", pa.string(), False, "the stage that rejected it: ingest, filter, segment or embed"),
+        ("stage", pa.string(), False, "the stage that rejected it: ingest, filter, segment, embed or pairs"),
         ("reason", pa.string(), False, "one reason from flows/reasons.py"),
         ("detail", pa.string(), False, "human-readable detail: the measured value against its threshold, the error text"),
     ],

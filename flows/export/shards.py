@@ -14,10 +14,11 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from flows import ids
+from flows.accounting import AccountingError
 from flows.config.params import ExportParams, SourcesParams
 from flows.pairs.join import SubjectFrame, iter_joined
 from flows.paths import image_file
-from flows.schemas import BACKGROUNDS, EXPORT, PAIRS
+from flows.schemas import BACKGROUNDS, EXPORT, PAIRS, REJECTS
 from flows.tables import TableWriter, iter_rows, write_json_atomic
 
 SPLITS = ("train", "heldout")
@@ -118,17 +119,27 @@ def _pairs_by_frame(pairs: Path) -> Iterator[tuple[str, list[dict]]]:
         yield group[0]["frame_id"], group
 
 
-def export_shards(*, frames: Path, masks: Path, embeddings: Path, pairs: Path, sources: SourcesParams,
-                  out_dir: Path, params: ExportParams) -> dict[str, Any]:
-    """Write ``out_dir/{train,heldout}/part-*.parquet``, ``backgrounds.parquet``, ``stats.json``."""
+def export_shards(*, frames: Path, masks: Path, embeddings: Path, pairs: Path, pair_rejects: Path,
+                  sources: SourcesParams, out_dir: Path, params: ExportParams) -> dict[str, Any]:
+    """Write ``out_dir/{train,heldout}/part-*.parquet``, ``backgrounds.parquet``, ``stats.json``.
+
+    Every joined frame is a reference here or in the pairs stage's rejects (no positive);
+    :class:`AccountingError` if not.
+    """
     sinks = {split: ShardSink(out_dir / split, params.rows_per_shard) for split in SPLITS}
     backgrounds: set[str] = set()
     subjects = {split: set() for split in SPLITS}
+    unpaired = {row["item_id"] for row in iter_rows(pair_rejects, REJECTS)}
+    references = 0
     by_frame = _pairs_by_frame(pairs)
     pending = next(by_frame, None)
     for frame in iter_joined(frames, masks, embeddings):
         if pending is None or pending[0] != frame.frame_id:
-            continue  # a frame without a positive is not a training sample
+            if frame.frame_id not in unpaired:
+                raise AccountingError(f"{frame.frame_id}: no pair and no pairs reject")
+            unpaired.discard(frame.frame_id)
+            continue  # no positive: not a training sample (the pairs stage's rejects say why)
+        references += 1
         _, frame_pairs = pending
         pending = next(by_frame, None)
         split = split_of(frame.subject_id, params)
@@ -139,12 +150,16 @@ def export_shards(*, frames: Path, masks: Path, embeddings: Path, pairs: Path, s
             sinks[split].write(sample)
     if pending is not None:
         raise ValueError(f"pairs for {pending[0]} do not follow the frames order")
+    if unpaired:
+        raise AccountingError(f"pairs rejects name {len(unpaired)} frames that are not in the joined tables, "
+                              f"e.g. {sorted(unpaired)[0]}")
     for sink in sinks.values():
         sink.close()
     _write_backgrounds(sorted(backgrounds), sources, out_dir / "backgrounds.parquet", params)
     stats = {split: {"rows": sinks[split].rows, "shards": len(sinks[split].shards),
                      "subjects": len(subjects[split])} for split in SPLITS}
     stats["backgrounds"] = len(backgrounds)
+    stats["reference_frames"] = references
     write_json_atomic(out_dir / "stats.json", stats)
     return stats
 

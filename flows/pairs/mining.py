@@ -7,7 +7,7 @@ values, summed in float32), so it can be recomputed from the embeddings table.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -93,16 +93,33 @@ def _row(ref: SubjectFrame, *, kind: str, pair: str, area_ratio: float, r_ij: fl
     return row
 
 
-def mine_pairs(subjects: Iterable[list[SubjectFrame]], backgrounds: list[str],
-               params: PairsParams, stats: "PairStats") -> Iterator[dict[str, Any]]:
-    """All pairs, subject by subject; ``stats`` is updated as they stream past."""
+def mine_pairs(subjects: Iterable[list[SubjectFrame]], backgrounds: list[str], params: PairsParams,
+               stats: "PairStats", unpaired: Callable[[SubjectFrame, str], None]) -> Iterator[dict[str, Any]]:
+    """All pairs, subject by subject; ``stats`` is updated as they stream past, and
+    ``unpaired(frame, detail)`` is called for every frame that gets no positive."""
     for frames in subjects:
         if frames[0].source == ids.MVIMGNET:
             rows = mine_multiview(frames, params)
         else:
             rows = [row for frame in frames for row in mine_augmentations(frame, backgrounds, params)]
         stats.add(frames, rows)
+        paired = {r["frame_id"] for r in rows}
+        for frame in frames:
+            if frame.frame_id not in paired:
+                unpaired(frame, _why_unpaired(frame, frames, params))
         yield from rows
+
+
+def _why_unpaired(frame: SubjectFrame, frames: list[SubjectFrame], params: PairsParams) -> str:
+    if frame.source != ids.MVIMGNET:
+        return f"pairs.augmentations_per_box is {params.augmentations_per_box}"
+    dirs = [_view_dir(f.qvec) for f in frames]
+    mine = _view_dir(frame.qvec)
+    angles = [float(np.degrees(np.arccos(np.clip(np.dot(mine, d), -1.0, 1.0))))
+              for f, d in zip(frames, dirs) if f is not frame and d is not None and mine is not None]
+    widest = f"; widest angle to another posed view {max(angles):.1f} deg" if angles else ""
+    return (f"none of the object's {len(frames) - 1} other accepted views is at >= pairs.min_angle_deg "
+            f"{params.min_angle_deg} deg (or, without poses, a frame gap >= {max(1, len(frames) // 8)}){widest}")
 
 
 class PairStats:

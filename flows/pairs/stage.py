@@ -6,9 +6,11 @@ from pathlib import Path
 
 from flows import ids
 from flows.config.params import PairsParams
-from flows.pairs.join import iter_joined, iter_subjects
+from flows.accounting import FRAME, reject_row
+from flows.pairs.join import SubjectFrame, iter_joined, iter_subjects
 from flows.pairs.mining import PairStats, mine_pairs
-from flows.schemas import FRAMES, PAIRS
+from flows.reasons import NO_POSITIVE
+from flows.schemas import FRAMES, PAIRS, REJECTS
 from flows.tables import TableWriter, iter_batches, write_json_atomic
 
 BACKGROUND_POOL = 512  # distinct OpenImages photos that augmentation recipes draw backgrounds from
@@ -27,11 +29,18 @@ def background_pool(frames: Path, limit: int = BACKGROUND_POOL) -> list[str]:
 
 
 def build_pairs(frames: Path, masks: Path, embeddings: Path, out_dir: Path, params: PairsParams) -> dict:
-    """Write ``out_dir/pairs.parquet`` and ``stats.json``; return the stats."""
+    """Write ``out_dir/pairs.parquet``, ``rejects.parquet`` (frames left without a positive) and
+    ``stats.json``; return the stats."""
     stats = PairStats()
     subjects = iter_subjects(iter_joined(frames, masks, embeddings))
-    with TableWriter(out_dir / "pairs.parquet", PAIRS) as writer:
-        writer.write_rows(mine_pairs(subjects, background_pool(frames), params, stats))
+    with TableWriter(out_dir / "pairs.parquet", PAIRS) as writer, \
+            TableWriter(out_dir / "rejects.parquet", REJECTS) as rejects:
+
+        def unpaired(frame: SubjectFrame, detail: str) -> None:
+            rejects.write_row(reject_row(item_id=frame.frame_id, source=frame.source, kind=FRAME,
+                                         path=frame.image_path, stage="pairs", reason=NO_POSITIVE, detail=detail))
+
+        writer.write_rows(mine_pairs(subjects, background_pool(frames), params, stats, unpaired))
     result = stats.as_dict()
     write_json_atomic(out_dir / "stats.json", result)
     return result

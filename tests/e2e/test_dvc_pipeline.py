@@ -166,4 +166,10 @@ def test_export_shards_cover_every_pair(project):
     rows = [r for split in ("train", "heldout") for path in sorted((project / "data/export" / split).glob("*.parquet"))
             for r in iter_rows(path, EXPORT)]
     assert {r["sample_id"] for r in rows} == pairs and len(rows) == len(pairs)
+    # every embedded frame is a training reference or a pairs reject (no positive), never both
+    embedded = {frame_id for frame_id, _ in iter_embeddings(project / "data/embed/embeddings.parquet")}
+    unpaired = {r["item_id"] for r in iter_rows(project / "data/pairs/rejects.parquet", REJECTS)}
+    references = {r["frame_id"] for r in rows}
+    assert references | unpaired == embedded and not references & unpaired
+    assert json.loads((project / "data/export/stats.json").read_text())["reference_frames"] == len(references)
     assert (project / "data/report/report.md").is_file() and (project / "data/report/pairs.png").is_file()

@@ -10,7 +10,7 @@ from cc_model.backbones import clip_tokenizer_from_open_clip
 from flows.config.params import ExportParams, PairsParams, SourcesParams
 from flows.export.shards import caption_for, export_shards, split_of
 from flows.pairs.stage import build_pairs
-from flows.schemas import BACKGROUNDS, EXPORT, PAIRS
+from flows.schemas import BACKGROUNDS, EXPORT, PAIRS, REJECTS
 from flows.tables import iter_rows
 from pipeline_tables import write_images
 
@@ -23,7 +23,7 @@ def export(tables, params):
     sources = SourcesParams(mvimgnet_root=str(tables / "mv"), openimages_root=str(tables / "oi"))
     stats = export_shards(frames=tables / "frames.parquet", masks=tables / "masks.parquet",
                           embeddings=tables / "embeddings.parquet", pairs=tables / "pairs.parquet",
-                          sources=sources, out_dir=tables / "export", params=params)
+                          pair_rejects=tables / "rejects.parquet", sources=sources, out_dir=tables / "export", params=params)
     rows = [r for split in ("train", "heldout") for p in sorted((tables / "export" / split).glob("*.parquet"))
             for r in iter_rows(p, EXPORT)]
     return stats, rows
@@ -85,3 +85,23 @@ def test_caption_errors():
         caption_for("mug", dataclasses.replace(ExportParams(), caption_template="a {placeholder}s {class_name}"))
     with pytest.raises(ValueError, match="CLIP keeps 75"):
         caption_for("mug " * 80, ExportParams())
+
+
+def test_every_joined_frame_is_a_reference_or_a_pairs_reject(tables):
+    from flows.accounting import AccountingError
+    from flows.tables import write_table
+
+    write_images(tables, tables / "mv")
+    write_images(tables, tables / "oi")
+    build_pairs(tables / "frames.parquet", tables / "masks.parquet", tables / "embeddings.parquet", tables,
+                PairsParams(min_angle_deg=170.0))  # A/007's only opposite view has no mask: no positive
+    sources = SourcesParams(mvimgnet_root=str(tables / "mv"), openimages_root=str(tables / "oi"))
+    call = dict(frames=tables / "frames.parquet", masks=tables / "masks.parquet", embeddings=tables / "embeddings.parquet",
+                pairs=tables / "pairs.parquet", pair_rejects=tables / "rejects.parquet", sources=sources,
+                out_dir=tables / "export", params=ExportParams(image_side=32))
+    stats = export_shards(**call)
+    assert [r["item_id"] for r in iter_rows(tables / "rejects.parquet", REJECTS)] == ["mvimgnet:1/aaaaaaaa/007.jpg"]
+    assert stats["reference_frames"] == 16 - 1
+    write_table(tables / "rejects.parquet", REJECTS, [])  # the pairs stage's reasons gone: export refuses
+    with pytest.raises(AccountingError, match="aaaaaaaa/007.jpg: no pair and no pairs reject"):
+        export_shards(**call)

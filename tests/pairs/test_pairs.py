@@ -96,3 +96,20 @@ def test_non_contiguous_subject_is_an_error(tables):
                             np.zeros(2, np.float16), b"", (1, 1))
     with pytest.raises(ValueError, match="not contiguous"):
         list(iter_subjects(iter([f("a", 0), f("a", 1), f("b", 0), f("a", 2)])))
+
+
+def test_frames_without_a_positive_are_rejects_with_a_reason(tables):
+    from flows import reasons
+    from flows.schemas import REJECTS
+
+    pairs, stats = run(tables, dataclasses.replace(P, min_angle_deg=170.0, augmentations_per_box=0))
+    rejects = {r["item_id"]: r for r in iter_rows(tables / "rejects.parquet", REJECTS)}
+    # A/007's only view at 180 deg is A/003, which has no mask; OpenImages boxes get no recipe at all
+    assert set(rejects) == {"mvimgnet:1/aaaaaaaa/007.jpg", "openimages:0001/k", "openimages:0002/k"}
+    assert {(r["stage"], r["reason"], r["item_kind"]) for r in rejects.values()} == {("pairs", reasons.NO_POSITIVE, "frame")}
+    assert "widest angle to another posed view 135.0 deg" in rejects["mvimgnet:1/aaaaaaaa/007.jpg"]["detail"]
+    assert "augmentations_per_box is 0" in rejects["openimages:0001/k"]["detail"]
+    joined = list(iter_joined(tables / "frames.parquet", tables / "masks.parquet", tables / "embeddings.parquet"))
+    references = {p["frame_id"] for p in pairs}
+    assert len(references) + len(rejects) == len(joined) and not references & set(rejects)
+    assert sum(stats["frames_without_positive"].values()) == len(rejects)
