@@ -150,7 +150,7 @@ EXPORT = _schema(
     "export",
     [
         ("sample_id", pa.string(), False, "the pair this training sample comes from (PAIRS.pair_id)"),
-        ("split", pa.string(), False, "train or heldout; split by subject, so no subject is in both"),
+        ("split", pa.string(), False, "train or heldout; by MVImgNet object and by OpenImages photo (flows/splits.py), so neither is in both"),
         ("source", pa.string(), False, "data set of the sample"),
         ("subject_id", pa.string(), False, "the subject"),
         ("frame_id", pa.string(), False, "the reference frame"),

@@ -155,7 +155,7 @@ class ExportParams:
     image_side: int = 512  # reference images are resized so the shorter side is this
     jpeg_quality: int = 95
     rows_per_shard: int = 1000
-    heldout_fraction: float = 0.1  # share of subjects held out (split by subject, never by frame)
+    heldout_fraction: float = 0.1  # share held out: of MVImgNet objects, of OpenImages photos (flows/splits.py)
     placeholder_token: str = "sks"  # the placeholder word in captions
     caption_template: str = "a photo of a {placeholder} {class_name}"
     seed: int = 0

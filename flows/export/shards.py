@@ -1,9 +1,8 @@
-"""The ``export`` stage: training shards, one row per positive pair, split by subject."""
+"""The ``export`` stage: training shards, one row per positive pair, held out by object or photo (flows.splits)."""
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,16 +18,8 @@ from flows.config.params import ExportParams, SourcesParams
 from flows.pairs.join import SubjectFrame, iter_joined
 from flows.paths import image_file
 from flows.schemas import BACKGROUNDS, EXPORT, PAIRS, REJECTS
+from flows.splits import SPLITS, SplitRule
 from flows.tables import TableWriter, iter_rows, write_json_atomic
-
-SPLITS = ("train", "heldout")
-
-
-def split_of(subject_id: str, params: ExportParams) -> str:
-    """Held-out by subject: a seeded hash puts each subject wholly in one split."""
-    digest = hashlib.blake2b(f"{params.seed}|{subject_id}".encode(), digest_size=8).digest()
-    return "heldout" if int.from_bytes(digest, "little") / 2**64 < params.heldout_fraction else "train"
-
 
 @functools.cache
 def _clip_bpe():
@@ -127,6 +118,7 @@ def export_shards(*, frames: Path, masks: Path, embeddings: Path, pairs: Path, p
     :class:`AccountingError` if not.
     """
     sinks = {split: ShardSink(out_dir / split, params.rows_per_shard) for split in SPLITS}
+    rule = SplitRule.from_params(params)
     backgrounds: set[str] = set()
     subjects = {split: set() for split in SPLITS}
     unpaired = {row["item_id"] for row in iter_rows(pair_rejects, REJECTS)}
@@ -142,9 +134,12 @@ def export_shards(*, frames: Path, masks: Path, embeddings: Path, pairs: Path, p
         references += 1
         _, frame_pairs = pending
         pending = next(by_frame, None)
-        split = split_of(frame.subject_id, params)
+        split = rule.of(frame.source, frame.subject_id, frame.image_path)
         subjects[split].add(frame.subject_id)
         for sample in _samples(frame, frame_pairs, sources, split, params):
+            if sample["aug_background"] and rule.of_photo(sample["aug_background"]) != split:
+                raise ValueError(f"{sample['sample_id']}: background {sample['aug_background']} is not in split "
+                                 f"{split}; rerun pairs with this export.seed and export.heldout_fraction")
             if sample["aug_background"]:
                 backgrounds.add(sample["aug_background"])
             sinks[split].write(sample)

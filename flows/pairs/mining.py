@@ -17,6 +17,7 @@ from flows.config.params import PairsParams
 from flows.pairs.augment import make_recipe, recipe_seed
 from flows.pairs.join import SubjectFrame
 from flows.readers.colmap import qvec_to_rotmat
+from flows.splits import SplitRule
 
 ANGLE_BINS = tuple(range(0, 181, 15))  # histogram edges of the viewing-angle distribution
 
@@ -93,15 +94,20 @@ def _row(ref: SubjectFrame, *, kind: str, pair: str, area_ratio: float, r_ij: fl
     return row
 
 
-def mine_pairs(subjects: Iterable[list[SubjectFrame]], backgrounds: list[str], params: PairsParams,
-               stats: "PairStats", unpaired: Callable[[SubjectFrame, str], None]) -> Iterator[dict[str, Any]]:
+def mine_pairs(subjects: Iterable[list[SubjectFrame]], backgrounds: dict[str, list[str]], params: PairsParams,
+               stats: "PairStats", unpaired: Callable[[SubjectFrame, str], None],
+               split: SplitRule) -> Iterator[dict[str, Any]]:
     """All pairs, subject by subject; ``stats`` is updated as they stream past, and
-    ``unpaired(frame, detail)`` is called for every frame that gets no positive."""
+    ``unpaired(frame, detail)`` is called for every frame that gets no positive.
+
+    ``backgrounds`` holds the background photos per split: a recipe draws from its frame's split.
+    """
     for frames in subjects:
         if frames[0].source == ids.MVIMGNET:
             rows = mine_multiview(frames, params)
         else:
-            rows = [row for frame in frames for row in mine_augmentations(frame, backgrounds, params)]
+            rows = [row for frame in frames for row in mine_augmentations(
+                frame, backgrounds[split.of(frame.source, frame.subject_id, frame.image_path)], params)]
         stats.add(frames, rows)
         paired = {r["frame_id"] for r in rows}
         for frame in frames:

@@ -11,24 +11,28 @@ from flows.pairs.join import SubjectFrame, iter_joined, iter_subjects
 from flows.pairs.mining import PairStats, mine_pairs
 from flows.reasons import NO_POSITIVE
 from flows.schemas import FRAMES, PAIRS, REJECTS
+from flows.splits import SPLITS, SplitRule
 from flows.tables import TableWriter, iter_batches, write_json_atomic
 
 BACKGROUND_POOL = 512  # distinct OpenImages photos that augmentation recipes draw backgrounds from
 
 
-def background_pool(frames: Path, limit: int = BACKGROUND_POOL) -> list[str]:
-    """The first ``limit`` distinct accepted OpenImages image paths, in table order."""
-    pool: dict[str, None] = {}
+def background_pool(frames: Path, split: SplitRule, limit: int = BACKGROUND_POOL) -> dict[str, list[str]]:
+    """Per split, the first ``limit`` distinct accepted OpenImages photos of that split, in table order."""
+    pool: dict[str, dict[str, None]] = {name: {} for name in SPLITS}
     for batch in iter_batches(frames, FRAMES, columns=["source", "image_path"]):
         for source, path in zip(batch.column("source").to_pylist(), batch.column("image_path").to_pylist()):
             if source == ids.OPENIMAGES:
-                pool.setdefault(path)
-                if len(pool) >= limit:
-                    return list(pool)
-    return list(pool)
+                photos = pool[split.of_photo(path)]
+                if len(photos) < limit:
+                    photos.setdefault(path)
+        if all(len(photos) >= limit for photos in pool.values()):
+            break
+    return {name: list(photos) for name, photos in pool.items()}
 
 
-def build_pairs(frames: Path, masks: Path, embeddings: Path, out_dir: Path, params: PairsParams) -> dict:
+def build_pairs(frames: Path, masks: Path, embeddings: Path, out_dir: Path, params: PairsParams,
+                split: SplitRule) -> dict:
     """Write ``out_dir/pairs.parquet``, ``rejects.parquet`` (frames left without a positive) and
     ``stats.json``; return the stats."""
     stats = PairStats()
@@ -40,7 +44,7 @@ def build_pairs(frames: Path, masks: Path, embeddings: Path, out_dir: Path, para
             rejects.write_row(reject_row(item_id=frame.frame_id, source=frame.source, kind=FRAME,
                                          path=frame.image_path, stage="pairs", reason=NO_POSITIVE, detail=detail))
 
-        writer.write_rows(mine_pairs(subjects, background_pool(frames), params, stats, unpaired))
+        writer.write_rows(mine_pairs(subjects, background_pool(frames, split), params, stats, unpaired, split))
     result = stats.as_dict()
     write_json_atomic(out_dir / "stats.json", result)
     return result

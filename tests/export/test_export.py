@@ -8,9 +8,10 @@ from pycocotools import mask as mask_utils
 
 from cc_model.backbones import clip_tokenizer_from_open_clip
 from flows.config.params import ExportParams, PairsParams, SourcesParams
-from flows.export.shards import caption_for, export_shards, split_of
+from flows.export.shards import caption_for, export_shards
 from flows.pairs.stage import build_pairs
-from flows.schemas import BACKGROUNDS, EXPORT, PAIRS, REJECTS
+from flows.schemas import BACKGROUNDS, EXPORT, FRAMES, MASKS, PAIRS, REJECTS, embeddings_schema
+from flows.splits import SplitRule
 from flows.tables import iter_rows
 from pipeline_tables import write_images
 
@@ -19,7 +20,7 @@ def export(tables, params):
     write_images(tables, tables / "mv")
     write_images(tables, tables / "oi")
     build_pairs(tables / "frames.parquet", tables / "masks.parquet", tables / "embeddings.parquet", tables,
-                PairsParams(min_angle_deg=60.0))
+                PairsParams(min_angle_deg=60.0), SplitRule.from_params(params))
     sources = SourcesParams(mvimgnet_root=str(tables / "mv"), openimages_root=str(tables / "oi"))
     stats = export_shards(frames=tables / "frames.parquet", masks=tables / "masks.parquet",
                           embeddings=tables / "embeddings.parquet", pairs=tables / "pairs.parquet",
@@ -32,6 +33,8 @@ def export(tables, params):
 def test_one_row_per_pair_split_by_subject(tables):
     params = ExportParams(image_side=64, rows_per_shard=5, heldout_fraction=0.3)
     stats, rows = export(tables, params)
+    rule = SplitRule.from_params(params)
+    photos = {f["frame_id"]: f["image_path"] for f in iter_rows(tables / "frames.parquet", FRAMES)}
     pairs = list(iter_rows(tables / "pairs.parquet", PAIRS))
     assert sorted(r["sample_id"] for r in rows) == sorted(p["pair_id"] for p in pairs)
     assert stats["train"]["rows"] + stats["heldout"]["rows"] == len(pairs)
@@ -39,7 +42,7 @@ def test_one_row_per_pair_split_by_subject(tables):
     splits = {}
     for r in rows:
         assert splits.setdefault(r["subject_id"], r["split"]) == r["split"]
-        assert r["split"] == split_of(r["subject_id"], params)
+        assert r["split"] == rule.of(r["source"], r["subject_id"], photos[r["frame_id"]])
     by_frame = {r["frame_id"] for r in rows}
     for r in rows:  # a multi-view positive is itself a reference of the same split
         if r["positive_frame_id"]:
@@ -94,7 +97,7 @@ def test_every_joined_frame_is_a_reference_or_a_pairs_reject(tables):
     write_images(tables, tables / "mv")
     write_images(tables, tables / "oi")
     build_pairs(tables / "frames.parquet", tables / "masks.parquet", tables / "embeddings.parquet", tables,
-                PairsParams(min_angle_deg=170.0))  # A/007's only opposite view has no mask: no positive
+                PairsParams(min_angle_deg=170.0), SplitRule.from_params(ExportParams()))  # A/007: no positive
     sources = SourcesParams(mvimgnet_root=str(tables / "mv"), openimages_root=str(tables / "oi"))
     call = dict(frames=tables / "frames.parquet", masks=tables / "masks.parquet", embeddings=tables / "embeddings.parquet",
                 pairs=tables / "pairs.parquet", pair_rejects=tables / "rejects.parquet", sources=sources,
@@ -105,3 +108,29 @@ def test_every_joined_frame_is_a_reference_or_a_pairs_reject(tables):
     write_table(tables / "rejects.parquet", REJECTS, [])  # the pairs stage's reasons gone: export refuses
     with pytest.raises(AccountingError, match="aaaaaaaa/007.jpg: no pair and no pairs reject"):
         export_shards(**call)
+
+
+def test_a_photo_and_its_backgrounds_stay_in_one_split(tables):
+    # two boxes on one photo: a second OpenImages box on train/0001.jpg
+    from flows.tables import write_table
+    from pipeline_tables import frame, mask_row
+
+    frames = list(iter_rows(tables / "frames.parquet", FRAMES))
+    masks = list(iter_rows(tables / "masks.parquet", MASKS))
+    emb_schema = embeddings_schema(8)
+    embeddings = list(iter_rows(tables / "embeddings.parquet", emb_schema))
+    frames.append(frame("openimages:0001/m", "openimages:0001/m", "openimages", path="train/0001.jpg"))
+    masks.append(mask_row("openimages:0001/m", "openimages:0001/m"))
+    embeddings.append({**embeddings[-1], "frame_id": "openimages:0001/m", "subject_id": "openimages:0001/m"})
+    write_table(tables / "frames.parquet", FRAMES, frames)
+    write_table(tables / "masks.parquet", MASKS, masks)
+    write_table(tables / "embeddings.parquet", emb_schema, embeddings)
+    for seed in range(6):
+        params = ExportParams(image_side=32, heldout_fraction=0.5, seed=seed)
+        _, rows = export(tables, params)
+        photos = {f["frame_id"]: f["image_path"] for f in frames}
+        split_of_photo = {}
+        for r in rows:
+            assert split_of_photo.setdefault(photos[r["frame_id"]], r["split"]) == r["split"]
+            if r["aug_background"]:
+                assert SplitRule.from_params(params).of_photo(r["aug_background"]) == r["split"]

@@ -9,14 +9,16 @@ from flows.pairs.augment import apply_recipe, make_recipe
 from flows.pairs.join import iter_embeddings, iter_joined, iter_subjects
 from flows.pairs.stage import build_pairs
 from flows.schemas import PAIRS
+from flows.splits import SplitRule
 from flows.tables import iter_rows
 
 P = PairsParams(min_angle_deg=60.0, max_positives_per_frame=3)
+ALL_TRAIN = SplitRule(heldout_fraction=0.0, seed=0)
 
 
-def run(tables, params=P):
+def run(tables, params=P, split=ALL_TRAIN):
     stats = build_pairs(tables / "frames.parquet", tables / "masks.parquet", tables / "embeddings.parquet",
-                        tables, params)
+                        tables, params, split)
     return list(iter_rows(tables / "pairs.parquet", PAIRS)), stats
 
 
@@ -113,3 +115,12 @@ def test_frames_without_a_positive_are_rejects_with_a_reason(tables):
     references = {p["frame_id"] for p in pairs}
     assert len(references) + len(rejects) == len(joined) and not references & set(rejects)
     assert sum(stats["frames_without_positive"].values()) == len(rejects)
+
+
+def test_backgrounds_come_from_the_frames_own_split(tables):
+    # seed 4, half held out: train/0001.jpg and train/0002.jpg fall in different splits
+    split = SplitRule(heldout_fraction=0.5, seed=4)
+    assert split.of_photo("train/0001.jpg") != split.of_photo("train/0002.jpg")
+    pairs, _ = run(tables, dataclasses.replace(P, aug_background_prob=1.0, augmentations_per_box=4), split)
+    aug = [p for p in pairs if p["kind"] == "augmentation"]
+    assert aug and all(p["aug_background"] is None for p in aug)  # the only other photo is in the other split

@@ -1,5 +1,6 @@
 from flows.config.params import PairsParams, SourcesParams
 from flows.pairs.stage import build_pairs
+from flows.splits import SplitRule
 from flows.report.build import ReportInputs, build_report
 from flows.schemas import NEIGHBOURS
 from flows.tables import write_table
@@ -10,7 +11,7 @@ def test_report_files(tables):
     write_images(tables, tables / "mv")
     write_images(tables, tables / "oi")
     build_pairs(tables / "frames.parquet", tables / "masks.parquet", tables / "embeddings.parquet", tables,
-                PairsParams(min_angle_deg=60.0))
+                PairsParams(min_angle_deg=60.0), SplitRule(heldout_fraction=0.0, seed=0))
     subjects = ["mvimgnet:1/aaaaaaaa", "mvimgnet:1/bbbbbbbb", "openimages:0001/k"]
     rows = [{"level": "subject", "i": s, "j": t, "rank": k, "r": 0.5 - 0.1 * k, "near_duplicate": False}
             for s in subjects for k, t in enumerate(x for x in subjects if x != s)]
