@@ -82,7 +82,7 @@ class FilterParams:
     box_aspect_min: float = 0.5  # width / height of the subject box (ELITE: 0.5..2)
     box_aspect_max: float = 2.0
     mvimgnet_area: AreaRange = field(default_factory=lambda: AreaRange(min=0.01, max=0.64))
-    openimages_area: AreaRange = field(default_factory=lambda: AreaRange(min=0.02, max=0.8))
+    openimages_area: AreaRange = field(default_factory=lambda: AreaRange(min=0.02, max=0.8))  # of the box (ELITE)
     min_largest_component: float = 0.9  # share of the mask in its largest connected component
     min_blur_score: float = 40.0  # variance of the Laplacian at probe_side; lower is blurry
     near_duplicate_hamming: int = 4  # phash distance at or below which two images are duplicates

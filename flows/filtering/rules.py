@@ -47,13 +47,17 @@ def missing_mask(row: Row, p: FilterParams) -> Failure:
 
 
 def subject_area(row: Row, p: FilterParams) -> Failure:
-    limits = p.mvimgnet_area if row["source"] == ids.MVIMGNET else p.openimages_area
-    area = row["subject_area_frac"]
-    where = "filter.mvimgnet_area" if row["source"] == ids.MVIMGNET else "filter.openimages_area"
+    """MVImgNet: the mask's area (AnyDoor's 1%..64%). OpenImages: the box's area, as ELITE's
+    2%..80% rule is on boxes; a mask is smaller than its box, so its area would reject more."""
+    if row["source"] == ids.MVIMGNET:
+        limits, area, what, where = p.mvimgnet_area, row["subject_area_frac"], "subject", "filter.mvimgnet_area"
+    else:
+        limits, what, where = p.openimages_area, "box", "filter.openimages_area"
+        area = (row["box_xmax"] - row["box_xmin"]) * (row["box_ymax"] - row["box_ymin"])
     if area < limits.min:
-        return reasons.SUBJECT_TOO_SMALL, f"subject covers {area:.4f} of the image < {where}.min {limits.min}"
+        return reasons.SUBJECT_TOO_SMALL, f"{what} covers {area:.4f} of the image < {where}.min {limits.min}"
     if area > limits.max:
-        return reasons.SUBJECT_TOO_LARGE, f"subject covers {area:.4f} of the image > {where}.max {limits.max}"
+        return reasons.SUBJECT_TOO_LARGE, f"{what} covers {area:.4f} of the image > {where}.max {limits.max}"
     return None
 
 

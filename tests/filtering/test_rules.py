@@ -46,11 +46,21 @@ def test_each_rule_rejects_with_its_reason(over, params, reason):
 
 
 def test_thresholds_are_per_source():
-    oi = row(source="openimages", mask_path=None, mask_largest_cc_frac=None, subject_area_frac=0.015)
+    # a 0.1 x 0.15 box on a 1000 x 1000 image (no other rule applies): box area 0.015
+    small_box = {"width": 1000, "height": 1000, "box_xmin": 0.4, "box_xmax": 0.5, "box_ymin": 0.4, "box_ymax": 0.55}
+    oi = row(source="openimages", mask_path=None, mask_largest_cc_frac=None, subject_area_frac=0.015, **small_box)
     assert first_failure(oi, P)[0] == reasons.SUBJECT_TOO_SMALL  # 0.015 < openimages min 0.02
-    assert first_failure(row(subject_area_frac=0.015), P) is None  # >= mvimgnet min 0.01
+    assert first_failure(row(subject_area_frac=0.015, **small_box), P) is None  # >= mvimgnet min 0.01
     custom = dataclasses.replace(P, openimages_area=AreaRange(min=0.01, max=0.9))
     assert first_failure(oi, custom) is None
+
+
+def test_openimages_area_is_the_boxes_as_in_elite():
+    # box 0.4 x 0.5 = 0.2 of the image, its mask only 0.015: ELITE's rule reads the box
+    oi = row(source="openimages", mask_path="masks/x.png", subject_area_frac=0.015)
+    assert first_failure(oi, P) is None
+    failure = first_failure(row(source="openimages", box_xmin=0.0, box_xmax=1.0, box_ymin=0.05, box_ymax=0.95), P)
+    assert failure[0] == reasons.SUBJECT_TOO_LARGE and failure[1].startswith("box covers 0.9000")
 
 
 def test_first_failing_rule_wins():
