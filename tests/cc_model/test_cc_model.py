@@ -148,3 +148,27 @@ def test_compiled_text_encoder_gives_the_same_terms_and_gradients(make_model, ma
         torch.testing.assert_close(terms_c[name], terms_e[name], rtol=1e-4, atol=1e-5)
     for name, grad in grads_e.items():
         torch.testing.assert_close(grads_c[name], grad, rtol=1e-3, atol=1e-5)
+
+
+def test_macl_and_cscl_terms_come_from_the_models_own_tokens(make_model, make_batch):
+    """Model-level wiring: [references; positives] order, positive i <-> i+B, each positive with
+    its reference's timestep (distinct timesteps catch repeat vs repeat_interleave), the CLS
+    tokens: the terms equal the literal references applied to the model's own Q-former outputs."""
+    from test_cc_losses import cscl_paper_reference, macl_reference
+
+    model = make_model().eval()
+    b = 3
+    batch = dataclasses.replace(make_batch(model, batch_size=b, seed=1), timesteps=torch.tensor([5, 500, 990]))
+    with torch.no_grad():
+        terms = model(batch)
+        refs, positives = model.image_features(batch.reference_pixels), model.image_features(batch.positive_pixels)
+        t_refs, t_pos = model.mfi.textual(refs, batch.timesteps), model.mfi.textual(positives, batch.timesteps)
+        layers = len(model.layer_names)
+        loss = model.train_params.loss
+        macl = macl_reference(torch.cat([t_refs[:, :layers], t_pos[:, :layers]]),
+                              torch.cat([torch.arange(b) + b, torch.arange(b)]), batch.appearance_sim,
+                              loss.macl_temperature, loss.macl_r_min)
+        visual_cls = model.mfi.visual_qformer(refs)[:, model.params.mfi.num_visual_tokens]
+        cscl = cscl_paper_reference(visual_cls, t_refs[:, layers])
+    assert float(terms["macl"]) == pytest.approx(macl, rel=1e-5)
+    assert float(terms["cscl"]) == pytest.approx(cscl, rel=1e-5)
