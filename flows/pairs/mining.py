@@ -36,7 +36,9 @@ def mine_multiview(frames: list[SubjectFrame], params: PairsParams) -> list[dict
     """Pairs (i, j) of one object's frames whose views differ by at least min_angle_deg.
 
     Without poses on both sides, the fallback is a frame-index gap of at least
-    len(frames) // 8 (AnyDoor's rule). Up to max_positives_per_frame positives per frame,
+    len(frames) // 8 (AnyDoor's rule). Here ``frames`` are the object's frames that reached
+    this stage (accepted, masked, embedded), not all it had in the data set: a conservative
+    reading would use the original count, which would need ingest's table here. Up to max_positives_per_frame positives per frame,
     drawn with a seed per frame so reruns give the same pairs.
     """
     n = len(frames)

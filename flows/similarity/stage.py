@@ -2,6 +2,11 @@
 
 Memory: the (N, d) float16 embeddings (the index itself), O(N*k) results and one block
 of scores; never N x N.
+
+Near-duplicate subjects are found at two levels: subject means (an object crawled twice) and
+frames. The frame level only sees each frame's top k, and an object's own views fill most of
+it (MVImgNet has ~30 per object), so a frame-level duplicate of another subject ranked below k
+same-subject views is missed. The subject level does not have this limit.
 """
 
 from __future__ import annotations
@@ -65,9 +70,10 @@ def compute_similarity(embeddings: Path, out_dir: Path, params: SimilarityParams
         _write_neighbours(writer, "frame", frame_ids, frames_table, f_idx.shape[1])
         _write_neighbours(writer, "subject", subjects, subject_table, s_idx.shape[1])
     with TableWriter(out_dir / "near_duplicates.parquet", NEAR_DUPLICATES) as writer:
-        writer.write_batch(pa.table({"subject_a": subjects[duplicates["subject_a"]].tolist(),
-                                     "subject_b": subjects[duplicates["subject_b"]].tolist(),
-                                     "r": duplicates["r"]}))
+        a, b = subjects[duplicates["subject_a"]], subjects[duplicates["subject_b"]]  # codes: first-seen order
+        swap = a > b  # the smaller id first, as documented
+        writer.write_batch(pa.table({"subject_a": np.where(swap, b, a).tolist(),
+                                     "subject_b": np.where(swap, a, b).tolist(), "r": duplicates["r"]}))
     with TableWriter(out_dir / "hard_negatives.parquet", HARD_NEGATIVES) as writer:
         writer.write_batch(pa.table({"subject_id": subjects[negatives["subject"]].tolist(),
                                      "negative_subject_id": subjects[negatives["negative"]].tolist(),

@@ -32,3 +32,17 @@ def test_stage_tables(tmp_path):
     assert all({r["subject_id"], r["negative_subject_id"]} != {"s0", "s1"} for r in negatives)
     assert stats["subjects"] == len(set(subjects))
     assert max(r["rank"] for r in negatives) == 2
+
+
+def test_near_duplicate_pairs_name_the_smaller_id_first(tmp_path):
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(4, 8)).astype(np.float32)
+    vectors[1] = vectors[0]  # "zz" (seen first) and "aa" are duplicates
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    write_table(tmp_path / "emb.parquet", embeddings_schema(8),
+                [{"frame_id": f"f{i}", "subject_id": s, "embedding": v.astype(np.float16).tolist(), "model_id": "m"}
+                 for i, (s, v) in enumerate(zip(["zz", "aa", "mm", "bb"], vectors))])
+    compute_similarity(tmp_path / "emb.parquet", tmp_path / "out",
+                       SimilarityParams(k=3, near_duplicate_r=0.99, hard_negatives=2, device="cpu"))
+    dups = list(iter_rows(tmp_path / "out" / "near_duplicates.parquet", NEAR_DUPLICATES))
+    assert [(r["subject_a"], r["subject_b"]) for r in dups] == [("aa", "zz")]
