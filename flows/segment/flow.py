@@ -28,10 +28,10 @@ def plan_shards(frames: Path, work_dir: Path, frames_per_shard: int) -> list[Pat
 
 
 @task(cache_policy=NO_CACHE, task_run_name="segment-{shard.name}")
-def segment_shard(shard: Path, sources: SourcesParams, params: SegmentParams,
+def segment_shard(shard: Path, sources: SourcesParams, params: SegmentParams, filtering: FilterParams,
                   runner: stage.LazyRunner) -> tuple[stage.ShardOutput, dict]:
     out = stage.ShardOutput(shard.with_suffix(".masks.parquet"), shard.with_suffix(".rejects.parquet"))
-    return out, stage.segment_shard(shard, out, sources=sources, params=params, runner=runner)
+    return out, stage.segment_shard(shard, out, sources=sources, params=params, filtering=filtering, runner=runner)
 
 
 @task(cache_policy=NO_CACHE)
@@ -57,7 +57,7 @@ def run_segment(sources: SourcesParams, filtering: FilterParams, params: Segment
     runner = stage.LazyRunner(params, device)
     outs, counters = [], {}
     for done, shard in enumerate(shards, start=1):
-        out, shard_counters = segment_shard(shard, sources, params, runner)
+        out, shard_counters = segment_shard(shard, sources, params, filtering, runner)
         outs.append(out)
         for key, value in shard_counters.items():
             counters[key] = counters.get(key, 0) + value
@@ -67,6 +67,9 @@ def run_segment(sources: SourcesParams, filtering: FilterParams, params: Segment
     shutil.rmtree(work_dir, ignore_errors=True)
     logger.info("segment: %d frames = %d masks %s + %d rejected %s; mean quality %s", stats["input_frames"],
                 stats["masks"], stats["methods"], stats["rejected"], stats["reasons"], stats["mean_quality"])
+    if params.mode == "refine":
+        logger.info("segment: refine compared %(compared)d, replaced %(replaced)d, kept provided because SAM's "
+                    "mask fails the filter's mask rules %(rejected_by_filters)d", stats["refine"])
     if model is not None and model["random_weights"]:
         logger.warning("segment: SAM masks in %s come from RANDOM weights (%s) and are meaningless",
                        out_dir / "masks.parquet", model["model_id"])

@@ -17,11 +17,15 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
 import pyarrow.compute as pc
 import torch
 
-from flows import reasons
-from flows.config.params import SegmentParams, SourcesParams
+from flows import ids, reasons
+from flows.config.params import FilterParams, SegmentParams, SourcesParams
+from flows.filtering.rules import Failure, box_shape, mask_connected, subject_area
+from flows.probe import probe_mask
 from flows.schemas import FRAMES, MASKS, REJECTS
 from flows.segment.masks import encode_mask, encode_masks
 from flows.segment.sam_infer import ImageMasks, PendingBatch, SamRunner
@@ -32,6 +36,8 @@ from flows.tables import TableWriter, concat_tables, count_rows, iter_batches, i
 
 PREFETCH_BATCHES = 2  # image batches decoded ahead of the one being queued on the device
 MAX_BATCHES_IN_FLIGHT = 2  # batches queued on the device whose rows are not yet built
+# The filter rules that look at the subject mask; refine's SAM mask must pass them too (see sam_mask_failure).
+MASK_RULES = (subject_area, box_shape, mask_connected)
 
 
 class AccountingError(RuntimeError):
@@ -80,10 +86,12 @@ def plan_shards(frames: Path, work_dir: Path, *, frames_per_shard: int) -> list[
 
 
 def segment_shard(shard: Path, out: ShardOutput, *, sources: SourcesParams, params: SegmentParams,
-                  runner: Callable[[], SamRunner], workers: int | None = None) -> dict[str, int]:
+                  filtering: FilterParams, runner: Callable[[], SamRunner],
+                  workers: int | None = None) -> dict[str, int]:
     """Segment one shard; write its masks and rejects parts in input order; return counters.
 
     ``runner`` is called only if some frame needs SAM (so provided-only shards load no model).
+    ``filtering``: the filter stage's thresholds, which a refine mask must pass to replace a provided one.
     """
     rows = list(iter_rows(shard, FRAMES))
     results: list[dict[str, Any] | None] = [None] * len(rows)
@@ -103,7 +111,7 @@ def segment_shard(shard: Path, out: ShardOutput, *, sources: SourcesParams, para
                 inflight: deque = deque()
                 for batch, ready, pending in _launch_batches(sam, loads, pool, params.batch_images):
                     inflight.append(rle.submit(_collect_batch, batch, ready, pending, results, params,
-                                               sam.model_id, counters))
+                                               filtering, sam.model_id, counters))
                     while len(inflight) > MAX_BATCHES_IN_FLIGHT:
                         inflight.popleft().result()
                 for done in inflight:
@@ -147,14 +155,15 @@ def _launch_batches(sam: SamRunner, loads: Iterator[Callable[[], LoadedGroup]], 
 
 
 def _collect_batch(batch: list[LoadedGroup], ready: list[LoadedGroup], pending: PendingBatch | None,
-                   results: list, params: SegmentParams, model_id: str, counters: Counter) -> None:
+                   results: list, params: SegmentParams, filtering: FilterParams, model_id: str,
+                   counters: Counter) -> None:
     answers = dict(zip(map(id, ready), pending.result())) if pending is not None else {}
     for group in batch:
-        _collect(group, answers.get(id(group)), results, params, model_id, counters)
+        _collect(group, answers.get(id(group)), results, params, filtering, model_id, counters)
 
 
 def _collect(loaded: LoadedGroup, masks: ImageMasks | None, results: list, params: SegmentParams,
-             model_id: str, counters: Counter) -> None:
+             filtering: FilterParams, model_id: str, counters: Counter) -> None:
     """Turn SAM's answer for one image into masks or rejects rows at the frames' positions."""
     for position, row in loaded.rejects.items():
         results[position] = {"reject": row}
@@ -175,10 +184,15 @@ def _collect(loaded: LoadedGroup, masks: ImageMasks | None, results: list, param
                                                       method=SAM_BOX, model_id=model_id)}
             continue
         # Refine: the provided mask scores SAM's stability when SAM is prompted with it (box + mask);
-        # SAM's own box mask replaces it only if more stable by refine_min_gain. See refine_decision.
+        # SAM's own box mask replaces it only if more stable by refine_min_gain (see refine_decision)
+        # and if it passes the filter's mask rules, as the provided mask did (see sam_mask_failure).
         counters["refine_compared"] += 1
-        if refine_decision(sam_stability=stability, provided_score=float(masks.prompted_stability[k]),
-                           sam_area=rle["area_frac"], min_gain=params.refine_min_gain):
+        replace = refine_decision(sam_stability=stability, provided_score=float(masks.prompted_stability[k]),
+                                  sam_area=rle["area_frac"], min_gain=params.refine_min_gain)
+        if replace and sam_mask_failure(frame, masks.masks[:, :, k], filtering) is not None:
+            counters["refine_rejected_by_filters"] += 1
+            replace = False
+        if replace:
             counters["refine_replaced"] += 1
             results[position] = {"mask": mask_row(frame, rle, width=width, height=height, quality=stability,
                                                   method=SAM_REFINED, model_id=model_id)}
@@ -200,6 +214,31 @@ def refine_decision(*, sam_stability: float, provided_score: float, sam_area: fl
     if sam_area == 0 or math.isnan(provided_score):
         return False
     return sam_stability >= provided_score + min_gain
+
+
+def sam_mask_failure(frame: dict[str, Any], mask: np.ndarray, filtering: FilterParams) -> Failure:
+    """The first filter mask rule that ``frame`` fails with ``mask`` as its subject mask, or None.
+
+    The filter stage judged the provided mask through the frames row's mask measurements
+    (``subject_area_frac``, ``mask_largest_cc_frac`` and, for MVImgNet, whose box ingest takes
+    from the mask, the box). Here they are measured on ``mask`` (a (H, W) array at image size)
+    the way ingest measures a mask file (flows.probe.probe_mask), put in place of the frame's,
+    and judged by the filter's own rules (MASK_RULES) and thresholds: whichever of those
+    measurements a rule reads for the frame's source is what the SAM mask must pass.
+    """
+    height, width = mask.shape
+    ok, png = cv2.imencode(".png", np.where(mask != 0, 255, 0).astype(np.uint8))
+    if not ok:  # a plain uint8 array always encodes
+        raise RuntimeError(f"{frame['frame_id']}: SAM mask does not encode as PNG")
+    probe = probe_mask(png.tobytes(), width=width, height=height)
+    row = {**frame, "subject_area_frac": probe.area_frac, "mask_largest_cc_frac": probe.largest_cc_frac}
+    if frame["source"] == ids.MVIMGNET:
+        row.update(zip(("box_xmin", "box_ymin", "box_xmax", "box_ymax"), probe.box))
+    for rule in MASK_RULES:
+        failure = rule(row, filtering)
+        if failure is not None:
+            return failure
+    return None
 
 
 def merge_outputs(mask_parts: list[Path], reject_parts: list[Path], *, filter_dir: Path, out_dir: Path,
@@ -237,7 +276,9 @@ def segment_stats(frames: Path, masks: Path, rejects: Path, *, counters: dict[st
         "mean_quality": (sum(quality.values()) / n_masks) if n_masks else None,
         "mean_quality_by_method": {m: quality[m] / methods[m] for m in sorted(methods)},
         "reasons": dict(sorted(reasons_seen.items())),
-        "refine": {"compared": counters.get("refine_compared", 0), "replaced": counters.get("refine_replaced", 0)},
+        "refine": {"compared": counters.get("refine_compared", 0), "replaced": counters.get("refine_replaced", 0),
+                   # more stable than the provided mask, but failed the filter's mask rules: provided kept
+                   "rejected_by_filters": counters.get("refine_rejected_by_filters", 0)},
         "sam": model,
     }
 
@@ -263,8 +304,13 @@ class LazyRunner:
 
 
 def segment_frames(filter_dir: Path, out_dir: Path, *, sources: SourcesParams, params: SegmentParams,
-                   runner: Callable[[], SamRunner], workers: int | None = None) -> dict[str, Any]:
-    """The whole stage without Prefect (what the flow does task by task): for tests and benchmarks."""
+                   runner: Callable[[], SamRunner], filtering: FilterParams | None = None,
+                   workers: int | None = None) -> dict[str, Any]:
+    """The whole stage without Prefect (what the flow does task by task): for tests and benchmarks.
+
+    ``filtering``: the filter stage's thresholds (refine mode); None takes FilterParams' defaults.
+    """
+    filtering = filtering if filtering is not None else FilterParams()
     work_dir = out_dir / ".work"
     shards = plan_shards(filter_dir / "frames.parquet", work_dir, frames_per_shard=params.frames_per_shard)
     outs, counters, used = [], Counter(), []
@@ -275,7 +321,8 @@ def segment_frames(filter_dir: Path, out_dir: Path, *, sources: SourcesParams, p
 
     for shard in shards:
         out = ShardOutput(shard.with_suffix(".masks.parquet"), shard.with_suffix(".rejects.parquet"))
-        counters.update(segment_shard(shard, out, sources=sources, params=params, runner=tracked, workers=workers))
+        counters.update(segment_shard(shard, out, sources=sources, params=params, filtering=filtering,
+                                      runner=tracked, workers=workers))
         outs.append(out)
     model = model_summary(used[0]) if used else None
     return merge_outputs([o.masks for o in outs], [o.rejects for o in outs], filter_dir=filter_dir,

@@ -6,21 +6,24 @@ import dataclasses
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
 from flows import reasons
+from flows.config.params import AreaRange
 from flows.schemas import FRAMES, MASKS, REJECTS
 from flows.segment import stage
 from flows.segment.masks import decode_rle
+from flows.segment.sam_infer import ImageMasks
 from flows.segment.stage import refine_decision
 from flows.tables import iter_rows
 
 
-def _run(data, tiny_runner, **changes):
+def _run(data, tiny_runner, filtering=None, **changes):
     params = dataclasses.replace(data.params, **changes)
     stats = stage.segment_frames(Path(data.filtering.out_dir), Path(params.out_dir), sources=data.sources,
-                                 params=params, runner=lambda: tiny_runner)
+                                 params=params, filtering=filtering or data.filtering, runner=lambda: tiny_runner)
     out = Path(params.out_dir)
     masks = {row["frame_id"]: row for row in iter_rows(out / "masks.parquet", MASKS)}
     rejects = {row["item_id"]: row for row in iter_rows(out / "rejects.parquet", REJECTS)}
@@ -74,13 +77,19 @@ def test_the_image_encoder_runs_once_per_image_for_all_its_boxes(segment_data, t
     assert sum(calls) == 3 and all(n <= segment_data.params.batch_images for n in calls)
 
 
+# Filter thresholds that any non-empty mask passes: the refine tests below that are about stability alone.
+PASS_ALL = dict(mvimgnet_area=AreaRange(min=0.0, max=1.0), openimages_area=AreaRange(min=0.0, max=1.0),
+                min_box_side=0, box_aspect_min=0.0, box_aspect_max=float("inf"), min_largest_component=0.0)
+
+
 def test_refine_keeps_sams_mask_only_when_it_gains_enough(segment_data, tiny_runner):
     refined = [fid for fid in segment_data.expected]
-    stats, masks, _ = _run(segment_data, tiny_runner, mode="refine", refine_min_gain=-1.0)  # SAM always wins
-    assert stats["refine"] == {"compared": 2, "replaced": 2}
+    permissive = dataclasses.replace(segment_data.filtering, **PASS_ALL)
+    stats, masks, _ = _run(segment_data, tiny_runner, permissive, mode="refine", refine_min_gain=-1.0)  # SAM wins
+    assert stats["refine"] == {"compared": 2, "replaced": 2, "rejected_by_filters": 0}
     assert all(masks[fid]["method"] == "sam_refined" for fid in refined)
-    stats, masks, _ = _run(segment_data, tiny_runner, mode="refine", refine_min_gain=2.0)  # SAM never wins
-    assert stats["refine"] == {"compared": 2, "replaced": 0}
+    stats, masks, _ = _run(segment_data, tiny_runner, permissive, mode="refine", refine_min_gain=2.0)  # never
+    assert stats["refine"] == {"compared": 2, "replaced": 0, "rejected_by_filters": 0}
     for frame_id, truth in segment_data.expected.items():
         row = masks[frame_id]
         assert row["method"] == "provided"
@@ -114,3 +123,137 @@ def test_provided_only_shards_load_no_model(segment_data):
     stats = stage.segment_frames(Path(segment_data.filtering.out_dir), Path(segment_data.params.out_dir),
                                  sources=segment_data.sources, params=segment_data.params, runner=no_model)
     assert stats["sam"] is None and stats["input_frames"] == len(keep)
+
+
+class _Done:
+    def __init__(self, answers):
+        self.answers = answers
+
+    def result(self):
+        return self.answers
+
+
+class ScriptedSam:
+    """A SAM stand-in: for a box with a provided mask it answers ``refined(provided)`` with a
+    stability (0.99) far above the provided mask's (0.5), so refine_decision always prefers it;
+    for a box alone, the box filled."""
+
+    model_id, random_weights, device = "sam:scripted", False, "cpu"
+
+    def __init__(self, refined):
+        self.refined = refined
+
+    @staticmethod
+    def resize(rgb):
+        return rgb
+
+    def launch(self, images):
+        answers = []
+        for im in images:
+            masks = []
+            for box, provided in zip(im.boxes, im.mask_prompts):
+                if provided is None:
+                    mask = np.zeros(im.original_size, dtype=bool)
+                    x0, y0, x1, y1 = np.round(box).astype(int)
+                    mask[y0:y1, x0:x1] = True
+                else:
+                    mask = self.refined(provided)
+                masks.append(mask)
+            k = len(masks)
+            answers.append(ImageMasks(
+                masks=np.asfortranarray(np.stack(masks, axis=-1).astype(np.uint8)),
+                stability=np.full(k, 0.99, dtype=np.float32), iou_pred=np.full(k, 0.9, dtype=np.float32),
+                prompted_stability=np.array([np.nan if p is None else 0.5 for p in im.mask_prompts],
+                                            dtype=np.float32)))
+        return _Done(answers)
+
+
+def _whole_image(provided):
+    return np.ones_like(provided)  # area 1.0 > filter.*_area.max
+
+
+def _cut_in_two(provided):
+    """The provided mask with a 2-px vertical cut at its middle: two halves, neither 0.9 of it."""
+    cut = provided.copy()
+    cols = np.flatnonzero(provided.any(axis=0))
+    middle = (cols[0] + cols[-1]) // 2
+    cut[:, middle - 1:middle + 1] = False
+    return cut
+
+
+def _a_few_pixels(provided):
+    rows, cols = np.nonzero(provided)
+    small = np.zeros_like(provided)
+    small[rows[len(rows) // 2], cols[len(cols) // 2]] = True  # 1 pixel < filter.*_area.min
+    return small
+
+
+def _eroded(provided):
+    return cv2.erode(provided.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+
+
+# The fixture's images are small (96x72, 120x80): box sides are kept out of the way except where tested.
+SMALL_BOXES = dict(min_box_side=8)
+
+
+MV, OI = "mvimgnet:7/0a0b0c0d/000.jpg", "openimages:abc123/box0"  # the fixture's frames with a provided mask
+
+
+@pytest.mark.parametrize("refined, failures", [
+    (_whole_image, {MV: reasons.SUBJECT_TOO_LARGE, OI: None}),  # OpenImages' area rule reads the box
+    (_cut_in_two, {MV: reasons.MASK_FRAGMENTED, OI: reasons.MASK_FRAGMENTED}),
+    (_a_few_pixels, {MV: reasons.SUBJECT_TOO_SMALL, OI: None}),
+])
+def test_refine_keeps_the_provided_mask_when_sams_fails_the_filters_mask_rules(segment_data, refined, failures):
+    """SAM's mask is more stable, but where it would not have passed the filter the provided mask stays."""
+    filtering = dataclasses.replace(segment_data.filtering, **SMALL_BOXES)
+    frames = {row["frame_id"]: row for row in segment_data.rows}
+    assert set(failures) == set(segment_data.expected)
+    for frame_id, truth in segment_data.expected.items():  # the rule that SAM's mask fails, as filter sees it
+        failure = stage.sam_mask_failure(frames[frame_id], refined(truth), filtering)
+        assert (failure and failure[0]) == failures[frame_id]
+        assert stage.sam_mask_failure(frames[frame_id], truth, filtering) is None
+    stats, masks, _ = _run(segment_data, ScriptedSam(refined), filtering, mode="refine")
+    kept = {frame_id for frame_id, reason in failures.items() if reason is not None}
+    assert stats["refine"] == {"compared": 2, "replaced": 2 - len(kept), "rejected_by_filters": len(kept)}
+    assert stats["methods"]["sam_refined"] == 2 - len(kept)
+    for frame_id, truth in segment_data.expected.items():
+        row = masks[frame_id]
+        decoded = decode_rle(row["rle_counts"], width=row["width"], height=row["height"])
+        if frame_id in kept:
+            assert (row["method"], row["quality"], row["model_id"]) == ("provided", 1.0, None)
+            assert np.array_equal(decoded, truth)
+        else:
+            assert (row["method"], row["model_id"]) == ("sam_refined", "sam:scripted")
+            assert np.array_equal(decoded, refined(truth))
+
+
+def test_refine_replaces_the_provided_mask_when_sams_passes_the_filters_mask_rules(segment_data):
+    filtering = dataclasses.replace(segment_data.filtering, **SMALL_BOXES)
+    stats, masks, _ = _run(segment_data, ScriptedSam(_eroded), filtering, mode="refine")
+    assert stats["refine"] == {"compared": 2, "replaced": 2, "rejected_by_filters": 0}
+    for frame_id, truth in segment_data.expected.items():
+        row = masks[frame_id]
+        assert (row["method"], row["model_id"]) == ("sam_refined", "sam:scripted")
+        assert row["quality"] == pytest.approx(0.99)
+        decoded = decode_rle(row["rle_counts"], width=row["width"], height=row["height"])
+        assert np.array_equal(decoded, _eroded(truth)) and not np.array_equal(decoded, truth)
+
+
+def test_refine_checks_an_mvimgnet_masks_box_as_the_filter_does(segment_data):
+    """MVImgNet's box is its mask's (ingest): SAM's mask must give a box that filter.min_box_side
+    accepts. OpenImages keeps its annotated box, so the same mask passes there."""
+    filtering = dataclasses.replace(segment_data.filtering, min_box_side=40)  # the provided boxes are >= 48 px wide
+    stats, masks, _ = _run(segment_data, ScriptedSam(_eroded_to_a_strip), filtering, mode="refine",
+                           frames_per_shard=100)
+    assert stats["refine"] == {"compared": 2, "replaced": 1, "rejected_by_filters": 1}
+    assert masks[MV]["method"] == "provided" and masks[OI]["method"] == "sam_refined"
+
+
+def _eroded_to_a_strip(provided):
+    """The provided mask's rows within 8 px of its middle row: as wide as it, 16 px high."""
+    rows = np.flatnonzero(provided.any(axis=1))
+    middle = (rows[0] + rows[-1]) // 2
+    strip = np.zeros_like(provided)
+    strip[middle - 8:middle + 8] = provided[middle - 8:middle + 8]
+    return strip
