@@ -41,9 +41,26 @@ from flows.tables import ROW_GROUP_ROWS, TableWriter, write_json_atomic
 
 STAGE = "embed"
 # The join's names stay importable from here (tests, benchmarks/bench_embed.py).
-__all__ = ["FRAME_COLUMNS", "MASK_COLUMNS", "embed_frames", "join_masks", "read_columns", "segment_rejected"]
+__all__ = ["FRAME_COLUMNS", "MASK_COLUMNS", "AccountingError", "check_accounting", "embed_frames", "join_masks",
+           "read_columns", "segment_rejected"]
 
 log = logging.getLogger(__name__)
+
+
+class AccountingError(RuntimeError):
+    """Input frames != embedded + embed rejects + segment rejects: a bug, never a data problem."""
+
+
+def check_accounting(*, frames_in: int, embedded: int, rejected: dict[str, int], rejected_by_segment: int) -> None:
+    """Raise :class:`AccountingError` unless every input frame is counted exactly once.
+
+    ``rejected``: this stage's rejects per reason; ``rejected_by_segment``: frames without a
+    mask that the segment stage rejected (accounted for in its rejects table, skipped here).
+    """
+    n_rejected = sum(rejected.values())
+    if frames_in != embedded + n_rejected + rejected_by_segment:
+        raise AccountingError(f"{frames_in} input frames != {embedded} embedded + {n_rejected} embed rejects "
+                              f"{dict(sorted(rejected.items()))} + {rejected_by_segment} rejected by segment")
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -98,6 +115,8 @@ def embed_frames(frames_path: Path, masks_path: Path, out_dir: Path, params: Emb
                 for i in np.flatnonzero(~ok):
                     reject(frames.slice(int(i), 1).to_pylist()[0], batch.reasons[i], batch.details[i])
     seconds = time.perf_counter() - start
+    check_accounting(frames_in=tally.frames_in, embedded=embeddings.rows_written, rejected=rejected,
+                     rejected_by_segment=tally.skipped)
     stats = {
         "count": embeddings.rows_written, "rejected": dict(sorted(rejected.items())), "frames_in": tally.frames_in,
         "rejected_by_segment": tally.skipped,

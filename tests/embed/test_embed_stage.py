@@ -12,7 +12,8 @@ import torch
 from flows import reasons
 from flows.embed.encode import encode_pixels
 from flows.embed.preprocess import SubjectDataset
-from flows.embed.stage import embed_frames, join_masks, read_columns, FRAME_COLUMNS, MASK_COLUMNS
+from flows.embed.stage import (AccountingError, check_accounting, embed_frames, join_masks, read_columns,
+                               FRAME_COLUMNS, MASK_COLUMNS)
 from flows.schemas import FRAMES, MASKS, REJECTS, embeddings_schema
 from flows.tables import iter_rows
 from embed_inputs import embed_params, make_bulky_inputs, make_inputs, masks_in_frames_order
@@ -109,6 +110,54 @@ def test_frames_the_segment_stage_rejected_are_not_counted_twice(tmp_path, tiny_
     assert [r["item_id"] for r in rejects] == [inputs.frame_ids[3]]  # 1 is segment's, 3 is really missing
     assert stats["rejected_by_segment"] == 1
     assert stats["count"] + sum(stats["rejected"].values()) + stats["rejected_by_segment"] == stats["frames_in"]
+
+
+def test_every_input_frame_is_counted_once(tmp_path, tiny_clip):
+    """frames in = embedded + embed rejects + segment rejects, in the stats and in the tables."""
+    from flows.accounting import FRAME, reject_row
+    from flows.tables import count_rows, write_table
+
+    inputs = make_inputs(tmp_path / "in", n=8, unmasked=(1, 3), corrupt=(5,))
+    segment_rejects = tmp_path / "segment_rejects.parquet"
+    write_table(segment_rejects, REJECTS, [reject_row(
+        item_id=inputs.frame_ids[1], source="mvimgnet", kind=FRAME, path="x", stage="segment",
+        reason=reasons.EMPTY_MASK, detail="test")])
+    out = tmp_path / "out"
+    stats = embed_frames(inputs.frames, inputs.masks, out, embed_params(out), inputs.sources, clip=tiny_clip,
+                         segment_rejects=segment_rejects)
+    assert (stats["frames_in"], stats["count"], stats["rejected"], stats["rejected_by_segment"]) == (
+        8, 5, {reasons.MISSING_MASK: 1, reasons.UNREADABLE_IMAGE: 1}, 1)
+    assert count_rows(out / "embeddings.parquet") + count_rows(out / "rejects.parquet") + 1 == 8
+    check_accounting(frames_in=stats["frames_in"], embedded=stats["count"], rejected=stats["rejected"],
+                     rejected_by_segment=stats["rejected_by_segment"])
+
+
+def test_check_accounting_raises_when_the_counts_disagree():
+    check_accounting(frames_in=10, embedded=6, rejected={"missing_mask": 2, "unreadable_image": 1},
+                     rejected_by_segment=1)
+    for embedded, rejected, by_segment in ((5, {"missing_mask": 2, "unreadable_image": 1}, 1),  # one lost
+                                           (6, {"missing_mask": 2, "unreadable_image": 1}, 2),  # one twice
+                                           (6, {"missing_mask": 3}, 0)):
+        with pytest.raises(AccountingError, match="10 input frames"):
+            check_accounting(frames_in=10, embedded=embedded, rejected=rejected, rejected_by_segment=by_segment)
+
+
+def test_a_frame_lost_between_loader_and_writer_fails_the_stage(tmp_path, tiny_clip, monkeypatch):
+    from flows.embed import stage
+
+    encode = stage._encode
+
+    def drop_last_batch(*args, **kwargs):
+        batches = list(encode(*args, **kwargs))
+        yield from batches[:-1]
+
+    monkeypatch.setattr(stage, "_encode", drop_last_batch)
+    inputs = make_inputs(tmp_path / "in", n=5)
+    out = tmp_path / "out"
+    with pytest.raises(AccountingError, match="5 input frames != 4 embedded"):
+        embed_frames(inputs.frames, inputs.masks, out, embed_params(out, batch_size=1), inputs.sources,
+                     clip=tiny_clip)
+    assert not (out / "stats.json").exists()
 
 
 def test_chunks_of_any_size_give_the_same_bytes(tmp_path, tiny_clip):
