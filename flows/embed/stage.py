@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import torch
 
 from flows import reasons
-from flows.accounting import FRAME, reject_row
+from flows.accounting import FRAME, AccountingError, reject_row
 from flows.config.params import EmbedParams, SourcesParams
 from flows.embed.clip_model import LoadedClip, load_clip, spec_for
 from flows.embed.encode import EncodedBatch, encode_batches
@@ -45,10 +45,6 @@ __all__ = ["FRAME_COLUMNS", "MASK_COLUMNS", "AccountingError", "check_accounting
            "read_columns", "segment_rejected"]
 
 log = logging.getLogger(__name__)
-
-
-class AccountingError(RuntimeError):
-    """Input frames != embedded + embed rejects + segment rejects: a bug, never a data problem."""
 
 
 def check_accounting(*, frames_in: int, embedded: int, rejected: dict[str, int], rejected_by_segment: int) -> None:

@@ -18,15 +18,11 @@ from flows import ids, reasons
 from flows.config.params import FilterParams
 from flows.filtering.dedup import DuplicateIndex
 from flows.filtering.rules import first_failure
-from flows.accounting import FRAME, frame_counts, reject_row
+from flows.accounting import FRAME, AccountingError, frame_counts, reject_row
 from flows.schemas import FRAMES, REJECTS
 from flows.tables import TableWriter, count_rows, iter_batches, iter_rows, write_json_atomic
 
 STAGE = "filter"
-
-
-class AccountingError(RuntimeError):
-    """Frames discovered != accepted + rejected: a bug, never a data problem."""
 
 
 def filter_frames(ingest_dir: Path, out_dir: Path, params: FilterParams) -> dict:

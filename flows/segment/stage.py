@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import torch
 
 from flows import ids, reasons
+from flows.accounting import AccountingError
 from flows.config.params import FilterParams, SegmentParams, SourcesParams
 from flows.filtering.rules import Failure, box_shape, mask_connected, subject_area
 from flows.probe import probe_mask
@@ -38,10 +39,6 @@ PREFETCH_BATCHES = 2  # image batches decoded ahead of the one being queued on t
 MAX_BATCHES_IN_FLIGHT = 2  # batches queued on the device whose rows are not yet built
 # The filter rules that look at the subject mask; refine's SAM mask must pass them too (see sam_mask_failure).
 MASK_RULES = (subject_area, box_shape, mask_connected)
-
-
-class AccountingError(RuntimeError):
-    """Input frames != masks + segment rejects: a bug, never a data problem."""
 
 
 @dataclass(frozen=True)
