@@ -78,13 +78,15 @@ MASK_THRESHOLD = 127  # a mask PNG pixel is subject when its gray value is above
 def decode_mask(data: bytes, *, width: int, height: int) -> np.ndarray:
     """A data set's mask PNG bytes as a (height, width) bool array at image size.
 
-    Masks stored smaller (OpenImages) are resized nearest (OpenCV's convention), which keeps
-    them binary. Raises :class:`UnreadableFile` (empty_file or unreadable_mask).
+    Masks stored smaller (OpenImages) are resized nearest with pixel centres aligned (OpenCV's
+    INTER_NEAREST_EXACT, the same pixels as PIL's NEAREST), which keeps them binary. Plain
+    INTER_NEAREST aligns corners and shifts an upscaled mask up to half a source pixel.
+    Raises :class:`UnreadableFile` (empty_file or unreadable_mask).
     """
     image = _decode(data, "mask", reasons.EMPTY_FILE, reasons.UNREADABLE_MASK)
     gray = np.asarray(image.convert("L"))
     if gray.shape != (height, width):
-        gray = cv2.resize(gray, (width, height), interpolation=cv2.INTER_NEAREST)
+        gray = cv2.resize(gray, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
     return gray > MASK_THRESHOLD
 
 

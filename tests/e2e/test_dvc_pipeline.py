@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-import cv2
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
@@ -151,9 +150,9 @@ def test_provided_masks_equal_ground_truth_and_tiny_sam_ran(project):
             continue
         frame = frames[m["frame_id"]]
         root = params["sources"]["mvimgnet_mask_root" if frame["source"] == "mvimgnet" else "openimages_root"]
-        truth = np.asarray(Image.open(project / root / frame["mask_path"]).convert("L"))
-        # OpenImages masks are stored smaller: nearest-neighbour resize (OpenCV's convention)
-        truth = cv2.resize(truth, (m["width"], m["height"]), interpolation=cv2.INTER_NEAREST) > 127
+        truth = Image.open(project / root / frame["mask_path"]).convert("L")
+        # OpenImages masks are stored smaller: nearest-neighbour resize, pixel centres aligned
+        truth = np.asarray(truth.resize((m["width"], m["height"]), Image.NEAREST)) > 127
         decoded = mask_utils.decode({"size": [m["height"], m["width"]], "counts": m["rle_counts"]}).astype(bool)
         assert np.array_equal(decoded, truth), m["frame_id"]
     assert methods == {"provided", "sam_box"}  # OpenImages boxes without a mask go through (tiny) SAM

@@ -102,7 +102,7 @@ def make_data(root: Path) -> SegmentData:
     save(oi / "train" / "abc123.jpg", photo(w, h, np.maximum(*full), 7), "JPEG")
     small = cv2.resize(full[0], (w // 2, h // 2), interpolation=cv2.INTER_NEAREST)
     save(oi / "masks" / "a" / "abc123_m01_x.png", small, "PNG")
-    data.expected["openimages:abc123/box0"] = cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST) > 127
+    data.expected["openimages:abc123/box0"] = np.asarray(Image.fromarray(small).resize((w, h), Image.NEAREST)) > 127
     data.rows.append(frame("openimages:abc123/box0", "openimages", "train/abc123.jpg", w, h, box=boxes[0],
                            mask_path="masks/a/abc123_m01_x.png"))
     data.rows.append(frame("openimages:abc123/box1", "openimages", "train/abc123.jpg", w, h, box=boxes[1]))
