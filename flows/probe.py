@@ -92,7 +92,13 @@ def decode_mask(data: bytes, *, width: int, height: int) -> np.ndarray:
 
 def probe_mask(data: bytes, *, width: int, height: int) -> MaskProbe:
     """Measure a subject mask, resized (nearest) to the image size if stored smaller."""
-    binary = decode_mask(data, width=width, height=height).astype(np.uint8)
+    return measure_mask(decode_mask(data, width=width, height=height))
+
+
+def measure_mask(mask: np.ndarray) -> MaskProbe:
+    """Area fraction, largest 8-connected component's share and box of a (H, W) mask (nonzero = subject)."""
+    binary = (mask != 0).astype(np.uint8)
+    height, width = binary.shape
     area = int(binary.sum())
     if area == 0:
         return MaskProbe(0.0, 0.0, (0.0, 0.0, 0.0, 0.0))

@@ -17,7 +17,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import pyarrow.compute as pc
 import torch
@@ -26,7 +25,7 @@ from flows import ids, reasons
 from flows.accounting import AccountingError
 from flows.config.params import FilterParams, SegmentParams, SourcesParams
 from flows.filtering.rules import Failure, box_shape, mask_connected, subject_area
-from flows.probe import probe_mask
+from flows.probe import measure_mask
 from flows.schemas import FRAMES, MASKS, REJECTS
 from flows.segment.masks import encode_mask, encode_masks
 from flows.segment.sam_infer import ImageMasks, PendingBatch, SamRunner
@@ -219,15 +218,11 @@ def sam_mask_failure(frame: dict[str, Any], mask: np.ndarray, filtering: FilterP
     The filter stage judged the provided mask through the frames row's mask measurements
     (``subject_area_frac``, ``mask_largest_cc_frac`` and, for MVImgNet, whose box ingest takes
     from the mask, the box). Here they are measured on ``mask`` (a (H, W) array at image size)
-    the way ingest measures a mask file (flows.probe.probe_mask), put in place of the frame's,
+    the way ingest measures a mask file (flows.probe.measure_mask), put in place of the frame's,
     and judged by the filter's own rules (MASK_RULES) and thresholds: whichever of those
     measurements a rule reads for the frame's source is what the SAM mask must pass.
     """
-    height, width = mask.shape
-    ok, png = cv2.imencode(".png", np.where(mask != 0, 255, 0).astype(np.uint8))
-    if not ok:  # a plain uint8 array always encodes
-        raise RuntimeError(f"{frame['frame_id']}: SAM mask does not encode as PNG")
-    probe = probe_mask(png.tobytes(), width=width, height=height)
+    probe = measure_mask(mask)
     row = {**frame, "subject_area_frac": probe.area_frac, "mask_largest_cc_frac": probe.largest_cc_frac}
     if frame["source"] == ids.MVIMGNET:
         row.update(zip(("box_xmin", "box_ymin", "box_xmax", "box_ymax"), probe.box))
