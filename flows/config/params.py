@@ -143,6 +143,9 @@ class SimilarityParams:
     k: int = 16  # neighbours kept per frame and per subject
     block_rows: int = 4096  # query rows per block: memory O(N*k + block_rows*N)
     near_duplicate_r: float = 0.95  # different subjects at or above this r are near-duplicates
+    # frame level: neighbours searched beyond k (up to the largest subject's frames - 1), so that an
+    # object's own views cannot push another subject's near-duplicate frame out of the list
+    near_duplicate_extra_k: int = 64
     hard_negatives: int = 8  # hard negatives listed per subject
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU when present
 

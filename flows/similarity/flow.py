@@ -27,7 +27,11 @@ def similarity_flow(params_path: str = "params.yaml") -> dict:
     params = load_params(params_path)
     stats = similarity_task(Path(params.embed.out_dir) / "embeddings.parquet", Path(params.similarity.out_dir),
                             params.similarity)
-    get_run_logger().info("similarity: %s", stats)
+    logger = get_run_logger()
+    logger.info("similarity: %s", stats)
+    if not stats["frame_near_duplicates_complete"]:
+        logger.warning("similarity: a subject has more frames than k + similarity.near_duplicate_extra_k can look "
+                       "past; frame-level near-duplicates of other subjects may be missed (subject level is complete)")
     return stats
 
 

@@ -4,9 +4,11 @@ Memory: the (N, d) float16 embeddings (the index itself), O(N*k) results and one
 of scores; never N x N.
 
 Near-duplicate subjects are found at two levels: subject means (an object crawled twice) and
-frames. The frame level only sees each frame's top k, and an object's own views fill most of
-it (MVImgNet has ~30 per object), so a frame-level duplicate of another subject ranked below k
-same-subject views is missed. The subject level does not have this limit.
+frames. An object's own views are its frames' nearest neighbours (MVImgNet has ~30 per
+object), so the frame search goes k + (largest subject's frames - 1) deep, capped by
+``near_duplicate_extra_k``: another subject's frame then cannot hide behind them. The
+neighbours table keeps the first k of each row (the plain top-k); stats say whether the
+cap made the frame level incomplete.
 """
 
 from __future__ import annotations
@@ -57,17 +59,21 @@ def compute_similarity(embeddings: Path, out_dir: Path, params: SimilarityParams
     start = time.perf_counter()
     subjects, means, counts = subject_mean_embeddings(vectors.astype(np.float32), frame_subjects)
     codes = subject_codes(frame_subjects, subjects)
-    f_idx, f_val = topk_cosine(vectors, k=params.k, block_rows=params.block_rows, device=params.device)
+    own_views = int(counts.max()) - 1 if len(counts) else 0  # same-subject rows that can precede others
+    extra = min(own_views, params.near_duplicate_extra_k)
+    f_idx, f_val = topk_cosine(vectors, k=params.k + extra, block_rows=params.block_rows, device=params.device)
     s_idx, s_val = topk_cosine(means, k=params.k, block_rows=params.block_rows, device=params.device)
-    frames_table = neighbour_table(f_idx, f_val, subject=codes, threshold=params.near_duplicate_r)
+    deep_table = neighbour_table(f_idx, f_val, subject=codes, threshold=params.near_duplicate_r)
+    kept = min(params.k, f_idx.shape[1])  # columns are sorted: the first k are the plain top-k
+    frames_table = neighbour_table(f_idx[:, :kept], f_val[:, :kept], subject=codes, threshold=params.near_duplicate_r)
     subject_table = neighbour_table(s_idx, s_val, subject=None, threshold=params.near_duplicate_r)
-    duplicates = union_subject_pairs(near_duplicate_subject_pairs(frames_table, subject=codes),
+    duplicates = union_subject_pairs(near_duplicate_subject_pairs(deep_table, subject=codes),
                                      near_duplicate_subject_pairs(subject_table, subject=None))
     negatives = hard_negatives(subject_table, exclude=duplicates, h=params.hard_negatives)
     seconds = time.perf_counter() - start
     out_dir.mkdir(parents=True, exist_ok=True)
     with TableWriter(out_dir / "neighbours.parquet", NEIGHBOURS) as writer:
-        _write_neighbours(writer, "frame", frame_ids, frames_table, f_idx.shape[1])
+        _write_neighbours(writer, "frame", frame_ids, frames_table, kept)
         _write_neighbours(writer, "subject", subjects, subject_table, s_idx.shape[1])
     with TableWriter(out_dir / "near_duplicates.parquet", NEAR_DUPLICATES) as writer:
         a, b = subjects[duplicates["subject_a"]], subjects[duplicates["subject_b"]]  # codes: first-seen order
@@ -81,6 +87,7 @@ def compute_similarity(embeddings: Path, out_dir: Path, params: SimilarityParams
     stats = {"frames": len(frame_ids), "subjects": len(subjects), "k": params.k,
              "frame_neighbour_rows": len(frames_table["i"]), "subject_neighbour_rows": len(subject_table["i"]),
              "near_duplicate_subject_pairs": len(duplicates["r"]), "hard_negative_rows": len(negatives["r"]),
+             "frame_search_k": int(f_idx.shape[1]), "frame_near_duplicates_complete": extra == own_views,
              "seconds": round(seconds, 3), "device": params.device}
     write_json_atomic(out_dir / "stats.json", stats)
     return stats

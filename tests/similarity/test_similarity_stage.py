@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 
 from flows.config.params import SimilarityParams
@@ -46,3 +48,41 @@ def test_near_duplicate_pairs_name_the_smaller_id_first(tmp_path):
                        SimilarityParams(k=3, near_duplicate_r=0.99, hard_negatives=2, device="cpu"))
     dups = list(iter_rows(tmp_path / "out" / "near_duplicates.parquet", NEAR_DUPLICATES))
     assert [(r["subject_a"], r["subject_b"]) for r in dups] == [("aa", "zz")]
+
+
+def test_a_near_duplicate_frame_is_found_behind_the_subjects_own_views(tmp_path):
+    # Two objects, 6 views each: views 0-3 of each are a tight cluster (adjacent video frames,
+    # r ~ 0.9999), the two clusters are near-duplicates of each other (r ~ 0.97), views 4-5
+    # point elsewhere, so the subject means are not (r ~ 0.85). With k = 3 every frame's top 3
+    # are its own cluster: only a deeper search sees the other object.
+    rng = np.random.default_rng(5)
+    p = rng.normal(size=32)
+    q = p + 0.25 * np.linalg.norm(p) / np.sqrt(32) * rng.normal(size=32)
+    vectors = []
+    for centre in (p, q):
+        vectors += [centre + 0.005 * np.linalg.norm(p) / np.sqrt(32) * rng.normal(size=32) for _ in range(4)]
+        vectors += [rng.normal(size=32) for _ in range(2)]
+    vectors = np.array(vectors, np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    subjects = ["a"] * 6 + ["b"] * 6
+    write_table(tmp_path / "emb.parquet", embeddings_schema(32),
+                [{"frame_id": f"f{i}", "subject_id": s, "embedding": v.astype(np.float16).tolist(), "model_id": "m"}
+                 for i, (s, v) in enumerate(zip(subjects, vectors))])
+    gram = vectors @ vectors.T
+    assert gram[0, 1:4].min() > gram[0, 6] > 0.95  # own cluster first, then the duplicate
+    mean_a, mean_b = vectors[:6].mean(0), vectors[6:].mean(0)
+    assert mean_a @ mean_b / np.linalg.norm(mean_a) / np.linalg.norm(mean_b) < 0.95  # not at subject level
+
+    def near_duplicates(params, out):
+        stats = compute_similarity(tmp_path / "emb.parquet", tmp_path / out, params)
+        rows = iter_rows(tmp_path / out / "near_duplicates.parquet", NEAR_DUPLICATES)
+        return stats, [(d["subject_a"], d["subject_b"]) for d in rows]
+
+    params = SimilarityParams(k=3, near_duplicate_r=0.95, hard_negatives=2, device="cpu")
+    stats, dups = near_duplicates(params, "out")
+    assert dups == [("a", "b")]
+    assert stats["frame_search_k"] == 3 + 5 and stats["frame_near_duplicates_complete"]
+    frames = [n for n in iter_rows(tmp_path / "out" / "neighbours.parquet", NEIGHBOURS) if n["level"] == "frame"]
+    assert len(frames) == len(subjects) * 3  # the table keeps the plain top-k
+    stats, dups = near_duplicates(dataclasses.replace(params, near_duplicate_extra_k=0), "out2")
+    assert dups == [] and stats["frame_search_k"] == 3 and not stats["frame_near_duplicates_complete"]
