@@ -32,18 +32,17 @@ def _view_dir(qvec) -> np.ndarray | None:
     return None if qvec is None else qvec_to_rotmat(qvec)[2]
 
 
-def mine_multiview(frames: list[SubjectFrame], params: PairsParams) -> list[dict[str, Any]]:
+def mine_multiview(frames: list[SubjectFrame], params: PairsParams, *, captured: int | None = None) -> list[dict[str, Any]]:
     """Pairs (i, j) of one object's frames whose views differ by at least min_angle_deg.
 
     Without poses on both sides, the fallback is a frame-index gap of at least
-    len(frames) // 8 (AnyDoor's rule). Here ``frames`` are the object's frames that reached
-    this stage (accepted, masked, embedded), not all it had in the data set: a conservative
-    reading would use the original count, which would need ingest's table here. Up to max_positives_per_frame positives per frame,
+    len(frames) // 8 (AnyDoor's rule), len(frames) being the object's whole capture:
+    ``captured`` (the frames ingest read), not only those that passed the filters, which
+    would shrink the gap. None: the frames given. Up to max_positives_per_frame positives per frame,
     drawn with a seed per frame so reruns give the same pairs.
     """
-    n = len(frames)
     dirs = [_view_dir(f.qvec) for f in frames]
-    min_gap = max(1, n // 8)
+    min_gap = max(1, max(captured or 0, len(frames)) // 8)
     pairs = []
     for i, ref in enumerate(frames):
         candidates = []
@@ -98,15 +97,16 @@ def _row(ref: SubjectFrame, *, kind: str, pair: str, area_ratio: float, r_ij: fl
 
 def mine_pairs(subjects: Iterable[list[SubjectFrame]], backgrounds: dict[str, list[str]], params: PairsParams,
                stats: "PairStats", unpaired: Callable[[SubjectFrame, str], None],
-               split: SplitRule) -> Iterator[dict[str, Any]]:
+               split: SplitRule, captured: dict[str, int]) -> Iterator[dict[str, Any]]:
     """All pairs, subject by subject; ``stats`` is updated as they stream past, and
     ``unpaired(frame, detail)`` is called for every frame that gets no positive.
 
     ``backgrounds`` holds the background photos per split: a recipe draws from its frame's split.
+    ``captured``: frames per MVImgNet object as ingest read them (the gap fallback's len(frames)).
     """
     for frames in subjects:
         if frames[0].source == ids.MVIMGNET:
-            rows = mine_multiview(frames, params)
+            rows = mine_multiview(frames, params, captured=captured.get(frames[0].subject_id))
         else:
             rows = [row for frame in frames for row in mine_augmentations(
                 frame, backgrounds[split.of(frame.source, frame.subject_id, frame.image_path)], params)]
@@ -114,11 +114,11 @@ def mine_pairs(subjects: Iterable[list[SubjectFrame]], backgrounds: dict[str, li
         paired = {r["frame_id"] for r in rows}
         for frame in frames:
             if frame.frame_id not in paired:
-                unpaired(frame, _why_unpaired(frame, frames, params))
+                unpaired(frame, _why_unpaired(frame, frames, params, captured.get(frame.subject_id)))
         yield from rows
 
 
-def _why_unpaired(frame: SubjectFrame, frames: list[SubjectFrame], params: PairsParams) -> str:
+def _why_unpaired(frame: SubjectFrame, frames: list[SubjectFrame], params: PairsParams, captured: int | None) -> str:
     if frame.source != ids.MVIMGNET:
         return f"pairs.augmentations_per_box is {params.augmentations_per_box}"
     dirs = [_view_dir(f.qvec) for f in frames]
@@ -127,7 +127,8 @@ def _why_unpaired(frame: SubjectFrame, frames: list[SubjectFrame], params: Pairs
               for f, d in zip(frames, dirs) if f is not frame and d is not None and mine is not None]
     widest = f"; widest angle to another posed view {max(angles):.1f} deg" if angles else ""
     return (f"none of the object's {len(frames) - 1} other accepted views is at >= pairs.min_angle_deg "
-            f"{params.min_angle_deg} deg (or, without poses, a frame gap >= {max(1, len(frames) // 8)}){widest}")
+            f"{params.min_angle_deg} deg (or, without poses, a frame gap >= "
+            f"{max(1, max(captured or 0, len(frames)) // 8)}){widest}")
 
 
 class PairStats:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from flows import ids
@@ -31,10 +32,22 @@ def background_pool(frames: Path, split: SplitRule, limit: int = BACKGROUND_POOL
     return {name: list(photos) for name, photos in pool.items()}
 
 
+def captured_frames(ingested: Path) -> dict[str, int]:
+    """Frames per MVImgNet object in ingest's frames table (every frame ingest could read)."""
+    counts: Counter[str] = Counter()
+    for batch in iter_batches(ingested, FRAMES, columns=["source", "subject_id"]):
+        counts.update(s for source, s in zip(batch.column("source").to_pylist(), batch.column("subject_id").to_pylist())
+                      if source == ids.MVIMGNET)
+    return dict(counts)
+
+
 def build_pairs(frames: Path, masks: Path, embeddings: Path, out_dir: Path, params: PairsParams,
-                split: SplitRule) -> dict:
+                split: SplitRule, ingested: Path | None = None) -> dict:
     """Write ``out_dir/pairs.parquet``, ``rejects.parquet`` (frames left without a positive) and
-    ``stats.json``; return the stats."""
+    ``stats.json``; return the stats.
+
+    ``ingested``: ingest's frames table, for the size of each object's capture (the frame-gap
+    fallback); None counts the frames that reached this stage."""
     stats = PairStats()
     subjects = iter_subjects(iter_joined(frames, masks, embeddings))
     with TableWriter(out_dir / "pairs.parquet", PAIRS) as writer, \
@@ -44,7 +57,8 @@ def build_pairs(frames: Path, masks: Path, embeddings: Path, out_dir: Path, para
             rejects.write_row(reject_row(item_id=frame.frame_id, source=frame.source, kind=FRAME,
                                          path=frame.image_path, stage="pairs", reason=NO_POSITIVE, detail=detail))
 
-        writer.write_rows(mine_pairs(subjects, background_pool(frames, split), params, stats, unpaired, split))
+        captured = captured_frames(ingested) if ingested is not None else {}
+        writer.write_rows(mine_pairs(subjects, background_pool(frames, split), params, stats, unpaired, split, captured))
     result = stats.as_dict()
     write_json_atomic(out_dir / "stats.json", result)
     return result

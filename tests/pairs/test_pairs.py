@@ -124,3 +124,21 @@ def test_backgrounds_come_from_the_frames_own_split(tables):
     pairs, _ = run(tables, dataclasses.replace(P, aug_background_prob=1.0, augmentations_per_box=4), split)
     aug = [p for p in pairs if p["kind"] == "augmentation"]
     assert aug and all(p["aug_background"] is None for p in aug)  # the only other photo is in the other split
+
+
+def test_frame_gap_fallback_counts_the_objects_whole_capture(tables):
+    # B has no poses and 8 frames here; ingest read 24 of it (16 later dropped by the filters):
+    # AnyDoor's gap is len(frames) // 8 of the capture, 3, not 8 // 8 = 1
+    from flows.schemas import FRAMES
+    from flows.tables import write_table
+    from pipeline_tables import frame
+
+    ingested = list(iter_rows(tables / "frames.parquet", FRAMES))
+    ingested += [frame(f"mvimgnet:1/bbbbbbbb/{k:03d}.jpg", "mvimgnet:1/bbbbbbbb", "mvimgnet", k) for k in range(8, 24)]
+    write_table(tables / "ingested.parquet", FRAMES, ingested)
+    build_pairs(tables / "frames.parquet", tables / "masks.parquet", tables / "embeddings.parquet",
+                tables, P, ALL_TRAIN, tables / "ingested.parquet")
+    gaps = [p["frame_gap"] for p in iter_rows(tables / "pairs.parquet", PAIRS) if p["subject_id"].endswith("bbbbbbbb")]
+    assert gaps and min(gaps) >= 3
+    pairs, _ = run(tables)  # without the ingest table: the frames given, gap 1
+    assert min(p["frame_gap"] for p in pairs if p["subject_id"].endswith("bbbbbbbb")) == 1
