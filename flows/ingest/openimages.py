@@ -106,17 +106,8 @@ def _mask_reject(seg: reader.SegmentationRow, reason: str, detail: str) -> dict:
 def _ingest_image(root: Path, split: str, classes: dict[str, str], image_id: str,
                   image_boxes: list[tuple[str, reader.Box]], masks: dict, probe_side: int,
                   writer: ShardWriter) -> None:
-    rel = reader.image_relpath(split, image_id)
     seen: set[str] = set()
-    image = failure = None
-    path = root / rel
-    if not path.is_file():
-        failure = (reasons.MISSING_FILE, "listed in the boxes CSV but absent from the image folder")
-    else:
-        try:
-            image = probe_image(path.read_bytes(), probe_side=probe_side)
-        except UnreadableFile as exc:
-            failure = (exc.reason, exc.detail)
+    rel, image, failure = _probe_listed_image(root, split, image_id, probe_side)
     for key, box in sorted(image_boxes, key=lambda kb: kb[0]):
         frame_id = ids.openimages_frame_id(image_id, key)
         claimed = sorted(masks.pop(key, []), key=lambda s: s.mask_path)
@@ -146,6 +137,20 @@ def _ingest_image(root: Path, split: str, classes: dict[str, str], image_id: str
             box=(box.xmin, box.ymin, box.xmax, box.ymax), mask_path=mask_rel, mask=mask,
             flags={"is_group_of": box.is_group_of, "is_depiction": box.is_depiction,
                    "is_occluded": box.is_occluded, "is_truncated": box.is_truncated}))
+
+
+def _probe_listed_image(root: Path, split: str, image_id: str, probe_side: int):
+    """(path relative to the root, probe or None, (reason, detail) or None) of a boxes-CSV image."""
+    try:
+        rel = reader.image_relpath(split, image_id)
+    except reader.PathOutsideRoot as exc:  # never opened
+        return f"{split}/{image_id}.jpg", None, (reasons.PATH_OUTSIDE_ROOT, str(exc))
+    if not (root / rel).is_file():
+        return rel, None, (reasons.MISSING_FILE, "listed in the boxes CSV but absent from the image folder")
+    try:
+        return rel, probe_image((root / rel).read_bytes(), probe_side=probe_side), None
+    except UnreadableFile as exc:
+        return rel, None, (exc.reason, exc.detail)
 
 
 def _probe_box_mask(root: Path, image, claimed: list, writer: ShardWriter):

@@ -145,13 +145,19 @@ def read_class_descriptions(path: str | Path) -> dict[str, str]:
         return names
 
 
-def image_relpath(split: str, image_id: str) -> str:
-    """Image path relative to the OpenImages root: ``<split>/<ImageID>.jpg``."""
-    return f"{split}/{image_id}.jpg"
-
-
 class PathOutsideRoot(ValueError):
     """An annotation path that would resolve outside its data root."""
+
+
+def image_relpath(split: str, image_id: str) -> str:
+    """Image path relative to the OpenImages root: ``<split>/<ImageID>.jpg``.
+
+    An ImageID is a file stem (16 hex digits in the real data): one with a path separator, or
+    ``.``/``..``, raises :class:`PathOutsideRoot`, as it could name a file outside the split folder.
+    """
+    if not image_id or "/" in image_id or "\\" in image_id or image_id in (".", ".."):
+        raise PathOutsideRoot(f"ImageID {image_id!r} is not a plain file name")
+    return f"{split}/{image_id}.jpg"
 
 
 def mask_relpath(image_id: str, mask_path: str) -> str:

@@ -103,6 +103,21 @@ def test_openimages_path_escape_is_rejected(tmp_path, oi_sources):
     assert len(escape) == 1 and escape[0]["path"] == "../../../etc/passwd"
 
 
+def test_openimages_image_id_escape_is_rejected(tmp_path, oi_sources):
+    root = tmp_path / "oi"
+    (tmp_path / "secret.jpg").write_bytes(jpeg(2))  # outside the data root: must never be read
+    with open(root / "boxes.csv", "a") as csv:
+        csv.write("../../secret,xclick,/m/01,1,0.25,0.75,0.25,0.75,0,0,0,0,0\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    parts, _ = openimages.plan_shards(oi_sources, frames_per_shard=100, work_dir=work)
+    frames, rejects = run_shards(openimages, oi_sources, tmp_path, parts)
+    assert all("secret" not in f["image_path"] for f in frames)
+    (escape,) = [r for r in rejects if r["reason"] == reasons.PATH_OUTSIDE_ROOT]
+    assert escape["item_kind"] == "frame" and escape["path"] == "train/../../secret.jpg"
+    assert "not a plain file name" in escape["detail"]
+
+
 def test_mvimgnet_object(tmp_path):
     root, masks = tmp_path / "mv", tmp_path / "masks"
     images = root / "5" / "0000beef" / "images"

@@ -70,6 +70,12 @@ def test_mask_paths_never_leave_the_root(path):
         oi.mask_relpath("ab12", path)
 
 
+@pytest.mark.parametrize("image_id", ["../x", "a/b", "..\\x", "..", ""])
+def test_image_ids_never_leave_the_split_folder(image_id):
+    with pytest.raises(oi.PathOutsideRoot):
+        oi.image_relpath("train", image_id)
+
+
 def test_mask_and_image_paths():
     assert oi.mask_relpath("ab12", "ab12_m0k4j_00000001.png") == "masks/a/ab12_m0k4j_00000001.png"
     assert oi.image_relpath("train", "ab12") == "train/ab12.jpg"
