@@ -78,12 +78,12 @@ class FilterParams:
 
     out_dir: str = "data/filter"  # frames.parquet (accepted), rejects.parquet, metrics.json
     min_image_side: int = 128  # pixels; smaller images are rejected as low_resolution
-    min_box_side: int = 64  # pixels; ELITE uses 100 on full-size OpenImages
-    box_aspect_min: float = 0.5  # width / height of the subject box (ELITE: 0.5..2)
+    min_box_side: int = 100  # pixels, OpenImages boxes (ELITE)
+    box_aspect_min: float = 0.5  # width / height of an OpenImages box (ELITE: 0.5..2)
     box_aspect_max: float = 2.0
     mvimgnet_area: AreaRange = field(default_factory=lambda: AreaRange(min=0.01, max=0.64))
     openimages_area: AreaRange = field(default_factory=lambda: AreaRange(min=0.02, max=0.8))  # of the box (ELITE)
-    min_largest_component: float = 0.9  # share of the mask in its largest connected component
+    min_largest_component: float = 0.9  # MVImgNet: largest connected component holds more (AnyDoor)
     min_blur_score: float = 40.0  # variance of the Laplacian at probe_side; lower is blurry
     near_duplicate_hamming: int = 4  # phash distance at or below which two images are duplicates
     exclude_group_of: bool = True  # OpenImages IsGroupOf boxes cover several objects

@@ -62,6 +62,10 @@ def subject_area(row: Row, p: FilterParams) -> Failure:
 
 
 def box_shape(row: Row, p: FilterParams) -> Failure:
+    """ELITE's OpenImages box rules. MVImgNet's box is its mask's: its size is judged by the mask
+    area, and an aspect rule would drop tall or flat objects (bottles, keyboards)."""
+    if row["source"] != ids.OPENIMAGES:
+        return None
     width = (row["box_xmax"] - row["box_xmin"]) * row["width"]
     height = (row["box_ymax"] - row["box_ymin"]) * row["height"]
     if min(width, height) < p.min_box_side:
@@ -74,10 +78,13 @@ def box_shape(row: Row, p: FilterParams) -> Failure:
 
 
 def mask_connected(row: Row, p: FilterParams) -> Failure:
+    """AnyDoor's MVImgNet rule: the largest component must hold more than min_largest_component of
+    the mask. OpenImages masks may be split by occluders, and ELITE does not check them."""
     share = row["mask_largest_cc_frac"]
-    if share is not None and share < p.min_largest_component:
+    if row["source"] == ids.MVIMGNET and share is not None and share <= p.min_largest_component:
         return reasons.MASK_FRAGMENTED, (
-            f"largest component holds {share:.3f} of the mask < filter.min_largest_component {p.min_largest_component}")
+            f"largest component holds {share:.3f} of the mask, not more than filter.min_largest_component "
+            f"{p.min_largest_component}")
     return None
 
 

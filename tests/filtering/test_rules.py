@@ -34,8 +34,9 @@ def test_clean_row_passes():
     ({"mask_path": None, "mask_largest_cc_frac": None}, P, reasons.MISSING_MASK),
     ({"subject_area_frac": 0.005}, P, reasons.SUBJECT_TOO_SMALL),
     ({"subject_area_frac": 0.7}, P, reasons.SUBJECT_TOO_LARGE),
-    ({"box_xmax": 0.4}, P, reasons.BOX_TOO_SMALL),
-    ({"box_xmin": 0.05, "box_xmax": 0.95, "box_ymin": 0.4, "box_ymax": 0.8}, P, reasons.BAD_ASPECT_RATIO),
+    ({"source": "openimages", "box_xmax": 0.45}, P, reasons.BOX_TOO_SMALL),
+    ({"source": "openimages", "box_xmin": 0.05, "box_xmax": 0.95, "box_ymin": 0.4, "box_ymax": 0.8}, P,
+     reasons.BAD_ASPECT_RATIO),
     ({"mask_largest_cc_frac": 0.5}, P, reasons.MASK_FRAGMENTED),
     ({"blur_score": 3.0}, P, reasons.BLURRY),
 ])
@@ -46,8 +47,8 @@ def test_each_rule_rejects_with_its_reason(over, params, reason):
 
 
 def test_thresholds_are_per_source():
-    # a 0.1 x 0.15 box on a 1000 x 1000 image (no other rule applies): box area 0.015
-    small_box = {"width": 1000, "height": 1000, "box_xmin": 0.4, "box_xmax": 0.5, "box_ymin": 0.4, "box_ymax": 0.55}
+    # a 0.12 x 0.125 box on a 1000 x 1000 image (no other rule applies): box area 0.015
+    small_box = {"width": 1000, "height": 1000, "box_xmin": 0.4, "box_xmax": 0.52, "box_ymin": 0.4, "box_ymax": 0.525}
     oi = row(source="openimages", mask_path=None, mask_largest_cc_frac=None, subject_area_frac=0.015, **small_box)
     assert first_failure(oi, P)[0] == reasons.SUBJECT_TOO_SMALL  # 0.015 < openimages min 0.02
     assert first_failure(row(subject_area_frac=0.015, **small_box), P) is None  # >= mvimgnet min 0.01
@@ -67,3 +68,14 @@ def test_first_failing_rule_wins():
     failure = first_failure(row(width=100, blur_score=1.0, subject_area_frac=0.0), P)
     assert failure[0] == reasons.LOW_RESOLUTION
     assert len(RULES) == len(set(RULES))
+
+
+def test_rules_follow_their_source_precedent():
+    # ELITE's box rules are OpenImages': a tall MVImgNet bottle (box 0.1 x 0.9) passes
+    bottle = row(width=2000, height=1000, box_xmin=0.45, box_xmax=0.55, box_ymin=0.05, box_ymax=0.95)
+    assert first_failure(bottle, P) is None
+    assert first_failure({**bottle, "source": "openimages", "mask_path": None}, P)[0] == reasons.BAD_ASPECT_RATIO
+    # AnyDoor's connectedness rule is MVImgNet's, and strict: more than 90% in one component
+    assert first_failure(row(mask_largest_cc_frac=0.9), P)[0] == reasons.MASK_FRAGMENTED
+    assert first_failure(row(mask_largest_cc_frac=0.91), P) is None
+    assert first_failure(row(source="openimages", mask_largest_cc_frac=0.5), P) is None
