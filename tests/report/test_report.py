@@ -30,3 +30,16 @@ def test_report_files(tables):
     first = (out / "pairs.png").read_bytes()
     build_report(inputs, sources, out, n_pairs=4, n_subjects=2)
     assert (out / "pairs.png").read_bytes() == first  # deterministic
+
+
+def test_histograms_keep_values_past_the_edges(tmp_path):
+    import numpy as np
+
+    from flows.report.build import _histogram
+    from flows.schemas import NEIGHBOURS
+
+    rows = [{"level": "frame", "i": "a", "j": "b", "rank": 0, "r": r, "near_duplicate": False}
+            for r in (-1.0, 0.5, 1.0, 1.0003)]  # 1.0003: a float16 cosine past the last edge
+    write_table(tmp_path / "n.parquet", NEIGHBOURS, rows)
+    counts = _histogram(tmp_path / "n.parquet", NEIGHBOURS, "r", np.linspace(-1, 1, 5))
+    assert counts.tolist() == [1, 0, 0, 3]  # 0.5, 1.0 and 1.0003 in the last (closed) bin
