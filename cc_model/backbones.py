@@ -184,7 +184,11 @@ def load_sd15_backbones(params: BackboneParams) -> Backbones:
     tokenizer = check_tokenizer(
         CLIPTokenizer.from_pretrained(sd_root / "tokenizer", local_files_only=True), str(sd_root / "tokenizer")
     )
-    kw = dict(local_files_only=True, use_safetensors=True)
+    # float32 explicitly: transformers 5 defaults to dtype="auto" and takes config.json's dtype, and
+    # IP-Adapter's image encoder says "torch_dtype": "float16" (everything else would stay fp32 and the
+    # first step fails with "mat1 and mat2 must have the same dtype"). cast_frozen makes bf16 later.
+    # diffusers (0.42) and transformers (5) both take ``dtype``.
+    kw = dict(local_files_only=True, use_safetensors=True, dtype=torch.float32)
     backbones = Backbones(
         unet=UNet2DConditionModel.from_pretrained(sd_root / "unet", **kw),
         vae=AutoencoderKL.from_pretrained(sd_root / "vae", **kw),

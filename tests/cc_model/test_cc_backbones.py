@@ -92,3 +92,38 @@ def test_missing_image_encoder_names_the_subfolder_to_fetch(tmp_path, tiny_backb
     params = BackboneParams(profile="sd15", sd15_path=str(tmp_path / "sd"), image_encoder_path="h94/IP-Adapter")
     with pytest.raises(BackboneNotFoundError, match=r"image_encoder_path.*--include 'models/image_encoder/\*'"):
         load_backbones(params)
+
+
+def save_fp16_image_encoder_like_ip_adapter(backbones, image_encoder_dir, dtype_key: str) -> None:
+    """The tiny image encoder saved as IP-Adapter's is: CLIPVisionModelWithProjection in fp16, config naming the dtype."""
+    import json
+
+    from transformers import CLIPVisionModelWithProjection
+
+    encoder = CLIPVisionModelWithProjection(backbones.image_encoder.config)
+    encoder.vision_model.load_state_dict(backbones.image_encoder.state_dict())
+    encoder.to(torch.float16).save_pretrained(image_encoder_dir)
+    path = image_encoder_dir / "config.json"
+    config = json.loads(path.read_text())
+    config.pop("dtype", None), config.pop("torch_dtype", None)
+    config[dtype_key] = "float16"  # h94/IP-Adapter's config.json (older transformers) says "torch_dtype"
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("dtype_key", ["torch_dtype", "dtype"])
+def test_fp16_saved_backbones_load_in_float32_and_train(tmp_path, tiny_backbones, make_params, make_batch, dtype_key):
+    from cc_model.model import CustomContrastModel
+
+    image_dir = tmp_path / "ip" / "models" / "image_encoder"
+    save_backbones(tiny_backbones, tmp_path / "sd", image_dir)
+    tiny_backbones.text_encoder.to(torch.float16).save_pretrained(tmp_path / "sd" / "text_encoder")
+    tiny_backbones.unet.to(torch.float16).save_pretrained(tmp_path / "sd" / "unet")
+    save_fp16_image_encoder_like_ip_adapter(tiny_backbones, image_dir, dtype_key)
+    params = BackboneParams(profile="sd15", sd15_path=str(tmp_path / "sd"), image_encoder_path=str(tmp_path / "ip"))
+    loaded = load_backbones(params)
+    model = CustomContrastModel(backbones=loaded, params=make_params()).eval()
+    terms = model(make_batch(model))  # fp16 image encoder + fp32 rest: "mat1 and mat2 must have the same dtype"
+    terms["total"].backward()
+    assert torch.isfinite(terms["total"])
+    for module in (loaded.unet, loaded.vae, loaded.text_encoder, loaded.image_encoder):
+        assert module.dtype == torch.float32
