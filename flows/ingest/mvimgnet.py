@@ -61,7 +61,7 @@ def _ingest_object(root: Path, mask_root: Path, categories: dict[str, str], clas
                    object_id: str, probe_side: int, writer: ShardWriter) -> None:
     images_dir = root / class_id / object_id / "images"
     on_disk = sorted(p.name for p in images_dir.iterdir() if p.is_file()
-                     and p.name.lower().endswith(reader.IMAGE_SUFFIXES))
+                     and p.name.lower().endswith(reader.IMAGE_SUFFIXES)) if images_dir.is_dir() else []
     try:
         poses = reader.read_object_poses(root, class_id, object_id)
     except reader.ColmapFormatError as exc:
@@ -80,7 +80,8 @@ def _ingest_object(root: Path, mask_root: Path, categories: dict[str, str], clas
                                              stage=STAGE, reason=reason, detail=detail))
 
         if class_name is None:
-            reject(reasons.UNKNOWN_CLASS, f"class id {class_id!r} is not in {Path(root).name}'s category file")
+            reject(reasons.UNKNOWN_CLASS, f"class id {class_id!r} is not in the category file "
+                                          "(sources.mvimgnet_categories)")
             continue
         if frame not in on_disk:
             reject(reasons.MISSING_FILE, "listed in sparse/0/images.bin but absent from images/")

@@ -55,14 +55,18 @@ def _sorted_dirs(path: Path) -> list[str]:
 def iter_objects(root: str | Path) -> Iterator[ObjectDir]:
     """Walk ``root`` in sorted order, one :class:`ObjectDir` per ``<class>/<object>`` folder.
 
-    Only folders holding an ``images/`` folder are objects; the walk streams, so memory
-    does not grow with the number of objects.
+    Folders holding an ``images/`` folder or a COLMAP ``sparse/0/images.bin`` are objects (one
+    whose images are gone still lists its frames in the model: they must be accounted for);
+    the walk streams, so memory does not grow with the number of objects.
     """
     root = Path(root)
     for class_id in _sorted_dirs(root):
         for object_id in _sorted_dirs(root / class_id):
-            images = root / class_id / object_id / "images"
+            folder = root / class_id / object_id
+            images = folder / "images"
             if not images.is_dir():
+                if (folder / "sparse" / "0" / "images.bin").is_file():
+                    yield ObjectDir(class_id, object_id, ())
                 continue
             with os.scandir(images) as entries:
                 frames = sorted(

@@ -169,3 +169,25 @@ def test_mvimgnet_broken_colmap_keeps_frames(tmp_path):
                                  mvimgnet.plan_shards(sources, frames_per_shard=10, work_dir=work))
     assert len(frames) == 1 and frames[0]["pose_qvec"] is None
     assert [(r["item_kind"], r["reason"]) for r in rejects] == [("annotation", reasons.BAD_ANNOTATION)]
+
+
+def test_mvimgnet_object_without_images_folder_is_accounted(tmp_path):
+    # the COLMAP model lists two frames, but the images/ folder is gone: both end in rejects
+    root = tmp_path / "mv"
+    sparse = root / "5" / "0000dead" / "sparse" / "0"
+    sparse.mkdir(parents=True)
+    (root / "5" / "stray").mkdir()  # neither images/ nor a model: not an object
+    (root / "cats.txt").write_text("5,teapot\n")
+    poses = [colmap.ImagePose(id=i, qvec=(1.0, 0.0, 0.0, 0.0), tvec=(0.0, 0.0, 1.0), camera_id=1,
+                              name=f"00{i}.jpg") for i in (1, 2)]
+    colmap.write_images_binary(poses, sparse / "images.bin")
+    sources = SourcesParams(mvimgnet_root=str(root), mvimgnet_mask_root=str(tmp_path / "masks"),
+                            mvimgnet_categories=str(root / "cats.txt"))
+    work = tmp_path / "work"
+    work.mkdir()
+    frames, rejects = run_shards(mvimgnet, sources, tmp_path, mvimgnet.plan_shards(sources, frames_per_shard=100,
+                                                                                   work_dir=work))
+    assert frames == []
+    assert sorted((r["path"], r["reason"], r["item_kind"]) for r in rejects) == [
+        ("5/0000dead/images/001.jpg", reasons.MISSING_FILE, "frame"),
+        ("5/0000dead/images/002.jpg", reasons.MISSING_FILE, "frame")]
