@@ -68,10 +68,16 @@ def load_trainable(model, directory: str | Path) -> None:
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     if missing or unexpected:
         raise ValueError(f"{directory}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    # Every shape is checked before the first copy: a refused checkpoint leaves the model as it was.
+    wrong = [
+        f"{name} has shape {tuple(tensors[name].shape)}, model {tuple(param.shape)}"
+        for name, param in own.items()
+        if tensors[name].shape != param.shape
+    ]
+    if wrong:
+        raise ValueError(f"{directory}: {len(wrong)} tensor(s) differ in shape from the model's: " + "; ".join(wrong[:5]))
     with torch.no_grad():
         for name, param in own.items():
-            if tensors[name].shape != param.shape:
-                raise ValueError(f"{directory}: {name} has shape {tuple(tensors[name].shape)}, model {tuple(param.shape)}")
             param.copy_(tensors[name])
 
 

@@ -58,3 +58,34 @@ def test_mismatched_config_or_keys_rejected(tmp_path, make_model, make_params):
 def test_not_a_checkpoint_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match=WEIGHTS_NAME):
         read_checkpoint(tmp_path)
+
+
+def rewrite_weights(directory, tensors) -> None:
+    """Replace the checkpoint's tensors, keeping its metadata (the config copy) as save_trainable wrote it."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as f:
+        metadata = f.metadata()
+    save_file(tensors, str(directory / WEIGHTS_NAME), metadata=metadata)
+
+
+def perturbed(model):
+    with torch.no_grad():
+        for p in model.trainable_named_parameters().values():
+            p.add_(0.01 * torch.randn_like(p))
+    return model
+
+
+def test_wrong_shape_is_refused_before_anything_is_copied(tmp_path, make_model):
+    save_trainable(perturbed(make_model()), tmp_path)
+    _, _, tensors = read_checkpoint(tmp_path)
+    target = make_model()
+    wrong = list(target.trainable_named_parameters())[-1]  # the last copied: every other one would be overwritten
+    tensors[wrong] = torch.zeros(*tensors[wrong].shape, 2)
+    rewrite_weights(tmp_path, tensors)
+    before = {k: v.clone() for k, v in target.trainable_state_dict().items()}
+    with pytest.raises(ValueError, match=rf"{wrong}.*shape") as info:
+        load_trainable(target, tmp_path)
+    for name, value in target.trainable_state_dict().items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0)
