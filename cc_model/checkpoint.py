@@ -1,7 +1,8 @@
 """Save and load exactly the trainable weights: safetensors plus the resolved config as JSON beside them.
 
 Loading reads tensors with safetensors and the config with json + the strict typed loader, so
-nothing is ever unpickled. The key set must match the model's trainable set exactly.
+nothing is ever unpickled. The weights file's metadata carries the same config and must match the
+JSON (the two files are replaced one after the other). The key set must match the model's trainable set exactly.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from cc_model.config import ModelParams
@@ -53,6 +55,17 @@ def read_checkpoint(directory: str | Path) -> tuple[ModelParams, dict, dict[str,
     config = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
     if config.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{directory / CONFIG_NAME}: format_version {config.get('format_version')!r} unsupported")
+    # The two files are written one after the other; a writer killed between them leaves new weights
+    # beside the old config. The weights carry their own copy of the config, which must agree.
+    with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as f:
+        embedded = (f.metadata() or {}).get("config")
+    if embedded is None:
+        raise ValueError(f"{directory / WEIGHTS_NAME}: no config in its metadata (not written by save_trainable)")
+    if json.loads(embedded) != config:
+        raise ValueError(
+            f"{directory}: the config inside {WEIGHTS_NAME} and {CONFIG_NAME} differ (the two files come from "
+            "different saves, e.g. a save killed between its two writes); refusing to pair them"
+        )
     params = from_mapping(ModelParams, config["model"], "model")
     return params, config, load_file(str(directory / WEIGHTS_NAME))
 

@@ -50,7 +50,7 @@ def test_mismatched_config_or_keys_rejected(tmp_path, make_model, make_params):
     from safetensors.torch import save_file
 
     tensors.pop(next(iter(tensors)))
-    save_file(tensors, str(tmp_path / WEIGHTS_NAME))
+    save_file(tensors, str(tmp_path / WEIGHTS_NAME), metadata={"config": json.dumps(config, indent=2, sort_keys=True)})
     with pytest.raises(ValueError, match="missing keys"):
         load_trainable(make_model(), tmp_path)
 
@@ -89,3 +89,22 @@ def test_wrong_shape_is_refused_before_anything_is_copied(tmp_path, make_model):
         load_trainable(target, tmp_path)
     for name, value in target.trainable_state_dict().items():
         torch.testing.assert_close(value, before[name], rtol=0, atol=0)
+
+
+def test_weights_and_config_from_different_saves_are_refused(tmp_path, make_model, make_params):
+    """A writer killed between the two atomic writes leaves new weights beside the old config."""
+    import shutil
+
+    save_trainable(make_model(), tmp_path / "old")
+    save_trainable(make_model(make_params("id0_visual")), tmp_path / "new")
+    shutil.copy(tmp_path / "new" / WEIGHTS_NAME, tmp_path / "old" / WEIGHTS_NAME)
+    with pytest.raises(ValueError, match=rf"{WEIGHTS_NAME}.*{CONFIG_NAME}.*differ"):
+        read_checkpoint(tmp_path / "old")
+    with pytest.raises(ValueError, match="differ"):
+        load_model(tmp_path / "old")
+    _, _, tensors = read_checkpoint(tmp_path / "new")
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(tmp_path / "new" / WEIGHTS_NAME))  # no metadata: not written by save_trainable
+    with pytest.raises(ValueError, match="no config in its metadata"):
+        read_checkpoint(tmp_path / "new")
