@@ -7,6 +7,7 @@ JSON (the two files are replaced one after the other). The key set must match th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -70,11 +71,23 @@ def read_checkpoint(directory: str | Path) -> tuple[ModelParams, dict, dict[str,
     return params, config, load_file(str(directory / WEIGHTS_NAME))
 
 
+# Where the backbones sit on this machine, not which backbones: left out of the compatibility check so
+# a checkpoint loads where the same weights live elsewhere (the profile and tiny_seed stay compared).
+BACKBONE_PATH_FIELDS = ("sd15_path", "image_encoder_path", "image_encoder_subfolder")
+
+
+def comparable(params: ModelParams) -> ModelParams:
+    """``params`` with the machine-local backbone path fields blanked, for the compatibility check."""
+    backbone = dataclasses.replace(params.backbone, **{name: "" for name in BACKBONE_PATH_FIELDS})
+    return dataclasses.replace(params, backbone=backbone)
+
+
 def load_trainable(model, directory: str | Path) -> None:
-    """Load a checkpoint into ``model``; keys, shapes and the layer order must match exactly."""
+    """Load a checkpoint into ``model``; config (less the backbone paths), keys, shapes and layer order must match."""
     params, config, tensors = read_checkpoint(directory)
-    if params != model.params:
-        raise ValueError(f"{directory}: checkpoint config differs from the model's:\n{params}\n!=\n{model.params}")
+    saved, own_params = comparable(params), comparable(model.params)
+    if saved != own_params:
+        raise ValueError(f"{directory}: checkpoint config differs from the model's:\n{saved}\n!=\n{own_params}")
     if config["cross_attention_layers"] != list(model.layer_names):
         raise ValueError(f"{directory}: cross-attention layers differ from the model's UNet")
     own = model.trainable_named_parameters()

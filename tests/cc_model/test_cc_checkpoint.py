@@ -108,3 +108,24 @@ def test_weights_and_config_from_different_saves_are_refused(tmp_path, make_mode
     save_file(tensors, str(tmp_path / "new" / WEIGHTS_NAME))  # no metadata: not written by save_trainable
     with pytest.raises(ValueError, match="no config in its metadata"):
         read_checkpoint(tmp_path / "new")
+
+
+def test_backbone_paths_are_machine_local_and_not_compared(tmp_path, make_model, make_params):
+    import dataclasses
+
+    def with_backbone(**changes):
+        params = make_params()
+        return dataclasses.replace(params, backbone=dataclasses.replace(params.backbone, **changes))
+
+    here = dict(sd15_path="/machine/a/sd15", image_encoder_path="/machine/a/ip", image_encoder_subfolder="models/image_encoder")
+    there = dict(sd15_path="elsewhere/sd15", image_encoder_path="/mnt/b/ip-adapter", image_encoder_subfolder="image_encoder")
+    saved = perturbed(make_model(with_backbone(**here)))
+    save_trainable(saved, tmp_path)
+    target = make_model(with_backbone(**there))
+    load_trainable(target, tmp_path)
+    for name, value in saved.trainable_state_dict().items():
+        torch.testing.assert_close(target.trainable_state_dict()[name], value, rtol=0, atol=0)
+    assert target.params.backbone.sd15_path == "elsewhere/sd15"  # the model keeps its own paths
+    for changes in (dict(profile="sd15"), dict(tiny_seed=1)):  # which weights, not where: still compared
+        with pytest.raises(ValueError, match="config differs"):
+            load_trainable(make_model(with_backbone(**here, **changes)), tmp_path)
