@@ -3,21 +3,23 @@
 One task per MVImgNet object, per DreamBench subject and per shard of OpenImages images; tasks
 pass file paths (cut-out manifests, CSV-row files), never pixels. The output is staged in
 ``<out_dir>.partial`` and renamed into place when every task has finished.
-Call :func:`flows.runtime.configure` before importing this module (``python -m flows.sample``
-does).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
-from prefect.task_runners import ThreadPoolTaskRunner
+from flows.runtime import configure
 
-from flows.config.params import SampleParams, load_params
-from flows.sample import generate
-from flows.sample.plan import ImagePlan, ObjectPlan, SamplePlan, plan_sample
+configure()
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
+
+from flows.config.params import SampleParams, load_params  # noqa: E402
+from flows.sample import generate  # noqa: E402
+from flows.sample.plan import ImagePlan, ObjectPlan, SamplePlan, plan_sample  # noqa: E402
 
 WORKERS = 2  # threads; rendering is serialised by a lock, compositing and encoding overlap
 
