@@ -94,6 +94,25 @@ def check_tokenizer(tokenizer: CLIPTokenizer, source: str) -> CLIPTokenizer:
     return tokenizer
 
 
+def match_text_encoder_length(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, source: str) -> CLIPTokenizer:
+    """The tokenizer pads to the text encoder's length: set it when the folder gives none, refuse a different one.
+
+    A tokenizer folder with only vocab.json + merges.txt (no tokenizer_config.json) loads with
+    transformers' placeholder model_max_length of 1e30, and tokenize() would pad to that.
+    """
+    positions = text_encoder.config.max_position_embeddings
+    length = getattr(tokenizer, "model_max_length", None)
+    if length is None or length > 1_000_000:  # absent: transformers' VERY_LARGE_INTEGER placeholder
+        log.info("%s: no model_max_length, using the text encoder's max_position_embeddings %d", source, positions)
+        tokenizer.model_max_length = length = positions
+    if length != positions:
+        raise ValueError(
+            f"{source}: tokenizer model_max_length {length} != text encoder max_position_embeddings {positions} "
+            "(tokenizer and text encoder come from different models?)"
+        )
+    return tokenizer
+
+
 # --------------------------------------------------------------------------- random weights
 
 
@@ -198,6 +217,7 @@ def load_sd15_backbones(params: BackboneParams) -> Backbones:
         image_encoder=CLIPVisionModel.from_pretrained(image_dir, **kw),
         profile="sd15",
     )
+    match_text_encoder_length(backbones.tokenizer, backbones.text_encoder, str(sd_root / "tokenizer"))
     return freeze(backbones)
 
 

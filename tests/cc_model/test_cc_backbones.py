@@ -127,3 +127,38 @@ def test_fp16_saved_backbones_load_in_float32_and_train(tmp_path, tiny_backbones
     assert torch.isfinite(terms["total"])
     for module in (loaded.unet, loaded.vae, loaded.text_encoder, loaded.image_encoder):
         assert module.dtype == torch.float32
+
+
+def sd15_tokenizer_folder(backbones, folder) -> None:
+    """The tokenizer as SD1.5 can ship it: vocab.json + merges.txt only, no tokenizer_config.json."""
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    backbones.tokenizer.backend_tokenizer.model.save(str(folder))  # writes exactly vocab.json + merges.txt
+    assert sorted(p.name for p in folder.iterdir()) == ["merges.txt", "vocab.json"]
+
+
+def test_tokenizer_without_config_pads_to_the_text_encoders_length(tmp_path, tiny_backbones, make_params):
+    from cc_model.model import CustomContrastModel
+
+    save_backbones(tiny_backbones, tmp_path / "sd", tmp_path / "ip" / "models" / "image_encoder")
+    sd15_tokenizer_folder(tiny_backbones, tmp_path / "sd" / "tokenizer")
+    params = BackboneParams(profile="sd15", sd15_path=str(tmp_path / "sd"), image_encoder_path=str(tmp_path / "ip"))
+    loaded = load_backbones(params)
+    assert loaded.tokenizer.model_max_length == loaded.text_encoder.config.max_position_embeddings == 77
+    model = CustomContrastModel(backbones=loaded, params=make_params())
+    ids = model.tokenize(["a photo of sks dog"])
+    assert ids.shape == (1, 77)
+    assert ids.tolist() == tiny_backbones.tokenizer(["a photo of sks dog"], padding="max_length", max_length=77).input_ids
+
+
+def test_tokenizer_length_disagreeing_with_text_encoder_is_refused(tmp_path, tiny_backbones):
+    import json
+
+    save_backbones(tiny_backbones, tmp_path / "sd", tmp_path / "ip" / "models" / "image_encoder")
+    path = tmp_path / "sd" / "tokenizer" / "tokenizer_config.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), model_max_length=64)))
+    params = BackboneParams(profile="sd15", sd15_path=str(tmp_path / "sd"), image_encoder_path=str(tmp_path / "ip"))
+    with pytest.raises(ValueError, match=r"tokenizer.*model_max_length 64.*max_position_embeddings 77"):
+        load_backbones(params)
