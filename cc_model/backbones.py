@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from transformers import (  # noqa: E402
 )
 
 from cc_model.architectures import CLIP_VOCAB_SIZE, SCHEDULER_CONFIG, sd15_configs, tiny_configs  # noqa: E402, F401
-from cc_model.config import SD15_REPO, BackboneParams  # noqa: E402
+from cc_model.config import IP_ADAPTER_REPO, SD15_REPO, BackboneParams  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -150,46 +151,75 @@ SD15_FILES = {
 TOKENIZER_FILE_SETS = (["tokenizer/vocab.json", "tokenizer/merges.txt"], ["tokenizer/tokenizer.json"])
 
 
-def _resolve_root(path_or_repo: str, what: str, include: str = "") -> Path:
-    """A local folder as given, or the cached snapshot of a Hugging Face repo id (no network)."""
+def _looks_like_repo(path_or_repo: str) -> bool:
+    return path_or_repo.count("/") == 1 and not path_or_repo.startswith((".", "/", "~"))
+
+
+def _download_hint(path_or_repo: str, repo: str, include: str = "") -> str:
+    """How to fetch what ``path_or_repo`` should hold: a repo id into the HF cache, a local folder with --local-dir."""
+    if path_or_repo == repo:
+        return f"Get it with `hf download {repo}{include}` (older hubs: `huggingface-cli download {repo}{include}`)"
+    local = f"`hf download {repo}{include} --local-dir {shlex.quote(str(Path(path_or_repo).expanduser()))}`"
+    if _looks_like_repo(path_or_repo) and _valid_repo_id(path_or_repo):
+        return f"Get it with `hf download {path_or_repo}{include}` if it is a repo id, or {local} if it is a local folder"
+    return f"Get it with {local} (older hubs: `huggingface-cli download` takes the same arguments)"
+
+
+def _valid_repo_id(path_or_repo: str) -> bool:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(path_or_repo)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _resolve_root(path_or_repo: str, what: str, repo: str, include: str = "") -> Path:
+    """A local folder as given, or the cached snapshot of a Hugging Face repo id (no network).
+
+    ``repo`` is the repo the weights come from, named in the error's download command.
+    """
     path = Path(path_or_repo).expanduser()
     if path.is_dir():
         return path
-    looks_like_repo = path_or_repo.count("/") == 1 and not path_or_repo.startswith((".", "/", "~"))
-    if looks_like_repo:
+    if _looks_like_repo(path_or_repo):
         from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
+        from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
         try:
             return Path(snapshot_download(path_or_repo, local_files_only=True))
-        except LocalEntryNotFoundError:
+        except (LocalEntryNotFoundError, HFValidationError):  # not cached, or not a repo id (e.g. a space in it)
             pass
     raise BackboneNotFoundError(
         f"{what}: {path_or_repo!r} is neither a local folder nor a repo in the Hugging Face cache. "
-        f"Get it with `hf download {path_or_repo}{include}` (older hubs: `huggingface-cli download "
-        f"{path_or_repo}{include}`), or point params.yaml at a local folder."
+        f"{_download_hint(path_or_repo, repo, include)}, or point params.yaml at a local folder."
     )
 
 
-def _require_files(root: Path, required: list[str], alternatives: tuple[list[str], ...], what: str, repo: str):
+def _require_files(root: Path, required: list[str], alternatives: tuple[list[str], ...], what: str, hint: str):
     missing = [f for f in required if not (root / f).is_file()]
     if alternatives and not any(all((root / f).is_file() for f in alt) for alt in alternatives):
         missing.append(" + ".join(alternatives[0]) + " (or " + " + ".join(alternatives[-1]) + ")")
     if missing:
         raise BackboneNotFoundError(
             f"{what}: {root} lacks {', '.join(missing)}. Only safetensors weights are read. "
-            f"Get them with `hf download {repo}` or copy a complete folder there."
+            f"{hint}, or copy a complete folder there."
         )
 
 
 def load_sd15_backbones(params: BackboneParams) -> Backbones:
     """SD1.5 + CLIP image encoder from local folders or the HF cache; clear error when missing."""
-    sd_root = _resolve_root(params.sd15_path, "model.backbone.sd15_path (Stable Diffusion 1.5)")
+    sd_root = _resolve_root(params.sd15_path, "model.backbone.sd15_path (Stable Diffusion 1.5)", SD15_REPO)
     sd_files = [f for files in SD15_FILES.values() for f in files]
-    _require_files(sd_root, sd_files, TOKENIZER_FILE_SETS, "Stable Diffusion 1.5", SD15_REPO)
+    _require_files(
+        sd_root, sd_files, TOKENIZER_FILE_SETS, "Stable Diffusion 1.5", _download_hint(params.sd15_path, SD15_REPO)
+    )
     sub = params.image_encoder_subfolder.strip("/")
+    include = f" --include '{sub}/*'" if sub else ""
     image_root = _resolve_root(
-        params.image_encoder_path, "model.backbone.image_encoder_path", f" --include '{sub}/*'" if sub else ""
+        params.image_encoder_path, "model.backbone.image_encoder_path", IP_ADAPTER_REPO, include
     )
     image_dir = image_root / sub if sub else image_root
     sub_prefix = f"{sub}/" if sub else ""
@@ -198,7 +228,7 @@ def load_sd15_backbones(params: BackboneParams) -> Backbones:
         [f"{sub_prefix}config.json", f"{sub_prefix}model.safetensors"],
         (),
         "CLIP image encoder",
-        f"{params.image_encoder_path} --include '{sub_prefix}*'",
+        _download_hint(params.image_encoder_path, IP_ADAPTER_REPO, include),
     )
     tokenizer = check_tokenizer(
         CLIPTokenizer.from_pretrained(sd_root / "tokenizer", local_files_only=True), str(sd_root / "tokenizer")

@@ -162,3 +162,51 @@ def test_tokenizer_length_disagreeing_with_text_encoder_is_refused(tmp_path, tin
     params = BackboneParams(profile="sd15", sd15_path=str(tmp_path / "sd"), image_encoder_path=str(tmp_path / "ip"))
     with pytest.raises(ValueError, match=r"tokenizer.*model_max_length 64.*max_position_embeddings 77"):
         load_backbones(params)
+
+
+def test_missing_local_folders_suggest_a_valid_download_command(tmp_path, tiny_backbones):
+    from cc_model.config import IP_ADAPTER_REPO, SD15_REPO
+
+    nope = tmp_path / "nope"
+    with pytest.raises(BackboneNotFoundError) as info:
+        load_backbones(BackboneParams(profile="sd15", sd15_path=str(nope)))
+    message = str(info.value)
+    assert "model.backbone.sd15_path" in message
+    assert f"hf download {SD15_REPO} --local-dir {nope}`" in message
+    assert f"hf download {nope}" not in message  # not a repo id: not a valid command
+    save_backbones(tiny_backbones, tmp_path / "sd", tmp_path / "elsewhere")
+    ip = tmp_path / "ip-nope"
+    with pytest.raises(BackboneNotFoundError) as info:
+        load_backbones(BackboneParams(profile="sd15", sd15_path=str(tmp_path / "sd"), image_encoder_path=str(ip)))
+    message = str(info.value)
+    assert "model.backbone.image_encoder_path" in message
+    assert f"hf download {IP_ADAPTER_REPO} --include 'models/image_encoder/*' --local-dir {ip}`" in message
+    assert f"hf download {ip}" not in message
+
+
+def test_incomplete_local_folders_suggest_a_valid_download_command(tmp_path, tiny_backbones):
+    from cc_model.config import IP_ADAPTER_REPO, SD15_REPO
+
+    save_backbones(tiny_backbones, tmp_path / "sd", tmp_path / "ip" / "models" / "image_encoder")
+    (tmp_path / "ip" / "models" / "image_encoder" / "model.safetensors").unlink()
+    params = BackboneParams(profile="sd15", sd15_path=str(tmp_path / "sd"), image_encoder_path=str(tmp_path / "ip"))
+    with pytest.raises(BackboneNotFoundError) as info:
+        load_backbones(params)
+    assert f"hf download {IP_ADAPTER_REPO} --include 'models/image_encoder/*' --local-dir {tmp_path / 'ip'}`" in str(
+        info.value
+    )
+    (tmp_path / "sd" / "vae" / "config.json").unlink()
+    with pytest.raises(BackboneNotFoundError) as info:
+        load_backbones(params)
+    assert f"hf download {SD15_REPO} --local-dir {tmp_path / 'sd'}`" in str(info.value)
+
+
+def test_path_that_is_not_a_valid_repo_id_gets_the_clear_error(tmp_path, monkeypatch):
+    from cc_model.config import SD15_REPO
+
+    monkeypatch.chdir(tmp_path)  # "my models/sd15" is relative and absent; with its space it is no valid repo id
+    with pytest.raises(BackboneNotFoundError) as info:
+        load_backbones(BackboneParams(profile="sd15", sd15_path="my models/sd15"))
+    message = str(info.value)
+    assert "model.backbone.sd15_path" in message and "'my models/sd15'" in message
+    assert f"hf download {SD15_REPO} --local-dir 'my models/sd15'`" in message
