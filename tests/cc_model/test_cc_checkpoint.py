@@ -85,7 +85,7 @@ def test_wrong_shape_is_refused_before_anything_is_copied(tmp_path, make_model):
     tensors[wrong] = torch.zeros(*tensors[wrong].shape, 2)
     rewrite_weights(tmp_path, tensors)
     before = {k: v.clone() for k, v in target.trainable_state_dict().items()}
-    with pytest.raises(ValueError, match=rf"{wrong}.*shape") as info:
+    with pytest.raises(ValueError, match=rf"{wrong}.*shape"):
         load_trainable(target, tmp_path)
     for name, value in target.trainable_state_dict().items():
         torch.testing.assert_close(value, before[name], rtol=0, atol=0)
@@ -117,8 +117,8 @@ def test_backbone_paths_are_machine_local_and_not_compared(tmp_path, make_model,
         params = make_params()
         return dataclasses.replace(params, backbone=dataclasses.replace(params.backbone, **changes))
 
-    here = dict(sd15_path="/machine/a/sd15", image_encoder_path="/machine/a/ip", image_encoder_subfolder="models/image_encoder")
-    there = dict(sd15_path="elsewhere/sd15", image_encoder_path="/mnt/b/ip-adapter", image_encoder_subfolder="image_encoder")
+    here = {"sd15_path": "/a/sd15", "image_encoder_path": "/a/ip", "image_encoder_subfolder": "models/image_encoder"}
+    there = {"sd15_path": "elsewhere/sd15", "image_encoder_path": "/b/ip-adapter", "image_encoder_subfolder": "encoder"}
     saved = perturbed(make_model(with_backbone(**here)))
     save_trainable(saved, tmp_path)
     target = make_model(with_backbone(**there))
@@ -126,6 +126,6 @@ def test_backbone_paths_are_machine_local_and_not_compared(tmp_path, make_model,
     for name, value in saved.trainable_state_dict().items():
         torch.testing.assert_close(target.trainable_state_dict()[name], value, rtol=0, atol=0)
     assert target.params.backbone.sd15_path == "elsewhere/sd15"  # the model keeps its own paths
-    for changes in (dict(profile="sd15"), dict(tiny_seed=1)):  # which weights, not where: still compared
+    for changes in ({"profile": "sd15"}, {"tiny_seed": 1}):  # which weights, not where: still compared
         with pytest.raises(ValueError, match="config differs"):
             load_trainable(make_model(with_backbone(**here, **changes)), tmp_path)
