@@ -67,8 +67,11 @@ def tiny_configs() -> dict[str, dict]:
 def sd15_configs(image_encoder: str = "vit-h") -> dict[str, dict]:
     """SD1.5-size configs (for random-weight benchmarks): UNet, VAE, CLIP ViT-L/14 text, ViT-H or L image."""
     vision = {
-        "vit-h": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16),
-        "vit-l": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
+        # LAION's ViT-H/14 (IP-Adapter's image encoder) uses GELU; OpenAI's ViT-L/14 quick-GELU
+        "vit-h": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                      hidden_act="gelu"),
+        "vit-l": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                      hidden_act="quick_gelu"),
     }[image_encoder]
     return {
         # diffusers' UNet2DConditionModel defaults are SD1.5's, except the text width (768, not 1280).
