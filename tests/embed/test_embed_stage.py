@@ -94,15 +94,20 @@ def test_image_file_follows_the_source_root(tmp_path):
     assert files[1] == f"{inputs.sources.openimages_root}/train/{1:016x}.jpg"
 
 
-def test_frames_the_segment_stage_rejected_are_not_counted_twice(tmp_path, tiny_clip):
+def segment_rejected_file(tmp_path, frame_id):
+    """A segment rejects table holding ``frame_id`` (an empty mask)."""
     from flows.accounting import FRAME, reject_row
     from flows.tables import write_table
 
+    path = tmp_path / "segment_rejects.parquet"
+    write_table(path, REJECTS, [reject_row(item_id=frame_id, source="mvimgnet", kind=FRAME, path="x",
+                                           stage="segment", reason=reasons.EMPTY_MASK, detail="test")])
+    return path
+
+
+def test_frames_the_segment_stage_rejected_are_not_counted_twice(tmp_path, tiny_clip):
     inputs = make_inputs(tmp_path / "in", n=5, unmasked=(1, 3))
-    segment_rejects = tmp_path / "segment_rejects.parquet"
-    write_table(segment_rejects, REJECTS, [reject_row(
-        item_id=inputs.frame_ids[1], source="mvimgnet", kind=FRAME, path="x", stage="segment",
-        reason=reasons.EMPTY_MASK, detail="test")])
+    segment_rejects = segment_rejected_file(tmp_path, inputs.frame_ids[1])
     out = tmp_path / "out"
     stats = embed_frames(inputs.frames, inputs.masks, out, embed_params(out), inputs.sources, clip=tiny_clip,
                          segment_rejects=segment_rejects)
@@ -114,14 +119,10 @@ def test_frames_the_segment_stage_rejected_are_not_counted_twice(tmp_path, tiny_
 
 def test_every_input_frame_is_counted_once(tmp_path, tiny_clip):
     """frames in = embedded + embed rejects + segment rejects, in the stats and in the tables."""
-    from flows.accounting import FRAME, reject_row
-    from flows.tables import count_rows, write_table
+    from flows.tables import count_rows
 
     inputs = make_inputs(tmp_path / "in", n=8, unmasked=(1, 3), corrupt=(5,))
-    segment_rejects = tmp_path / "segment_rejects.parquet"
-    write_table(segment_rejects, REJECTS, [reject_row(
-        item_id=inputs.frame_ids[1], source="mvimgnet", kind=FRAME, path="x", stage="segment",
-        reason=reasons.EMPTY_MASK, detail="test")])
+    segment_rejects = segment_rejected_file(tmp_path, inputs.frame_ids[1])
     out = tmp_path / "out"
     stats = embed_frames(inputs.frames, inputs.masks, out, embed_params(out), inputs.sources, clip=tiny_clip,
                          segment_rejects=segment_rejects)
