@@ -193,9 +193,11 @@ def main(argv: list[str] | None = None) -> dict:
         bare_rate(clip, device, args.batch, 4 * args.batch, min_seconds=0.0)  # warm-up: kernels, allocator
         prep = preprocess_rate(frames, masks, sources, clip, params, pin=device.type == "cuda")
         bare, stage = [], []
+        print(f"# preprocess only: {prep:.1f} img/s", file=sys.stderr, flush=True)
         for _ in range(args.repeats):
             bare.append(bare_rate(clip, device, args.batch, args.n_images))
             stage.append(stage_rate(frames, masks, sources, clip, params, device))
+            print(f"# bare {bare[-1]:.1f} img/s, stage {stage[-1]:.1f} img/s", file=sys.stderr, flush=True)
         bare_m, stage_m = statistics.median(bare), statistics.median(stage)
         result = {
             "profile": args.profile, "model_id": clip.model_id, "image_size": clip.image_size,

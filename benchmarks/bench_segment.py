@@ -57,10 +57,14 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_encoder(runner: SamRunner, batch: int, n_images: int, warmup: int = 2) -> float:
-    """Images/s of the bare image encoder on pre-made device tensors."""
+    """Images/s of the bare image encoder on pre-made device tensors.
+
+    The input comes from the stage's own ``SamRunner.preprocess`` (random pixels), so it has the
+    memory layout the stage feeds the encoder (channels-last, from the HWC upload).
+    """
     s = runner.image_size
-    gen = torch.Generator(device=runner.device).manual_seed(0)
-    x = torch.randn(batch, 3, s, s, device=runner.device, generator=gen)
+    rng = np.random.default_rng(0)
+    x = runner.preprocess([rng.integers(0, 256, (s, s, 3), dtype=np.uint8) for _ in range(batch)])
     steps = max(1, n_images // batch)
     with torch.inference_mode(), runner.autocast():
         for _ in range(warmup):
@@ -151,7 +155,9 @@ def main() -> None:
         generate(root / "run", args.n_images, args.boxes, width, height)
         bench_stage(runner, root / "warm", args.batch, args.workers)  # warm-up: kernels, allocator, threads
         encoder_before = bench_encoder(runner, args.batch, args.n_images)
+        print(f"# encoder before: {encoder_before:.3f} img/s", file=sys.stderr, flush=True)
         seconds, stats = bench_stage(runner, root / "run", args.batch, args.workers)
+        print(f"# stage: {args.n_images / seconds:.3f} img/s", file=sys.stderr, flush=True)
         encoder_after = bench_encoder(runner, args.batch, args.n_images)
     finally:
         if not args.keep:
