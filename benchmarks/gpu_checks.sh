@@ -55,6 +55,14 @@ else
     { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; } >>"$LOG" 2>&1
 fi
 "$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__)" >>"$LOG" 2>&1
+"$PY" - >>"$LOG" 2>&1 <<'VERSIONS'
+import importlib  # the versions the checks will import, for diagnosis
+for name in ("transformers", "huggingface_hub", "diffusers", "open_clip", "segment_anything", "pyarrow", "triton"):
+    try:
+        print(name, getattr(importlib.import_module(name), "__version__", "?"))
+    except Exception as exc:  # noqa: BLE001 - report and go on
+        print(name, "not importable:", type(exc).__name__, exc)
+VERSIONS
 
 # Past DEADLINE seconds from the start no check begins, and each is cut to what is left, so the
 # call ends inside the device tool's timeout with every finished result under $OUT.
