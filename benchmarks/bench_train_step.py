@@ -112,6 +112,16 @@ def variants(args, m: int) -> dict[str, ModelParams]:
     return out
 
 
+def add_variant_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options ``variants`` and ``build`` read (shared with flops_train_step.py)."""
+    parser.add_argument("--image-encoder", choices=["vit-h", "vit-l"], default="vit-h")
+    parser.add_argument("--num-visual-tokens", type=int, default=None, help="m; default 16 (4 for tiny)")
+    parser.add_argument("--depth", type=int, default=4, help="Q-former depth (paper: 4)")
+    parser.add_argument("--loc-min-downsample", type=int, default=None,
+                        help="default: model.loc_min_downsample's default; 1 = localisation maps in every layer")
+    parser.add_argument("--ladder", action="store_true", help="also run the ablation presets")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=["tiny", "sd15-random"], default="tiny")
@@ -121,12 +131,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="steps per timed block")
     parser.add_argument("--repeats", type=int, default=3, help="timed blocks per variant, interleaved")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant after it is built")
-    parser.add_argument("--image-encoder", choices=["vit-h", "vit-l"], default="vit-h")
-    parser.add_argument("--num-visual-tokens", type=int, default=None, help="m; default 16 (4 for tiny)")
-    parser.add_argument("--depth", type=int, default=4, help="Q-former depth (paper: 4)")
-    parser.add_argument("--loc-min-downsample", type=int, default=None,
-                        help="default: model.loc_min_downsample's default; 1 = localisation maps in every layer")
-    parser.add_argument("--ladder", action="store_true", help="also time the ablation presets")
+    add_variant_arguments(parser)
     parser.add_argument("--compile-text-encoder", default=None, metavar="BACKEND",
                         help="train.compile_text_encoder for both models, e.g. inductor (default: eager)")
     args = parser.parse_args()

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count  # noqa: E402
 
-from bench_train_step import build, make_step, variants  # noqa: E402
+from bench_train_step import add_variant_arguments, build, make_step, variants  # noqa: E402
 from cc_model.config import TrainParams  # noqa: E402
 from cc_model.synthetic import synthetic_batch  # noqa: E402
 
@@ -81,12 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=["tiny", "sd15-random"], default="tiny")
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--image-encoder", choices=["vit-h", "vit-l"], default="vit-h")
-    parser.add_argument("--num-visual-tokens", type=int, default=None, help="m; default 16 (4 for tiny)")
-    parser.add_argument("--depth", type=int, default=4, help="Q-former depth (paper: 4)")
-    parser.add_argument("--loc-min-downsample", type=int, default=None,
-                        help="default: model.loc_min_downsample's default; 1 = localisation maps in every layer")
-    parser.add_argument("--ladder", action="store_true", help="also count the ablation presets")
+    add_variant_arguments(parser)
     args = parser.parse_args()
 
     torch.manual_seed(0)

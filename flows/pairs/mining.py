@@ -32,6 +32,11 @@ def _view_dir(qvec) -> np.ndarray | None:
     return None if qvec is None else qvec_to_rotmat(qvec)[2]
 
 
+def fallback_gap(frames: list[SubjectFrame], captured: int | None) -> int:
+    """AnyDoor's frame gap without poses: len(frames) // 8 of the whole capture, at least 1."""
+    return max(1, max(captured or 0, len(frames)) // 8)
+
+
 def mine_multiview(frames: list[SubjectFrame], params: PairsParams, *, captured: int | None = None) -> list[dict[str, Any]]:
     """Pairs (i, j) of one object's frames whose views differ by at least min_angle_deg.
 
@@ -42,7 +47,7 @@ def mine_multiview(frames: list[SubjectFrame], params: PairsParams, *, captured:
     drawn with a seed per frame so reruns give the same pairs.
     """
     dirs = [_view_dir(f.qvec) for f in frames]
-    min_gap = max(1, max(captured or 0, len(frames)) // 8)
+    min_gap = fallback_gap(frames, captured)
     pairs = []
     for i, ref in enumerate(frames):
         candidates = []
@@ -128,7 +133,7 @@ def _why_unpaired(frame: SubjectFrame, frames: list[SubjectFrame], params: Pairs
     widest = f"; widest angle to another posed view {max(angles):.1f} deg" if angles else ""
     return (f"none of the object's {len(frames) - 1} other accepted views is at >= pairs.min_angle_deg "
             f"{params.min_angle_deg} deg (or, without poses, a frame gap >= "
-            f"{max(1, max(captured or 0, len(frames)) // 8)}){widest}")
+            f"{fallback_gap(frames, captured)}){widest}")
 
 
 class PairStats:
