@@ -1,5 +1,8 @@
+import numpy as np
+import pytest
+
 from flows import reasons
-from flows.filtering.dedup import DuplicateIndex
+from flows.filtering.dedup import DuplicateIndex, multihash_layout
 
 H = "ab" * 32
 
@@ -39,3 +42,38 @@ def test_hamming_zero_means_identical_hash_only():
     assert add(index, "a.jpg", "s1", phash=1) is None
     assert add(index, "b.jpg", "s2", content="cd" * 32, phash=3) is None
     assert add(index, "c.jpg", "s3", content="ef" * 32, phash=1)[0] == reasons.NEAR_DUPLICATE
+
+
+@pytest.mark.parametrize("max_hamming", [0, 1, 3, 4, 6])
+def test_multihash_lookup_is_exact_against_brute_force(max_hamming):
+    """Every planted neighbour within max_hamming is found and none beyond it, for each layout."""
+    rng = np.random.default_rng(max_hamming)
+    base = rng.integers(0, 2**63, size=400, dtype=np.uint64)
+    codes = []
+    for code in base:  # each base hash, then copies flipped in 0..max_hamming+2 random bits
+        codes.append(int(code))
+        for flips in rng.integers(0, max_hamming + 3, size=2):
+            bits = rng.choice(64, size=flips, replace=False)
+            codes.append(int(code) ^ sum(1 << int(b) for b in bits))
+    order = rng.permutation(len(codes))
+    index = DuplicateIndex(max_hamming=max_hamming)
+    accepted = []
+    for n, position in enumerate(order):
+        code = codes[position]
+        nearest = min((bin(code ^ other).count("1") for other in accepted), default=None)
+        verdict = add(index, f"{n}.jpg", f"s{n}", content=f"{n:016x}" + "0" * 48, phash=code)
+        if nearest is not None and nearest <= max_hamming:
+            assert verdict is not None and verdict[0] == reasons.NEAR_DUPLICATE
+            assert f"distance {nearest} " in verdict[1]
+        else:
+            assert verdict is None
+            accepted.append(code)
+    assert len(index) == len(accepted)
+
+
+def test_multihash_layout_keeps_buckets_wide_and_probes_few():
+    nhash, bits, nflip = multihash_layout(4)
+    assert (nhash, bits, nflip) == (3, 21, 1)  # 66 buckets probed, ~5 candidates each at 10M images
+    for max_hamming in range(12):
+        nhash, bits, nflip = multihash_layout(max_hamming)
+        assert nhash * bits <= 64 and nflip == max_hamming // nhash  # pigeonhole: exact
