@@ -158,6 +158,7 @@ class ExportParams:
     image_side: int = 512  # reference images are resized so the shorter side is this
     jpeg_quality: int = 95
     rows_per_shard: int = 1000
+    workers: int = 2  # processes that decode, resize and encode images and masks (1: in the stage's process)
     heldout_fraction: float = 0.1  # share held out: of MVImgNet objects, of OpenImages photos (flows/splits.py)
     placeholder_token: str = "sks"  # the placeholder word in captions
     caption_template: str = "a photo of a {placeholder} {class_name}"

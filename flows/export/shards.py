@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import io
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from flows import ids
 from flows.accounting import AccountingError
 from flows.config.params import ExportParams, SourcesParams
 from flows.pairs.join import SubjectFrame, iter_joined
+from flows.parallel import ordered_map
 from flows.paths import image_file
 from flows.schemas import BACKGROUNDS, EXPORT, PAIRS, REJECTS
 from flows.splits import SPLITS, SplitRule
@@ -54,12 +56,18 @@ def caption_for(class_name: str, params: ExportParams) -> tuple[str, int]:
 
 
 def resized_jpeg(path: Path, side: int, quality: int) -> tuple[bytes, tuple[int, int], tuple[int, int]]:
-    """(JPEG bytes with shorter side ``side``, new (w, h), original (w, h))."""
+    """(JPEG bytes with shorter side ``side``, new (w, h), original (w, h)).
+
+    A JPEG much larger than the target is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain
+    (PIL's ``draft``, never below the target size) before the bicubic resize: a 1920 x 1080
+    frame for 512 px decodes at 960 x 540. Images at or below twice the target decode whole.
+    """
     with Image.open(path) as image:
-        image = image.convert("RGB")
-        scale = side / min(image.size)
-        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         original = image.size
+        scale = side / min(original)
+        size = (max(1, round(original[0] * scale)), max(1, round(original[1] * scale)))
+        image.draft("RGB", size)  # a no-op unless a JPEG and at least 2x the target
+        image = image.convert("RGB")
         buf = io.BytesIO()
         image.resize(size, Image.BICUBIC).save(buf, format="JPEG", quality=quality)
     return buf.getvalue(), size, original
@@ -70,6 +78,27 @@ def resized_rle(counts: bytes, original: tuple[int, int], size: tuple[int, int])
     mask = mask_utils.decode({"size": [original[1], original[0]], "counts": counts})  # (H, W) uint8
     mask = np.asarray(Image.fromarray(mask * 255).resize(size, Image.NEAREST)) > 127
     return mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"]
+
+
+@dataclass(frozen=True)
+class ImageWork:
+    """One image to resize for training, with the subject masks on it (an OpenImages photo has several)."""
+
+    path: str
+    side: int
+    quality: int
+    masks: tuple[tuple[str, bytes, tuple[int, int]], ...] = ()  # (frame_id, RLE counts, mask (w, h))
+
+
+def encode_image(work: ImageWork) -> tuple[bytes, tuple[int, int], list[bytes]]:
+    """(JPEG bytes, their (w, h), each mask's RLE at that size): the image decoded once for all its masks."""
+    jpeg, size, original = resized_jpeg(Path(work.path), work.side, work.quality)
+    rles = []
+    for frame_id, counts, mask_size in work.masks:
+        if original != mask_size:
+            raise ValueError(f"{frame_id}: image is {original}, its mask {mask_size}")
+        rles.append(resized_rle(counts, original, size))
+    return jpeg, size, rles
 
 
 class ShardSink:
@@ -115,58 +144,92 @@ def export_shards(*, frames: Path, masks: Path, embeddings: Path, pairs: Path, p
     """Write ``out_dir/{train,heldout}/part-*.parquet``, ``backgrounds.parquet``, ``stats.json``.
 
     Every joined frame is a reference here or in the pairs stage's rejects (no positive);
-    :class:`AccountingError` if not.
+    :class:`AccountingError` if not. Images are resized in ``params.workers`` processes, in
+    order, so the shards are the same for any number of workers.
     """
     sinks = {split: ShardSink(out_dir / split, params.rows_per_shard) for split in SPLITS}
     rule = SplitRule.from_params(params)
     backgrounds: set[str] = set()
     subjects = {split: set() for split in SPLITS}
-    unpaired = {row["item_id"] for row in iter_rows(pair_rejects, REJECTS)}
-    references = 0
-    by_frame = _pairs_by_frame(pairs)
-    pending = next(by_frame, None)
-    for frame in iter_joined(frames, masks, embeddings):
-        if pending is None or pending[0] != frame.frame_id:
-            if frame.frame_id not in unpaired:
-                raise AccountingError(f"{frame.frame_id}: no pair and no pairs reject")
-            unpaired.discard(frame.frame_id)
-            continue  # no positive: not a training sample (the pairs stage's rejects say why)
-        references += 1
-        _, frame_pairs = pending
-        pending = next(by_frame, None)
-        split = rule.of(frame.source, frame.subject_id, frame.image_path)
-        subjects[split].add(frame.subject_id)
-        for sample in _samples(frame, frame_pairs, sources, split, params):
-            if sample["aug_background"] and rule.of_photo(sample["aug_background"]) != split:
-                raise ValueError(f"{sample['sample_id']}: background {sample['aug_background']} is not in split "
-                                 f"{split}; rerun pairs with this export.seed and export.heldout_fraction")
-            if sample["aug_background"]:
-                backgrounds.add(sample["aug_background"])
-            sinks[split].write(sample)
-    if pending is not None:
-        raise ValueError(f"pairs for {pending[0]} do not follow the frames order")
-    if unpaired:
-        raise AccountingError(f"pairs rejects name {len(unpaired)} frames that are not in the joined tables, "
-                              f"e.g. {sorted(unpaired)[0]}")
+    references = _ReferenceGroups(frames, masks, embeddings, pairs, pair_rejects, sources, rule, params)
+    for group, (jpeg, size, rles) in ordered_map(encode_image, references, workers=params.workers):
+        for (frame, frame_pairs, split), mask_rle in zip(group, rles, strict=True):
+            subjects[split].add(frame.subject_id)
+            for sample in _samples(frame, frame_pairs, split, jpeg, size, mask_rle, params):
+                if sample["aug_background"] and rule.of_photo(sample["aug_background"]) != split:
+                    raise ValueError(f"{sample['sample_id']}: background {sample['aug_background']} is not in split "
+                                     f"{split}; rerun pairs with this export.seed and export.heldout_fraction")
+                if sample["aug_background"]:
+                    backgrounds.add(sample["aug_background"])
+                sinks[split].write(sample)
     for sink in sinks.values():
         sink.close()
     _write_backgrounds(sorted(backgrounds), sources, out_dir / "backgrounds.parquet", params)
     stats = {split: {"rows": sinks[split].rows, "shards": len(sinks[split].shards),
                      "subjects": len(subjects[split])} for split in SPLITS}
     stats["backgrounds"] = len(backgrounds)
-    stats["reference_frames"] = references
+    stats["reference_frames"] = references.count
     write_json_atomic(out_dir / "stats.json", stats)
     return stats
 
 
-def _samples(frame: SubjectFrame, frame_pairs: list[dict], sources: SourcesParams,
-             split: str, params: ExportParams) -> Iterator[dict[str, Any]]:
-    """The training rows of one reference frame: its image and mask encoded once for all."""
-    jpeg, size, original = resized_jpeg(image_file(sources, frame.source, frame.image_path),
-                                        params.image_side, params.jpeg_quality)
-    if original != frame.mask_size:
-        raise ValueError(f"{frame.frame_id}: image is {original}, its mask {frame.mask_size}")
-    mask_rle = resized_rle(frame.rle_counts, original, size)
+Reference = tuple[SubjectFrame, list[dict], str]  # (frame, its pairs, its split)
+
+
+class _ReferenceGroups:
+    """The reference frames in table order, grouped by image: ``(references, ImageWork)`` items.
+
+    Consecutive frames on one image (the boxes of an OpenImages photo) form one group, so the
+    photo is decoded and encoded once. Frames without pairs are checked against the pairs
+    stage's rejects and skipped; ``count`` is the number of references once iterated.
+    """
+
+    def __init__(self, frames, masks, embeddings, pairs, pair_rejects, sources: SourcesParams, rule: SplitRule,
+                 params: ExportParams):
+        self.inputs = frames, masks, embeddings
+        self.pairs, self.pair_rejects = pairs, pair_rejects
+        self.sources, self.rule, self.params = sources, rule, params
+        self.count = 0
+
+    def __iter__(self) -> Iterator[tuple[list[Reference], ImageWork]]:
+        group: list[Reference] = []
+        for reference in self._references():
+            if group and (reference[0].source, reference[0].image_path) != (group[0][0].source, group[0][0].image_path):
+                yield group, self._work(group)
+                group = []
+            group.append(reference)
+        if group:
+            yield group, self._work(group)
+
+    def _work(self, group: list[Reference]) -> ImageWork:
+        first = group[0][0]
+        return ImageWork(path=str(image_file(self.sources, first.source, first.image_path)), side=self.params.image_side,
+                         quality=self.params.jpeg_quality,
+                         masks=tuple((f.frame_id, f.rle_counts, f.mask_size) for f, _, _ in group))
+
+    def _references(self) -> Iterator[Reference]:
+        unpaired = {row["item_id"] for row in iter_rows(self.pair_rejects, REJECTS)}
+        by_frame = _pairs_by_frame(self.pairs)
+        pending = next(by_frame, None)
+        for frame in iter_joined(*self.inputs):
+            if pending is None or pending[0] != frame.frame_id:
+                if frame.frame_id not in unpaired:
+                    raise AccountingError(f"{frame.frame_id}: no pair and no pairs reject")
+                unpaired.discard(frame.frame_id)
+                continue  # no positive: not a training sample (the pairs stage's rejects say why)
+            self.count += 1
+            yield frame, pending[1], self.rule.of(frame.source, frame.subject_id, frame.image_path)
+            pending = next(by_frame, None)
+        if pending is not None:
+            raise ValueError(f"pairs for {pending[0]} do not follow the frames order")
+        if unpaired:
+            raise AccountingError(f"pairs rejects name {len(unpaired)} frames that are not in the joined tables, "
+                                  f"e.g. {sorted(unpaired)[0]}")
+
+
+def _samples(frame: SubjectFrame, frame_pairs: list[dict], split: str, jpeg: bytes, size: tuple[int, int],
+             mask_rle: bytes, params: ExportParams) -> Iterator[dict[str, Any]]:
+    """The training rows of one reference frame, sharing its encoded image and mask."""
     caption, index = caption_for(frame.class_name, params)
     for pair in frame_pairs:
         yield {
@@ -181,7 +244,8 @@ def _samples(frame: SubjectFrame, frame_pairs: list[dict], sources: SourcesParam
 
 
 def _write_backgrounds(paths: list[str], sources: SourcesParams, target: Path, params: ExportParams) -> None:
+    work = ((path, ImageWork(path=str(image_file(sources, ids.OPENIMAGES, path)), side=params.image_side,
+                             quality=params.jpeg_quality)) for path in paths)
     with TableWriter(target, BACKGROUNDS, buffer_rows=64) as writer:
-        for path in paths:
-            jpeg, _, _ = resized_jpeg(image_file(sources, ids.OPENIMAGES, path), params.image_side, params.jpeg_quality)
+        for path, (jpeg, _, _) in ordered_map(encode_image, work, workers=params.workers):
             writer.write_row({"image_path": path, "image_jpeg": jpeg})

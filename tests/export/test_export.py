@@ -16,7 +16,9 @@ from flows.tables import iter_rows
 from pipeline_tables import write_images
 
 
-def export(tables, params):
+def export(tables, params, *, parallel=False):
+    """Run the stage; in this process unless ``parallel`` (worker processes cost seconds to start)."""
+    params = params if parallel else dataclasses.replace(params, workers=1)
     write_images(tables, tables / "mv")
     write_images(tables, tables / "oi")
     build_pairs(tables / "frames.parquet", tables / "masks.parquet", tables / "embeddings.parquet", tables,
@@ -101,7 +103,7 @@ def test_every_joined_frame_is_a_reference_or_a_pairs_reject(tables):
     sources = SourcesParams(mvimgnet_root=str(tables / "mv"), openimages_root=str(tables / "oi"))
     call = dict(frames=tables / "frames.parquet", masks=tables / "masks.parquet", embeddings=tables / "embeddings.parquet",
                 pairs=tables / "pairs.parquet", pair_rejects=tables / "rejects.parquet", sources=sources,
-                out_dir=tables / "export", params=ExportParams(image_side=32))
+                out_dir=tables / "export", params=ExportParams(image_side=32, workers=1))
     stats = export_shards(**call)
     assert [r["item_id"] for r in iter_rows(tables / "rejects.parquet", REJECTS)] == ["mvimgnet:1/aaaaaaaa/007.jpg"]
     assert stats["reference_frames"] == 16 - 1
@@ -134,3 +136,36 @@ def test_a_photo_and_its_backgrounds_stay_in_one_split(tables):
             assert split_of_photo.setdefault(photos[r["frame_id"]], r["split"]) == r["split"]
             if r["aug_background"]:
                 assert SplitRule.from_params(params).of_photo(r["aug_background"]) == r["split"]
+
+
+def test_shards_are_the_same_for_any_number_of_workers(tables):
+    one = export(tables, ExportParams(image_side=48, rows_per_shard=4, workers=1))
+    two = export(tables, ExportParams(image_side=48, rows_per_shard=4, workers=2), parallel=True)
+    assert one == two and len(one[1]) > 4
+    backgrounds = list(iter_rows(tables / "export" / "backgrounds.parquet", BACKGROUNDS))
+    assert backgrounds and all(row["image_jpeg"] for row in backgrounds)
+
+
+def test_resized_jpeg_decodes_large_jpegs_at_a_reduced_scale(tmp_path):
+    from flows.export.shards import resized_jpeg
+
+    rng = np.random.default_rng(0)
+    big = Image.fromarray(rng.integers(0, 255, (16, 24, 3), dtype=np.uint8)).resize((1200, 800), Image.BICUBIC)
+    big.save(tmp_path / "big.jpg", quality=95)
+    jpeg, size, original = resized_jpeg(tmp_path / "big.jpg", 100, 95)
+    assert original == (1200, 800) and size == (150, 100)
+    out = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"), dtype=np.float32)
+    whole = np.asarray(big.resize(size, Image.BICUBIC), dtype=np.float32)  # decoded whole, then resized
+    assert out.shape == whole.shape and np.abs(out - whole).mean() < 4.0  # same picture, 0-255 scale
+
+
+def test_an_image_and_its_mask_must_have_one_size(tmp_path):
+    from flows.export.shards import ImageWork, encode_image
+
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.jpg")
+    rle = mask_utils.encode(np.asfortranarray(np.ones((30, 40), np.uint8)))["counts"]
+    jpeg, size, (mask,) = encode_image(ImageWork(path=str(tmp_path / "a.jpg"), side=15, quality=90,
+                                                 masks=(("f1", rle, (40, 30)),)))
+    assert size == (20, 15) and mask_utils.area({"size": [15, 20], "counts": mask}) == 300
+    with pytest.raises(ValueError, match=r"f2: image is \(40, 30\), its mask \(30, 40\)"):
+        encode_image(ImageWork(path=str(tmp_path / "a.jpg"), side=15, quality=90, masks=(("f2", rle, (30, 40)),)))

@@ -1,0 +1,52 @@
+"""Order-preserving parallel map over a lazy iterable, with a bounded number of items in flight.
+
+For CPU-bound per-item work (decode, resize, encode) inside one stage: the input is pulled
+only as results are taken, so memory holds at most ``window`` items and results, whatever
+the input's length, and results come back in input order, so outputs stay deterministic.
+Workers are spawned, not forked: the parent runs Prefect's threads, which a fork would copy
+mid-lock. ``fn`` must be a module-level function of picklable arguments.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
+A = TypeVar("A")
+R = TypeVar("R")
+
+
+def ordered_map(fn: Callable[[A], R], items: Iterable[tuple[T, A]], *, workers: int,
+                window: int | None = None) -> Iterator[tuple[T, R]]:
+    """For each ``(tag, arg)`` of ``items`` yield ``(tag, fn(arg))``, in input order.
+
+    Only ``arg`` travels to a worker; ``tag`` (anything the caller needs beside the result)
+    stays here. ``workers`` <= 1 runs in this process. ``window``: items submitted but not
+    yet yielded (default 4 per worker). An exception in ``fn`` is raised here at its item's
+    turn, and so is one from ``items``; pending work is then cancelled.
+    """
+    if workers <= 1:
+        for tag, arg in items:
+            yield tag, fn(arg)
+        return
+    window = window or 4 * workers
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    pending: deque[tuple[T, Future]] = deque()
+    try:
+        for tag, arg in items:
+            pending.append((tag, pool.submit(fn, arg)))
+            if len(pending) >= window:
+                first, future = pending.popleft()
+                yield first, future.result()
+        while pending:
+            first, future = pending.popleft()
+            yield first, future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+__all__ = ["ordered_map"]
