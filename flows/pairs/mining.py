@@ -37,6 +37,49 @@ def fallback_gap(frames: list[SubjectFrame], captured: int | None) -> int:
     return max(1, max(captured or 0, len(frames)) // 8)
 
 
+def _angle_deg(a: np.ndarray, b: np.ndarray) -> float:
+    """Angle between two unit viewing directions in degrees, one pair at a time (the reference formula)."""
+    return float(np.degrees(np.arccos(np.clip(np.dot(a, b), -1.0, 1.0))))
+
+
+# One matrix product may round a dot product differently from np.dot of the two vectors (last
+# bit). Pairs whose dot lies this close to cos(min_angle_deg), or to +-1 where arccos magnifies
+# that bit to ~1e-6 deg, get the pair-by-pair formula: the threshold then decides exactly as it
+# did pair by pair, and every angle agrees with it to ~1e-10 deg.
+RECHECK_DOT = 1e-9
+
+
+def _multiview_candidates(frames: list[SubjectFrame], params: PairsParams,
+                          captured: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(candidate, angles, gaps, both_posed), each (n, n) over the object's frames.
+
+    candidate[i, j]: j is a positive of i (never j == i): with poses on both sides, an angle of
+    at least min_angle_deg; else a frame gap of at least fallback_gap. angles in degrees (NaN
+    where a side has no pose), gaps = |frame_index_i - frame_index_j| (None counting as 0).
+    """
+    n = len(frames)
+    dirs = [_view_dir(f.qvec) for f in frames]
+    posed = np.array([d is not None for d in dirs], dtype=bool)
+    index = np.array([f.frame_index or 0 for f in frames], dtype=np.int64)
+    gaps = np.abs(index[:, None] - index[None, :])  # (n, n)
+    angles = np.full((n, n), np.nan)
+    where = np.flatnonzero(posed)
+    if len(where):
+        unit = np.stack([dirs[k] for k in where])  # (m, 3) unit viewing directions
+        dots = np.clip(unit @ unit.T, -1.0, 1.0)  # (m, m)
+        block = np.degrees(np.arccos(dots))
+        recheck = (np.abs(dots - np.cos(np.radians(params.min_angle_deg))) < RECHECK_DOT) | \
+            (np.abs(dots) > 1.0 - RECHECK_DOT)
+        np.fill_diagonal(recheck, False)  # a frame is never its own positive
+        for a, b in zip(*np.nonzero(recheck)):
+            block[a, b] = _angle_deg(unit[a], unit[b])
+        angles[np.ix_(where, where)] = block
+    both = posed[:, None] & posed[None, :]
+    candidate = np.where(both, angles >= params.min_angle_deg, gaps >= fallback_gap(frames, captured))
+    np.fill_diagonal(candidate, False)
+    return candidate, angles, gaps, both
+
+
 def mine_multiview(frames: list[SubjectFrame], params: PairsParams, *, captured: int | None = None) -> list[dict[str, Any]]:
     """Pairs (i, j) of one object's frames whose views differ by at least min_angle_deg.
 
@@ -45,29 +88,22 @@ def mine_multiview(frames: list[SubjectFrame], params: PairsParams, *, captured:
     ``captured`` (the frames ingest read), not only those that passed the filters, which
     would shrink the gap. None: the frames given. Up to max_positives_per_frame positives per frame,
     drawn with a seed per frame so reruns give the same pairs.
+
+    Every pair of frames is judged at once (one (n, n) matrix product of the viewing
+    directions); the draw then runs per reference frame over its candidates in frame order.
     """
-    dirs = [_view_dir(f.qvec) for f in frames]
-    min_gap = fallback_gap(frames, captured)
+    candidate, angles, gaps, both = _multiview_candidates(frames, params, captured)
     pairs = []
     for i, ref in enumerate(frames):
-        candidates = []
-        for j, other in enumerate(frames):
-            if j == i:
-                continue
-            gap = abs((ref.frame_index or 0) - (other.frame_index or 0))
-            if dirs[i] is not None and dirs[j] is not None:
-                angle = float(np.degrees(np.arccos(np.clip(np.dot(dirs[i], dirs[j]), -1.0, 1.0))))
-                if angle >= params.min_angle_deg:
-                    candidates.append((j, angle, gap))
-            elif gap >= min_gap:
-                candidates.append((j, None, gap))
+        candidates = np.flatnonzero(candidate[i])  # j ascending, as the draw expects
         rng = np.random.default_rng(recipe_seed(ref.frame_id, 0, params.seed))
         chosen = sorted(rng.permutation(len(candidates))[: params.max_positives_per_frame].tolist())
         for c in chosen:
-            j, angle, gap = candidates[c]
+            j = int(candidates[c])
             pos = frames[j]
             pairs.append(_row(ref, kind="multiview", pair=f"{ref.frame_id}->{pos.frame_id}",
-                              positive_frame_id=pos.frame_id, angle_deg=angle, frame_gap=gap,
+                              positive_frame_id=pos.frame_id,
+                              angle_deg=float(angles[i, j]) if both[i, j] else None, frame_gap=int(gaps[i, j]),
                               area_ratio=pos.area_frac / ref.area_frac if ref.area_frac else 0.0,
                               r_ij=cosine(ref.embedding, pos.embedding)))
     return pairs
