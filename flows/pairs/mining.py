@@ -93,6 +93,7 @@ def mine_multiview(frames: list[SubjectFrame], params: PairsParams, *, captured:
     directions); the draw then runs per reference frame over its candidates in frame order.
     """
     candidate, angles, gaps, both = _multiview_candidates(frames, params, captured)
+    vectors = [f.embedding.astype(np.float32) for f in frames]  # once per frame, not per pair
     pairs = []
     for i, ref in enumerate(frames):
         candidates = np.flatnonzero(candidate[i])  # j ascending, as the draw expects
@@ -105,7 +106,7 @@ def mine_multiview(frames: list[SubjectFrame], params: PairsParams, *, captured:
                               positive_frame_id=pos.frame_id,
                               angle_deg=float(angles[i, j]) if both[i, j] else None, frame_gap=int(gaps[i, j]),
                               area_ratio=pos.area_frac / ref.area_frac if ref.area_frac else 0.0,
-                              r_ij=cosine(ref.embedding, pos.embedding)))
+                              r_ij=float(np.dot(vectors[i], vectors[j]))))  # = cosine(ref.embedding, pos.embedding)
     return pairs
 
 
