@@ -3,11 +3,12 @@
 Shards run in sequence in one process: they share one SAM model on one device (the GPU when
 present), built on the first shard that needs it. Inside a shard, loader threads keep the
 device fed (see flows.segment.stage). Tasks pass file paths, never tables or tensors.
+A failed run keeps its finished shards in data/segment/.work; rerunning with the same
+inputs, params and code segments only the others (flows.resume).
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from flows.runtime import configure
@@ -18,20 +19,26 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from flows.config.params import FilterParams, SegmentParams, SourcesParams, load_params  # noqa: E402
+from flows.resume import ResumableWork  # noqa: E402
 from flows.segment import stage  # noqa: E402
 from flows.segment.sam_model import RANDOM_WEIGHTS_WARNING, TINY_SEED  # noqa: E402
 
 
 @task(cache_policy=NO_CACHE)
-def plan_shards(frames: Path, work_dir: Path, frames_per_shard: int) -> list[Path]:
-    return stage.plan_shards(frames, work_dir, frames_per_shard=frames_per_shard)
+def open_shards(filter_dir: Path, out_dir: Path, sources: SourcesParams, filtering: FilterParams,
+                params: SegmentParams) -> tuple[ResumableWork, list[Path]]:
+    return stage.open_shards(filter_dir, out_dir, sources=sources, filtering=filtering, params=params)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="segment-{shard.name}")
-def segment_shard(shard: Path, sources: SourcesParams, params: SegmentParams, filtering: FilterParams,
-                  runner: stage.LazyRunner) -> tuple[stage.ShardOutput, dict]:
-    out = stage.ShardOutput(shard.with_suffix(".masks.parquet"), shard.with_suffix(".rejects.parquet"))
-    return out, stage.segment_shard(shard, out, sources=sources, params=params, filtering=filtering, runner=runner)
+def segment_shard(shard: Path, work: ResumableWork, sources: SourcesParams, params: SegmentParams,
+                  filtering: FilterParams, runner: stage.LazyRunner) -> dict:
+    """Segment one shard and mark it done; returns its record (counters, model)."""
+    counters = stage.segment_shard(shard, stage.shard_output(shard), sources=sources, params=params,
+                                   filtering=filtering, runner=runner)
+    record = {"counters": counters, "model": stage.model_summary(runner.runner)}
+    work.mark_done(shard.name, record)
+    return record
 
 
 @task(cache_policy=NO_CACHE)
@@ -46,25 +53,28 @@ def run_segment(sources: SourcesParams, filtering: FilterParams, params: Segment
     """The flow body: usable inside any flow (the stage's, or a test's)."""
     logger = get_run_logger()
     filter_dir, out_dir = Path(filtering.out_dir), Path(params.out_dir)
-    work_dir = out_dir / ".work"
-    shutil.rmtree(work_dir, ignore_errors=True)
-    shards = plan_shards(filter_dir / "frames.parquet", work_dir, params.frames_per_shard)
+    work, shards = open_shards(filter_dir, out_dir, sources, filtering, params)
+    finished = {shard.name: work.done(shard.name) for shard in shards}
     device = device or stage.default_device()
     logger.info("segment: %d shard(s), mode %s, SAM profile %s on %s", len(shards), params.mode,
                 params.sam_profile, device)
+    if any(finished.values()):
+        logger.info("segment: resuming in %s: %d of %d shard(s) were finished by an earlier run of the same "
+                    "inputs, params and code", work.folder, sum(map(bool, finished.values())), len(shards))
     if params.sam_profile == "tiny":
         logger.warning(RANDOM_WEIGHTS_WARNING.format(seed=TINY_SEED))
     runner = stage.LazyRunner(params, device)
-    outs, counters = [], {}
+    counters, models = {}, []
     for done, shard in enumerate(shards, start=1):
-        out, shard_counters = segment_shard(shard, sources, params, filtering, runner)
-        outs.append(out)
-        for key, value in shard_counters.items():
+        record = finished[shard.name] or segment_shard(shard, work, sources, params, filtering, runner)
+        models.append(record["model"])
+        for key, value in record["counters"].items():
             counters[key] = counters.get(key, 0) + value
-        logger.info("segment: shard %d/%d done (%s)", done, len(shards), shard_counters)
-    model = stage.model_summary(runner.runner)
-    stats = merge_parts(outs, filter_dir, out_dir, counters, model)
-    shutil.rmtree(work_dir, ignore_errors=True)
+        logger.info("segment: shard %d/%d %s (%s)", done, len(shards),
+                    "done earlier" if finished[shard.name] else "done", record["counters"])
+    model = stage.first_model(models)
+    stats = merge_parts([stage.shard_output(shard) for shard in shards], filter_dir, out_dir, counters, model)
+    work.finish()
     logger.info("segment: %d frames = %d masks %s + %d rejected %s; mean quality %s", stats["input_frames"],
                 stats["masks"], stats["methods"], stats["rejected"], stats["reasons"], stats["mean_quality"])
     if params.mode == "refine":

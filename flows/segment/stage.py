@@ -3,6 +3,9 @@
 Every input frame ends in exactly one place: a masks row or a segment rejects row, both in
 input order. SAM runs only for shards that need it; images are decoded by loader threads a
 few batches ahead of the GPU, and the RLEs of one batch are encoded while the next computes.
+The shards live in a resumable work folder (flows.resume): a run that fails keeps its
+finished shards, and the next run with the same inputs, parameters and code segments only
+the rest.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from flows.accounting import AccountingError
 from flows.config.params import FilterParams, SegmentParams, SourcesParams
 from flows.filtering.rules import Failure, box_shape, mask_connected, subject_area
 from flows.probe import measure_mask
+from flows.resume import ResumableWork, work_key
 from flows.schemas import FRAMES, MASKS, REJECTS
 from flows.segment.masks import encode_mask, encode_masks
 from flows.segment.sam_infer import ImageMasks, PendingBatch, SamRunner
@@ -55,6 +59,25 @@ def default_device() -> str:
 
 def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
+
+
+def open_shards(filter_dir: Path, out_dir: Path, *, sources: SourcesParams, filtering: FilterParams,
+                params: SegmentParams) -> tuple[ResumableWork, list[Path]]:
+    """The work folder (out_dir/.work) and its shards: planned now, or kept from a failed run of the same key."""
+    frames = filter_dir / "frames.parquet"
+    key = work_key(inputs=[frames], params={"sources": sources, "filter": filtering, "segment": params})
+    work = ResumableWork(out_dir / ".work", key)
+    work.open()
+    plan = work.done("plan")
+    if plan is None:
+        shards = plan_shards(frames, work.folder, frames_per_shard=params.frames_per_shard)
+        work.mark_done("plan", {"shards": [shard.name for shard in shards]})
+        return work, shards
+    return work, [work.folder / name for name in plan["shards"]]
+
+
+def shard_output(shard: Path) -> ShardOutput:
+    return ShardOutput(shard.with_suffix(".masks.parquet"), shard.with_suffix(".rejects.parquet"))
 
 
 def plan_shards(frames: Path, work_dir: Path, *, frames_per_shard: int) -> list[Path]:
@@ -303,19 +326,28 @@ def segment_frames(filter_dir: Path, out_dir: Path, *, sources: SourcesParams, p
     ``filtering``: the filter stage's thresholds (refine mode); None takes FilterParams' defaults.
     """
     filtering = filtering if filtering is not None else FilterParams()
-    work_dir = out_dir / ".work"
-    shards = plan_shards(filter_dir / "frames.parquet", work_dir, frames_per_shard=params.frames_per_shard)
-    outs, counters, used = [], Counter(), []
+    work, shards = open_shards(filter_dir, out_dir, sources=sources, filtering=filtering, params=params)
+    counters, models, used = Counter(), [], []
 
     def tracked() -> SamRunner:
         used.append(runner())
         return used[-1]
 
     for shard in shards:
-        out = ShardOutput(shard.with_suffix(".masks.parquet"), shard.with_suffix(".rejects.parquet"))
-        counters.update(segment_shard(shard, out, sources=sources, params=params, filtering=filtering,
-                                      runner=tracked, workers=workers))
-        outs.append(out)
-    model = model_summary(used[0]) if used else None
-    return merge_outputs([o.masks for o in outs], [o.rejects for o in outs], filter_dir=filter_dir,
-                         out_dir=out_dir, counters=dict(counters), model=model)
+        record = work.done(shard.name)
+        if record is None:
+            shard_counters = segment_shard(shard, shard_output(shard), sources=sources, params=params,
+                                           filtering=filtering, runner=tracked, workers=workers)
+            record = {"counters": shard_counters, "model": model_summary(used[0]) if used else None}
+            work.mark_done(shard.name, record)
+        counters.update(record["counters"])
+        models.append(record["model"])
+    stats = merge_outputs([shard_output(s).masks for s in shards], [shard_output(s).rejects for s in shards],
+                          filter_dir=filter_dir, out_dir=out_dir, counters=dict(counters), model=first_model(models))
+    work.finish()
+    return stats
+
+
+def first_model(models: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """The SAM model of the first shard that used one (shards of an earlier run included)."""
+    return next((model for model in models if model is not None), None)

@@ -238,3 +238,52 @@ def test_refine_replaces_the_provided_mask_when_sams_passes_the_filters_mask_rul
         assert row["quality"] == pytest.approx(0.99)
         decoded = decode_rle(row["rle_counts"], width=row["width"], height=row["height"])
         assert np.array_equal(decoded, _eroded(truth)) and not np.array_equal(decoded, truth)
+
+
+def _fail_at(monkeypatch, shard_name):
+    """segment_shard raises once, when it reaches ``shard_name``; returns the list of shards it was called for."""
+    real, calls, failed = stage.segment_shard, [], []
+
+    def flaky(shard, *args, **kwargs):
+        calls.append(shard.name)
+        if shard.name == shard_name and not failed:
+            failed.append(shard_name)
+            raise RuntimeError("the machine went away")
+        return real(shard, *args, **kwargs)
+
+    monkeypatch.setattr(stage, "segment_shard", flaky)
+    return calls
+
+
+def test_a_failed_run_keeps_its_finished_shards_and_the_rerun_does_only_the_rest(segment_data, tiny_runner,
+                                                                                  monkeypatch, tmp_path):
+    planned = stage.plan_shards(Path(segment_data.filtering.out_dir) / "frames.parquet", tmp_path / "plan",
+                                frames_per_shard=2)
+    assert len(planned) >= 3
+    clean = _run(segment_data, tiny_runner, frames_per_shard=2)
+    work = Path(segment_data.params.out_dir) / ".work"
+    assert not work.exists()  # a finished run leaves no work folder
+    for name in ("masks.parquet", "rejects.parquet", "stats.json"):
+        (Path(segment_data.params.out_dir) / name).unlink()
+
+    last = planned[-1].name
+    calls = _fail_at(monkeypatch, last)
+    with pytest.raises(RuntimeError, match="went away"):
+        _run(segment_data, tiny_runner, frames_per_shard=2)
+    assert not (Path(segment_data.params.out_dir) / "masks.parquet").exists()
+    assert sorted(p.name.removesuffix(".done.json") for p in work.glob("shard-*.done.json")) == [
+        shard.name for shard in planned[:-1]]
+    calls.clear()
+    assert _run(segment_data, tiny_runner, frames_per_shard=2) == clean
+    assert calls == [last] and not work.exists()  # only the unfinished shard ran again
+
+
+def test_work_of_other_params_is_not_resumed(segment_data, tiny_runner, monkeypatch, tmp_path):
+    planned = stage.plan_shards(Path(segment_data.filtering.out_dir) / "frames.parquet", tmp_path / "plan",
+                                frames_per_shard=2)
+    calls = _fail_at(monkeypatch, planned[1].name)
+    with pytest.raises(RuntimeError):
+        _run(segment_data, tiny_runner, frames_per_shard=2)
+    calls.clear()
+    _run(segment_data, tiny_runner, frames_per_shard=2, refine_min_gain=0.5)  # another key: every shard again
+    assert calls == [shard.name for shard in planned]
