@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,9 +34,8 @@ class TableWriter:
         self._buffer: list[Mapping[str, Any]] = []
         self._buffer_rows = buffer_rows
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        os.close(fd)
-        self._tmp = Path(tmp)
+        # A unique name the writer creates itself, so the file gets the umask's mode (mkstemp's is 0600).
+        self._tmp = self.path.parent / f".{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
         # Fixed writer options so identical rows give identical bytes.
         self._writer = pq.ParquetWriter(
             self._tmp, schema, compression="zstd", write_statistics=True, store_schema=True
@@ -92,14 +91,32 @@ def write_table(path: str | Path, schema: pa.Schema, rows: Iterable[Mapping[str,
     return writer.rows_written
 
 
+class TableReadError(ValueError):
+    """A pipeline table that is missing, not Parquet, or not of the expected table."""
+
+
+def open_table(path: str | Path, schema: pa.Schema | None = None) -> pq.ParquetFile:
+    """Open a Parquet table, failing in one line that names the file (and its columns, if ``schema``)."""
+    name = schema.metadata[b"table"].decode() if schema is not None and schema.metadata else "Parquet"
+    try:
+        file = pq.ParquetFile(path)
+    except FileNotFoundError:
+        raise TableReadError(f"{path}: no such file; run the stage that writes it first "
+                             f"(dvc repro, or dvc repro <stage>)") from None
+    except (pa.ArrowException, OSError) as exc:
+        raise TableReadError(f"{path}: not a readable {name} table ({type(exc).__name__}: {exc}); "
+                             f"the file is damaged or not Parquet: rerun the stage that writes it") from None
+    if schema is not None:
+        missing = set(schema.names) - set(file.schema_arrow.names)
+        if missing:
+            raise TableReadError(f"{path}: not a {name} table (missing {sorted(missing)})")
+    return file
+
+
 def iter_batches(path: str | Path, schema: pa.Schema, *, batch_rows: int = ROW_GROUP_ROWS,
                  columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
     """Stream a table in record batches, checking it was written with ``schema``."""
-    file = pq.ParquetFile(path)
-    missing = set(schema.names) - set(file.schema_arrow.names)
-    if missing:
-        raise ValueError(f"{path}: not a {schema.metadata[b'table'].decode()} table (missing {sorted(missing)})")
-    yield from file.iter_batches(batch_size=batch_rows, columns=columns)
+    yield from open_table(path, schema).iter_batches(batch_size=batch_rows, columns=columns)
 
 
 def iter_rows(path: str | Path, schema: pa.Schema, **kwargs) -> Iterator[dict[str, Any]]:
@@ -125,7 +142,7 @@ def fixed_size_list_to_numpy(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 
 def count_rows(path: str | Path) -> int:
-    return pq.ParquetFile(path).metadata.num_rows
+    return open_table(path).metadata.num_rows
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:

@@ -20,6 +20,7 @@ from flows import ids
 from flows.config.params import SourcesParams
 from flows.paths import image_root
 from flows.schemas import FRAMES, MASKS
+from flows.tables import TableReadError, open_table
 
 CHUNK_ROWS = 4096  # frames joined at a time; their masks' RLE is what the stage holds in memory
 FRAME_COLUMNS = ["frame_id", "source", "subject_id", "image_path"]
@@ -28,21 +29,22 @@ MASK_COLUMNS = ["frame_id", "width", "height", "rle_counts", "bbox_x", "bbox_y",
 
 def open_columns(path: Path, schema: pa.Schema, columns: list[str]) -> pq.ParquetFile:
     """A pipeline table to stream ``columns`` of, checking the file is that table."""
-    file = pq.ParquetFile(path)
+    file = open_table(path)
     _check_columns(path, file.schema_arrow, schema, columns)
     return file
 
 
 def read_columns(path: Path, schema: pa.Schema, columns: list[str]) -> pa.Table:
     """Some columns of a whole pipeline table, checking the file is that table (all of it in memory)."""
-    _check_columns(path, pq.read_schema(path), schema, columns)
-    return pq.read_table(path, columns=columns)
+    file = open_table(path)
+    _check_columns(path, file.schema_arrow, schema, columns)
+    return file.read(columns=columns)
 
 
 def _check_columns(path: Path, found: pa.Schema, schema: pa.Schema, columns: list[str]) -> None:
     missing = set(columns) - set(found.names)
     if missing:
-        raise ValueError(f"{path}: not a {schema.metadata[b'table'].decode()} table (missing {sorted(missing)})")
+        raise TableReadError(f"{path}: not a {schema.metadata[b'table'].decode()} table (missing {sorted(missing)})")
 
 
 def iter_chunks(frames: Path, masks: Path, *, mask_columns: list[str] = MASK_COLUMNS,

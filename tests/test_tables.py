@@ -1,0 +1,44 @@
+import os
+import stat
+
+import pyarrow as pa
+import pytest
+
+from flows.schemas import REJECTS
+from flows.tables import TableReadError, TableWriter, count_rows, iter_rows, write_table
+
+
+def _reject(i):
+    return {"item_id": f"x{i}", "source": "mvimgnet", "item_kind": "frame", "path": None, "stage": "ingest",
+            "reason": "empty_file", "detail": ""}
+
+
+def test_tables_get_the_umasks_mode_not_0600(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_table(tmp_path / "r.parquet", REJECTS, [_reject(0)])
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "r.parquet").stat().st_mode) == 0o644  # readable by the other researchers
+    assert [p.name for p in tmp_path.iterdir()] == ["r.parquet"]  # no temp file left
+
+
+def test_an_aborted_writer_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError):
+        with TableWriter(tmp_path / "r.parquet", REJECTS) as writer:
+            writer.write_row(_reject(0))
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_damaged_or_missing_table_fails_in_one_line_naming_the_file(tmp_path):
+    write_table(tmp_path / "r.parquet", REJECTS, [_reject(i) for i in range(3)])
+    data = (tmp_path / "r.parquet").read_bytes()
+    (tmp_path / "cut.parquet").write_bytes(data[: len(data) // 2])
+    with pytest.raises(TableReadError, match=r"cut\.parquet: not a readable rejects table .*rerun the stage"):
+        list(iter_rows(tmp_path / "cut.parquet", REJECTS))
+    with pytest.raises(TableReadError, match=r"gone\.parquet: no such file; run the stage that writes it"):
+        count_rows(tmp_path / "gone.parquet")
+    pa.parquet.write_table(pa.table({"a": [1]}), tmp_path / "other.parquet")
+    with pytest.raises(TableReadError, match=r"other\.parquet: not a rejects table \(missing"):
+        list(iter_rows(tmp_path / "other.parquet", REJECTS))
