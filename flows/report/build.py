@@ -1,17 +1,21 @@
 """The data report: a markdown page, PNG grids and histogram tables under data/report/.
 
-Everything is read by streaming the stage tables once; only the few frames shown in the
-grids are decoded.
+Everything is read by streaming the stage tables, filtered in Arrow; only the few frames
+shown in the grids are decoded.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -20,7 +24,7 @@ from flows.pairs.augment import Recipe, apply_recipe
 from flows.paths import image_file
 from flows.report import figures
 from flows.schemas import FRAMES, MASKS, NEIGHBOURS, PAIRS
-from flows.tables import iter_batches, iter_rows
+from flows.tables import ROW_GROUP_ROWS, iter_rows
 
 AREA_BINS = np.linspace(0.0, 1.0, 21)
 ANGLE_BINS = np.arange(0.0, 181.0, 15.0)
@@ -36,13 +40,83 @@ class ReportInputs:
     stats: dict[str, Path]  # stage name -> its stats/metrics JSON
 
 
+Condition = tuple[str, str, object]  # (column, "=" | "<" | "in", value or values)
+
+
+def _open(path: Path, schema: pa.Schema) -> pq.ParquetFile:
+    file = pq.ParquetFile(path)
+    missing = set(schema.names) - set(file.schema_arrow.names)
+    if missing:
+        raise ValueError(f"{path}: not a {schema.metadata[b'table'].decode()} table (missing {sorted(missing)})")
+    return file
+
+
+def _ruled_out(row_group: pq.RowGroupMetaData, where: list[Condition]) -> bool:
+    """True where the row group's min/max statistics show that no row meets ``where``."""
+    names = [row_group.column(k).path_in_schema for k in range(row_group.num_columns)]
+    for column, op, value in where:
+        stats = row_group.column(names.index(column)).statistics
+        if stats is None or not stats.has_min_max:
+            continue
+        try:
+            if op == "=" and not stats.min <= value <= stats.max:
+                return True
+            if op == "<" and not stats.min < value:
+                return True
+            if op == "in" and not any(stats.min <= v <= stats.max for v in value):
+                return True
+        except TypeError:  # statistics of another type than the value: no conclusion
+            continue
+    return False
+
+
+def _mask(batch: pa.RecordBatch, where: list[Condition]) -> np.ndarray:
+    keep = np.ones(batch.num_rows, dtype=bool)
+    for column, op, value in where:
+        values = batch.column(column)
+        if op == "=":
+            test = pc.equal(values, value)
+        elif op == "<":
+            test = pc.less(values, value)
+        else:
+            test = pc.is_in(values, value_set=pa.array(list(value), values.type))
+        keep &= test.to_numpy(zero_copy_only=False)
+    return keep
+
+
+def _select(path: Path, schema: pa.Schema, columns: list[str],
+            where: list[Condition] = ()) -> Iterator[pa.RecordBatch]:
+    """``columns`` of the rows that meet every condition of ``where``, in table order, a batch at a time.
+
+    Row groups that their statistics rule out are skipped; in the others the ``where``
+    columns are read first, and the other columns only for row groups holding a wanted row.
+    """
+    file = _open(path, schema)
+    where = list(where)
+    for group in range(file.num_row_groups):
+        if where and _ruled_out(file.metadata.row_group(group), where):
+            continue
+        if not where:
+            yield from file.iter_batches(batch_size=ROW_GROUP_ROWS, row_groups=[group], columns=columns)
+            continue
+        keep = [_mask(batch, where) for batch in file.iter_batches(
+            batch_size=ROW_GROUP_ROWS, row_groups=[group], columns=sorted({c for c, _, _ in where}))]
+        keep = np.concatenate(keep) if keep else np.zeros(0, dtype=bool)
+        if not keep.any():
+            continue
+        start = 0
+        for batch in file.iter_batches(batch_size=ROW_GROUP_ROWS, row_groups=[group], columns=columns):
+            part = keep[start:start + batch.num_rows]
+            start += batch.num_rows
+            if part.any():
+                yield batch.filter(pa.array(part))
+
+
 def _histogram(path: Path, schema, column: str, bins: np.ndarray, where=None) -> np.ndarray:
+    """Counts of ``column`` in ``bins``, NaN and null left out; ``where``: (column, value) rows only."""
     counts = np.zeros(len(bins) - 1, dtype=np.int64)
-    columns = [column] + ([where[0]] if where else [])
-    for batch in iter_batches(path, schema, columns=columns):
+    for batch in _select(path, schema, [column], [(where[0], "=", where[1])] if where else []):
         values = batch.column(column).to_numpy(zero_copy_only=False)
-        if where:
-            values = values[np.asarray(batch.column(where[0]).to_pylist()) == where[1]]
         values = values[~np.isnan(values.astype(np.float64))]
         # into the end bins, not dropped: a float16 cosine can read 1.0003, past the last edge
         counts += np.histogram(np.clip(values, bins[0], bins[-1]), bins=bins)[0]
@@ -59,12 +133,12 @@ def _pick(items: list, n: int) -> list:
 def _frame_lookup(inputs: ReportInputs, wanted: set[str]) -> dict[str, dict]:
     """frame_id -> {source, image_path, rle, size} for the few frames shown."""
     found: dict[str, dict] = {}
-    for batch in iter_batches(inputs.frames, FRAMES, columns=["frame_id", "source", "image_path"]):
+    for batch in _select(inputs.frames, FRAMES, ["frame_id", "source", "image_path"], [("frame_id", "in", wanted)]):
         for row in batch.to_pylist():
-            if row["frame_id"] in wanted:
-                found[row["frame_id"]] = row
-    for row in iter_rows(inputs.masks, MASKS, columns=["frame_id", "rle_counts", "width", "height"]):
-        if row["frame_id"] in found:
+            found[row["frame_id"]] = row
+    for batch in _select(inputs.masks, MASKS, ["frame_id", "rle_counts", "width", "height"],
+                         [("frame_id", "in", set(found))]):
+        for row in batch.to_pylist():
             found[row["frame_id"]].update(rle=row["rle_counts"], size=(row["width"], row["height"]))
     return found
 
@@ -119,9 +193,9 @@ def build_report(inputs: ReportInputs, sources: SourcesParams, out_dir: Path, *,
 def _representatives(frames: Path, subjects: set[str]) -> dict[str, str]:
     """subject -> its first frame_id in table order."""
     first: dict[str, str] = {}
-    for batch in iter_batches(frames, FRAMES, columns=["frame_id", "subject_id"]):
+    for batch in _select(frames, FRAMES, ["frame_id", "subject_id"], [("subject_id", "in", subjects)]):
         for fid, subject in zip(batch.column("frame_id").to_pylist(), batch.column("subject_id").to_pylist()):
-            if subject in subjects and subject not in first:
+            if subject not in first:
                 first[subject] = fid
     return first
 
