@@ -14,7 +14,7 @@ from typing import Literal
 import yaml
 
 from cc_model.config import ModelParams, TrainParams
-from flows.config.typed import ParamsError, from_mapping
+from flows.config.typed import ParamsError, at_least, between, from_mapping, not_above
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -31,9 +31,15 @@ class SampleParams:
     n_dreambench_subjects: int = 4  # DreamBench-layout subjects for evaluation
     dreambench_images_per_subject: int = 4  # reference photos per DreamBench subject
     frame_width: int = 480  # rendered MVImgNet frame size in pixels
-    frame_height: int = 360
+    frame_height: int = 360  # (at least 64 each)
     openimages_mask_scale: float = 0.5  # OpenImages mask PNGs are stored at reduced resolution
     plant_faults: bool = True  # plant the faults of a real crawl (truncated JPEG, blur, ...)
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "n_objects", "n_views", "dreambench_images_per_subject")
+        at_least(self, 0, "n_openimages_boxes", "n_dreambench_subjects")
+        at_least(self, 64, "frame_width", "frame_height")
+        between(self, 0.0, 1.0, "openimages_mask_scale")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +69,10 @@ class IngestParams:
     max_workers: int = 2  # parallel shard tasks (threads)
     probe_side: int = 256  # longest side of the grayscale copy used for blur and phash
 
+    def __post_init__(self) -> None:
+        at_least(self, 1, "frames_per_shard", "max_workers")
+        at_least(self, 32, "probe_side")
+
 
 @dataclass(frozen=True, kw_only=True)
 class AreaRange:
@@ -70,6 +80,10 @@ class AreaRange:
 
     min: float  # below this the subject is too small
     max: float  # above this the subject fills the frame (no context, bad crops)
+
+    def __post_init__(self) -> None:
+        between(self, 0.0, 1.0, "min", "max")
+        not_above(self, "min", "max")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,7 +94,7 @@ class FilterParams:
     min_image_side: int = 128  # pixels; smaller images are rejected as low_resolution
     min_box_side: int = 100  # pixels, OpenImages boxes (ELITE)
     box_aspect_min: float = 0.5  # width / height of an OpenImages box (ELITE: 0.5..2)
-    box_aspect_max: float = 2.0
+    box_aspect_max: float = 2.0  # and at most this
     mvimgnet_area: AreaRange = field(default_factory=lambda: AreaRange(min=0.01, max=0.64))
     openimages_area: AreaRange = field(default_factory=lambda: AreaRange(min=0.02, max=0.8))  # of the box (ELITE)
     min_largest_component: float = 0.9  # MVImgNet: largest connected component holds more (AnyDoor)
@@ -91,6 +105,14 @@ class FilterParams:
     class_allow: list[str] = field(default_factory=list)  # class names; empty = allow all
     class_deny: list[str] = field(default_factory=list)  # class names never used
     min_views_per_object: int = 4  # MVImgNet objects with fewer accepted views are dropped
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "min_image_side", "min_views_per_object")
+        at_least(self, 0, "min_box_side", "min_blur_score")
+        at_least(self, 1e-6, "box_aspect_min")
+        not_above(self, "box_aspect_min", "box_aspect_max")
+        between(self, 0.0, 1.0, "min_largest_component")
+        between(self, 0, 64, "near_duplicate_hamming")  # bits of the 64-bit perceptual hash
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,6 +128,10 @@ class SegmentParams:
     frames_per_shard: int = 256  # work unit of one Prefect task
     refine_min_gain: float = 0.02  # refine keeps SAM's mask only if its stability beats the provided by this
 
+    def __post_init__(self) -> None:
+        at_least(self, 1, "batch_images", "frames_per_shard")
+        between(self, 0.0, 1.0, "refine_min_gain")
+
 
 @dataclass(frozen=True, kw_only=True)
 class EmbedParams:
@@ -119,6 +145,12 @@ class EmbedParams:
     num_workers: int = 2  # DataLoader workers that decode, crop and resize
     background_rgb: list[int] = field(default_factory=lambda: [124, 116, 104])  # fill outside the mask
 
+    def __post_init__(self) -> None:
+        at_least(self, 1, "batch_size")
+        at_least(self, 0, "num_workers")
+        if len(self.background_rgb) != 3 or not all(0 <= c <= 255 for c in self.background_rgb):
+            raise ParamsError(f"background_rgb: must be three values in 0..255, got {self.background_rgb!r}")
+
 
 @dataclass(frozen=True, kw_only=True)
 class PairsParams:
@@ -129,10 +161,18 @@ class PairsParams:
     max_positives_per_frame: int = 2  # positives kept per reference frame (largest angles first)
     augmentations_per_box: int = 2  # OpenImages: augmentation recipes per box
     aug_scale_min: float = 0.7  # subject scale range of the augmentation recipes
-    aug_scale_max: float = 1.3
+    aug_scale_max: float = 1.3  # (min <= max)
     aug_flip_prob: float = 0.5  # chance of a horizontal flip
     aug_background_prob: float = 0.5  # chance of replacing the background with another photo
     seed: int = 0  # seeds every recipe
+
+    def __post_init__(self) -> None:
+        between(self, 0.0, 180.0, "min_angle_deg")
+        at_least(self, 1, "max_positives_per_frame")
+        at_least(self, 0, "augmentations_per_box")
+        at_least(self, 1e-6, "aug_scale_min")
+        not_above(self, "aug_scale_min", "aug_scale_max")
+        between(self, 0.0, 1.0, "aug_flip_prob", "aug_background_prob")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -162,7 +202,13 @@ class ExportParams:
     heldout_fraction: float = 0.1  # share held out: of MVImgNet objects, of OpenImages photos (flows/splits.py)
     placeholder_token: str = "sks"  # the placeholder word in captions
     caption_template: str = "a photo of a {placeholder} {class_name}"
-    seed: int = 0
+    seed: int = 0  # seeds the held-out split (flows/splits.py); pairs reads it too
+
+    def __post_init__(self) -> None:
+        at_least(self, 16, "image_side")
+        between(self, 1, 100, "jpeg_quality")
+        at_least(self, 1, "rows_per_shard", "workers")
+        between(self, 0.0, 1.0, "heldout_fraction", high_open=True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -197,5 +243,8 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
     except FileNotFoundError:
         raise ParamsError(f"{path}: params file not found") from None
     except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or exc.__class__.__name__
+        raise ParamsError(f"{where}: not valid YAML ({problem})") from None
     return from_mapping(Params, raw)

@@ -115,7 +115,35 @@ def from_mapping(cls: type[T], data: Any, prefix: str = "") -> T:
                 kwargs[name] = from_mapping(hints[name], {}, key)
             else:
                 raise ParamsError(f"{key}: missing required key")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ParamsError as exc:  # a range check in __post_init__ names the field; add where it sits
+        if prefix and not str(exc).startswith(f"{prefix}."):
+            raise ParamsError(f"{prefix}.{exc}") from None
+        raise
+
+
+def at_least(config: Any, low: float, *names: str) -> None:
+    """Range check for ``__post_init__``: each named field is >= ``low``."""
+    for name in names:
+        value = getattr(config, name)
+        if value < low:
+            raise ParamsError(f"{name}: must be >= {low}, got {value!r}")
+
+
+def between(config: Any, low: float, high: float, *names: str, high_open: bool = False) -> None:
+    """Range check for ``__post_init__``: each named field is in [low, high] (or [low, high))."""
+    for name in names:
+        value = getattr(config, name)
+        if not (low <= value < high if high_open else low <= value <= high):
+            raise ParamsError(f"{name}: must be in [{low}, {high}{')' if high_open else ']'}, got {value!r}")
+
+
+def not_above(config: Any, low_name: str, high_name: str) -> None:
+    """Range check for ``__post_init__``: field ``low_name`` <= field ``high_name``."""
+    low, high = getattr(config, low_name), getattr(config, high_name)
+    if low > high:
+        raise ParamsError(f"{low_name}: must be <= {high_name} ({high!r}), got {low!r}")
 
 
 def to_mapping(obj: Any) -> Any:

@@ -78,3 +78,30 @@ def test_configs_are_frozen():
 def test_placeholder_tokens_must_agree(tmp_path):
     with pytest.raises(ParamsError, match=r"^export\.placeholder_token: 'zwx' differs from model\.placeholder_token 'sks'"):
         load_params(write(tmp_path, "export:\n  placeholder_token: zwx\n"))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("ingest:\n  frames_per_shard: 0\n", r"^ingest\.frames_per_shard: must be >= 1, got 0$"),
+    ("export:\n  heldout_fraction: 1.5\n", r"^export\.heldout_fraction: must be in \[0\.0, 1\.0\), got 1\.5$"),
+    ("filter:\n  mvimgnet_area: {min: 0.64, max: 0.01}\n", r"^filter\.mvimgnet_area\.min: must be <= max \(0\.01\)"),
+    ("pairs:\n  aug_flip_prob: 2\n", r"^pairs\.aug_flip_prob: must be in \[0\.0, 1\.0\]"),
+    ("embed:\n  background_rgb: [1, 2]\n", r"^embed\.background_rgb: must be three values in 0\.\.255"),
+    ("segment:\n  batch_images: 0\n", r"^segment\.batch_images: must be >= 1"),
+    ("filter:\n  box_aspect_min: 3.0\n", r"^filter\.box_aspect_min: must be <= box_aspect_max"),
+])
+def test_values_out_of_range_fail_in_one_line_naming_the_key(tmp_path, text, message):
+    with pytest.raises(ParamsError, match=message):
+        load_params(write(tmp_path, text))
+
+
+def test_bad_yaml_names_the_line_and_column(tmp_path):
+    with pytest.raises(ParamsError, match=r"params\.yaml:\d+:\d+: not valid YAML \(expected"):
+        load_params(write(tmp_path, "filter:\n  min_image_side: 3\n  bad: [1, 2\n"))
+
+
+def test_the_check_command_fails_on_a_key_no_stage_reads(tmp_path, capsys):
+    from flows.config.__main__ import main
+
+    assert main([str(write(tmp_path, "model:\n  gama: 1.0\n"))]) == 2
+    assert capsys.readouterr().err.startswith("error: model.gama: unknown key")
+    assert main([str(ROOT / "params.yaml")]) == 0
