@@ -130,6 +130,21 @@ def _pick(items: list, n: int) -> list:
     return [items[i] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
 
 
+def _rows_at(path: Path, schema: pa.Schema, positions: list[int], columns: list[str]) -> dict[int, dict]:
+    """Row number -> the row (``columns``) for a few row numbers, reading only their row groups."""
+    file = _open(path, schema)
+    sizes = [file.metadata.row_group(g).num_rows for g in range(file.num_row_groups)]
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    by_group: dict[int, list[int]] = {}
+    for position in sorted(set(positions)):
+        by_group.setdefault(int(np.searchsorted(starts, position, side="right")) - 1, []).append(position)
+    rows = {}
+    for group, wanted in by_group.items():
+        table = file.read_row_group(group, columns=columns).take([p - int(starts[group]) for p in wanted])
+        rows.update(zip(wanted, table.to_pylist()))
+    return rows
+
+
 def _frame_lookup(inputs: ReportInputs, wanted: set[str]) -> dict[str, dict]:
     """frame_id -> {source, image_path, rle, size} for the few frames shown."""
     found: dict[str, dict] = {}
@@ -164,11 +179,7 @@ def build_report(inputs: ReportInputs, sources: SourcesParams, out_dir: Path, *,
         _write_csv(out_dir / f"hist_{name.split()[1]}.csv", edges, counts)
     figures.histograms(hists, out_dir / "histograms.png")
 
-    pairs = [p for p in iter_rows(inputs.pairs, PAIRS, columns=[
-        "frame_id", "kind", "positive_frame_id", "angle_deg", "r_ij", "aug_crop", "aug_scale", "aug_flip",
-        "aug_background", "aug_seed"])]
-    shown = _pick([p for p in pairs if p["kind"] == "multiview"], n_pairs // 2 or 1)
-    shown += _pick([p for p in pairs if p["kind"] == "augmentation"], n_pairs - len(shown))
+    shown = _chosen_pairs(inputs.pairs, n_pairs)
     neighbours = {}
     for row in iter_rows(inputs.neighbours, NEIGHBOURS):
         if row["level"] == "subject" and row["rank"] < n_neighbours:
@@ -188,6 +199,39 @@ def build_report(inputs: ReportInputs, sources: SourcesParams, out_dir: Path, *,
     markdown = _markdown(stats, hists, shown, subjects)
     (out_dir / "report.md").write_text(markdown, encoding="utf-8")
     return {"markdown": markdown, "histograms": {k: v[1].tolist() for k, v in hists.items()}}
+
+
+PAIR_COLUMNS = ["frame_id", "kind", "positive_frame_id", "angle_deg", "r_ij", "aug_crop", "aug_scale", "aug_flip",
+                "aug_background", "aug_seed"]
+
+
+def _chosen_pairs(path: Path, n_pairs: int) -> list[dict]:
+    """The pairs shown: n_pairs // 2 (at least 1) multiview pairs spread evenly over the table's
+    multiview rows, then augmentation pairs for the rest, each in table order.
+
+    Two passes over the ``kind`` column find the rows (their number per kind, then where the
+    chosen ones are); only those rows are read in full.
+    """
+    kinds = ("multiview", "augmentation")
+    counts = dict.fromkeys(kinds, 0)
+    for batch in _select(path, PAIRS, ["kind"]):
+        for kind in kinds:
+            counts[kind] += int(np.count_nonzero(_mask(batch, [("kind", "=", kind)])))
+    first = list(_pick(range(counts["multiview"]), n_pairs // 2 or 1))
+    ranks = {"multiview": first, "augmentation": list(_pick(range(counts["augmentation"]), n_pairs - len(first)))}
+    positions: dict[str, dict[int, int]] = {kind: {} for kind in kinds}  # kind -> rank among its rows -> row
+    seen, offset = dict.fromkeys(kinds, 0), 0
+    for batch in _select(path, PAIRS, ["kind"]):
+        for kind in kinds:
+            rows = np.flatnonzero(_mask(batch, [("kind", "=", kind)]))
+            for rank in ranks[kind]:
+                if seen[kind] <= rank < seen[kind] + len(rows):
+                    positions[kind][rank] = offset + int(rows[rank - seen[kind]])
+            seen[kind] += len(rows)
+        offset += batch.num_rows
+    order = [positions[kind][rank] for kind in kinds for rank in ranks[kind]]
+    rows = _rows_at(path, PAIRS, order, PAIR_COLUMNS)
+    return [rows[p] for p in order]
 
 
 def _representatives(frames: Path, subjects: set[str]) -> dict[str, str]:

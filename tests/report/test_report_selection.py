@@ -12,6 +12,7 @@ from flows.report.build import (
     AREA_BINS,
     SIMILARITY_BINS,
     ReportInputs,
+    _pick,
 )
 from flows.schemas import FRAMES, MASKS, NEIGHBOURS, PAIRS
 from flows.tables import iter_batches, iter_rows
@@ -31,6 +32,15 @@ def _write(path, schema, rows):
 
 
 # --- the former code, literally ------------------------------------------------------------------
+
+def old_chosen_pairs(path, n_pairs):
+    pairs = [p for p in iter_rows(path, PAIRS, columns=[
+        "frame_id", "kind", "positive_frame_id", "angle_deg", "r_ij", "aug_crop", "aug_scale", "aug_flip",
+        "aug_background", "aug_seed"])]
+    shown = _pick([p for p in pairs if p["kind"] == "multiview"], n_pairs // 2 or 1)
+    shown += _pick([p for p in pairs if p["kind"] == "augmentation"], n_pairs - len(shown))
+    return shown
+
 
 def old_histogram(path, schema, column, bins, where=None):
     counts = np.zeros(len(bins) - 1, dtype=np.int64)
@@ -108,6 +118,16 @@ def _neighbours(rng, n_subjects=57, k=8, layout="mixed"):
 
 
 # --- tests ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_pairs", [1, 2, 3, 8, 9, 400, 5000])
+def test_chosen_pairs_match_the_row_by_row_code(tmp_path, n_pairs):
+    rng = np.random.default_rng(n_pairs)
+    for name, rows in (("mixed", _pairs(rng, 1500)), ("multiview only", _pairs(rng, 300, 1.0)[:37]),
+                       ("augmentation only", [r for r in _pairs(rng, 400, 0.0) if r["kind"] == "augmentation"]),
+                       ("empty", [])):
+        path = _write(tmp_path / "pairs.parquet", PAIRS, rows)
+        assert build._chosen_pairs(path, n_pairs) == old_chosen_pairs(path, n_pairs), name
+
 
 def test_row_groups_that_statistics_rule_out_are_skipped(tmp_path):
     path = _write(tmp_path / "neighbours.parquet", NEIGHBOURS, _neighbours(np.random.default_rng(0), layout="as written"))
