@@ -53,6 +53,33 @@ def merge_parts(frame_parts: list[Path], reject_parts: list[Path], out_dir: Path
     return summary
 
 
+LAYOUTS = {
+    "mvimgnet": ("sources.mvimgnet_root", "<class_id>/<object_id>/images/<frame>.jpg"),
+    "openimages": ("sources.openimages_root", "<split>/<ImageID>.jpg beside the boxes CSV"),
+}
+
+
+class EmptySourceError(ValueError):
+    """An enabled source in which ingest found nothing: almost always a wrong root."""
+
+
+def check_sources(summary: dict, sources: SourcesParams) -> list[str]:
+    """Raise if an enabled source yielded no frame at all; return warnings for sources whose every frame was rejected."""
+    warnings = []
+    for source in sources.enabled:
+        key, layout = LAYOUTS[source]
+        root = getattr(sources, key.split(".")[1])
+        counts = summary.get(source)
+        if counts is None or counts["discovered"] == 0:
+            raise EmptySourceError(f"{key}: no {source} frames found under {root!r} (expected {layout}); "
+                                   f"check the path, or leave {source} out of sources.enabled")
+        if counts["kept"] == 0:
+            reason, n = max(counts["reasons"].items(), key=lambda item: item[1])
+            warnings.append(f"ingest {source}: all {counts['discovered']} frames were rejected, most as {reason} "
+                            f"({n}); check {key} ({root!r}) and the source's other settings")
+    return warnings
+
+
 def run_ingest(sources: SourcesParams, ingest: IngestParams) -> dict:
     """The flow body: usable inside any flow (the stage's, or a test's)."""
     logger = get_run_logger()
@@ -77,6 +104,8 @@ def run_ingest(sources: SourcesParams, ingest: IngestParams) -> dict:
     for source, counts in sorted(summary.items()):
         logger.info("ingest %s: %d discovered, %d frames, %d rejected", source,
                     counts["discovered"], counts["kept"], counts["rejected"])
+    for warning in check_sources(summary, sources):
+        logger.warning(warning)
     return summary
 
 

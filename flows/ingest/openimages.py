@@ -146,7 +146,8 @@ def _probe_listed_image(root: Path, split: str, image_id: str, probe_side: int):
     except reader.PathOutsideRoot as exc:  # never opened
         return f"{split}/{image_id}.jpg", None, (reasons.PATH_OUTSIDE_ROOT, str(exc))
     if not (root / rel).is_file():
-        return rel, None, (reasons.MISSING_FILE, "listed in the boxes CSV but absent from the image folder")
+        return rel, None, (reasons.MISSING_FILE,
+                           f"listed in the boxes CSV but {rel} is not under sources.openimages_root")
     try:
         return rel, probe_image((root / rel).read_bytes(), probe_side=probe_side), None
     except UnreadableFile as exc:

@@ -191,3 +191,18 @@ def test_mvimgnet_object_without_images_folder_is_accounted(tmp_path):
     assert sorted((r["path"], r["reason"], r["item_kind"]) for r in rejects) == [
         ("5/0000dead/images/001.jpg", reasons.MISSING_FILE, "frame"),
         ("5/0000dead/images/002.jpg", reasons.MISSING_FILE, "frame")]
+
+
+def test_an_enabled_source_with_nothing_found_fails_naming_the_root_key():
+    from flows.config.params import SourcesParams
+    from flows.ingest.flow import EmptySourceError, check_sources
+
+    sources = SourcesParams(mvimgnet_root="/data/mvimgnet-typo")
+    found = {"discovered": 44, "kept": 40, "rejected": 4, "reasons": {"blurry": 4}}
+    with pytest.raises(EmptySourceError, match=r"^sources\.mvimgnet_root: no mvimgnet frames found under "
+                                                r"'/data/mvimgnet-typo' \(expected <class_id>/<object_id>/images"):
+        check_sources({"openimages": found}, sources)
+    rejected = {"discovered": 44, "kept": 0, "rejected": 44, "reasons": {"missing_file": 40, "empty_file": 4}}
+    (warning,) = check_sources({"mvimgnet": found, "openimages": rejected}, sources)
+    assert "all 44 frames were rejected, most as missing_file (40)" in warning and "sources.openimages_root" in warning
+    assert check_sources({"mvimgnet": found}, SourcesParams(enabled=["mvimgnet"])) == []
