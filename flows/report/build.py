@@ -1,7 +1,9 @@
 """The data report: a markdown page, PNG grids and histogram tables under data/report/.
 
-Everything is read by streaming the stage tables, filtered in Arrow; only the few frames
-shown in the grids are decoded.
+The stage tables are streamed a batch at a time and filtered in Arrow: the examples are
+chosen from the few columns that decide them (pair kind, neighbour level/rank/subject), then
+only the chosen rows are read in full; only the few frames shown in the grids are decoded.
+Memory stays at a batch or a row group, whatever the table size.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ from flows.pairs.augment import Recipe, apply_recipe
 from flows.paths import image_file
 from flows.report import figures
 from flows.schemas import FRAMES, MASKS, NEIGHBOURS, PAIRS
-from flows.tables import ROW_GROUP_ROWS, iter_rows
+from flows.tables import ROW_GROUP_ROWS
 
 AREA_BINS = np.linspace(0.0, 1.0, 21)
 ANGLE_BINS = np.arange(0.0, 181.0, 15.0)
 SIMILARITY_BINS = np.linspace(-1.0, 1.0, 41)
+DISTINCT_SLACK = 1_000_000  # subject ids held beyond twice the distinct ones before deduplicating again
 
 
 @dataclass(frozen=True)
@@ -180,11 +183,7 @@ def build_report(inputs: ReportInputs, sources: SourcesParams, out_dir: Path, *,
     figures.histograms(hists, out_dir / "histograms.png")
 
     shown = _chosen_pairs(inputs.pairs, n_pairs)
-    neighbours = {}
-    for row in iter_rows(inputs.neighbours, NEIGHBOURS):
-        if row["level"] == "subject" and row["rank"] < n_neighbours:
-            neighbours.setdefault(row["i"], []).append(row)
-    subjects = _pick(sorted(neighbours), n_subjects)
+    subjects, neighbours = _chosen_subjects(inputs.neighbours, n_subjects, n_neighbours)
     representative = _representatives(inputs.frames, set(subjects) | {r["j"] for s in subjects for r in neighbours[s]})
     wanted = {p["frame_id"] for p in shown} | {p["positive_frame_id"] for p in shown if p["positive_frame_id"]}
     wanted |= set(representative.values())
@@ -232,6 +231,32 @@ def _chosen_pairs(path: Path, n_pairs: int) -> list[dict]:
     order = [positions[kind][rank] for kind in kinds for rank in ranks[kind]]
     rows = _rows_at(path, PAIRS, order, PAIR_COLUMNS)
     return [rows[p] for p in order]
+
+
+def _chosen_subjects(path: Path, n_subjects: int, n_neighbours: int) -> tuple[list[str], dict[str, list[dict]]]:
+    """n_subjects subjects spread evenly over the sorted subject ids that have subject-level
+    neighbours of rank < n_neighbours, and those neighbour rows (table order) of each.
+
+    One pass collects the distinct subject ids (Arrow strings, sorted by bytes = the code point
+    order of Python's sorted), a second reads the rows of the chosen few.
+    """
+    top = [("level", "=", "subject"), ("rank", "<", n_neighbours)]
+    distinct: list[pa.Array] = []
+    held = compacted = 0
+    for batch in _select(path, NEIGHBOURS, ["i"], top):
+        distinct.append(pc.unique(batch.column("i")))
+        held += len(distinct[-1])
+        if held > 2 * compacted + DISTINCT_SLACK:  # a subject's rows spread over batches: dedupe now and then
+            distinct = [pc.unique(pa.concat_arrays(distinct))]
+            held = compacted = len(distinct[0])
+    ids = pc.unique(pa.concat_arrays(distinct)) if distinct else pa.array([], pa.string())
+    order = pc.sort_indices(ids)
+    subjects = ids.take(order.take(pa.array(list(_pick(range(len(ids)), n_subjects)), pa.int64()))).to_pylist()
+    neighbours: dict[str, list[dict]] = {s: [] for s in subjects}
+    for batch in _select(path, NEIGHBOURS, NEIGHBOURS.names, top + [("i", "in", set(subjects))]):
+        for row in batch.to_pylist():
+            neighbours[row["i"]].append(row)
+    return subjects, neighbours
 
 
 def _representatives(frames: Path, subjects: set[str]) -> dict[str, str]:

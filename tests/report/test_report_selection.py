@@ -24,6 +24,7 @@ BATCH = 32  # rows per batch read by the report (patched): several batches per r
 @pytest.fixture(autouse=True)
 def small_batches(monkeypatch):
     monkeypatch.setattr(build, "ROW_GROUP_ROWS", BATCH)
+    monkeypatch.setattr(build, "DISTINCT_SLACK", 5)  # the distinct subject ids are deduplicated many times
 
 
 def _write(path, schema, rows):
@@ -40,6 +41,15 @@ def old_chosen_pairs(path, n_pairs):
     shown = _pick([p for p in pairs if p["kind"] == "multiview"], n_pairs // 2 or 1)
     shown += _pick([p for p in pairs if p["kind"] == "augmentation"], n_pairs - len(shown))
     return shown
+
+
+def old_chosen_subjects(path, n_subjects, n_neighbours):
+    neighbours = {}
+    for row in iter_rows(path, NEIGHBOURS):
+        if row["level"] == "subject" and row["rank"] < n_neighbours:
+            neighbours.setdefault(row["i"], []).append(row)
+    subjects = _pick(sorted(neighbours), n_subjects)
+    return subjects, {s: neighbours[s] for s in subjects}
 
 
 def old_histogram(path, schema, column, bins, where=None):
@@ -129,6 +139,17 @@ def test_chosen_pairs_match_the_row_by_row_code(tmp_path, n_pairs):
         assert build._chosen_pairs(path, n_pairs) == old_chosen_pairs(path, n_pairs), name
 
 
+@pytest.mark.parametrize("layout", ["mixed", "as written"])
+@pytest.mark.parametrize("n_subjects,n_neighbours", [(1, 1), (4, 5), (4, 7), (13, 3), (200, 8), (3, 100)])
+def test_chosen_subjects_match_the_row_by_row_code(tmp_path, n_subjects, n_neighbours, layout):
+    rows = _neighbours(np.random.default_rng(n_subjects), layout=layout)
+    path = _write(tmp_path / "neighbours.parquet", NEIGHBOURS, rows)
+    subjects, neighbours = build._chosen_subjects(path, n_subjects, n_neighbours)
+    old_subjects, old_neighbours = old_chosen_subjects(path, n_subjects, n_neighbours)
+    assert subjects == old_subjects and neighbours == old_neighbours
+    assert all(neighbours[s] for s in subjects)
+
+
 def test_row_groups_that_statistics_rule_out_are_skipped(tmp_path):
     path = _write(tmp_path / "neighbours.parquet", NEIGHBOURS, _neighbours(np.random.default_rng(0), layout="as written"))
     meta = pq.ParquetFile(path).metadata
@@ -139,6 +160,12 @@ def test_row_groups_that_statistics_rule_out_are_skipped(tmp_path):
     assert all(build._ruled_out(g, [("rank", "<", 0)]) for g in groups)
     assert not any(build._ruled_out(g, [("rank", "<", 1)]) for g in groups)
     assert all(build._ruled_out(g, [("i", "in", {"\U0010ffff: past every id"})]) for g in groups)
+
+
+def test_chosen_subjects_of_a_table_without_subject_rows(tmp_path):
+    rows = [r for r in _neighbours(np.random.default_rng(0)) if r["level"] == "frame"]
+    path = _write(tmp_path / "neighbours.parquet", NEIGHBOURS, rows)
+    assert build._chosen_subjects(path, 4, 5) == ([], {}) == old_chosen_subjects(path, 4, 5)
 
 
 def test_histograms_match_the_row_by_row_code(tmp_path):
