@@ -26,7 +26,7 @@ from flows.pairs.augment import Recipe, apply_recipe
 from flows.paths import image_file
 from flows.report import figures
 from flows.schemas import FRAMES, MASKS, NEIGHBOURS, PAIRS
-from flows.tables import ROW_GROUP_ROWS
+from flows.tables import ROW_GROUP_ROWS, open_table
 
 AREA_BINS = np.linspace(0.0, 1.0, 21)
 ANGLE_BINS = np.arange(0.0, 181.0, 15.0)
@@ -44,14 +44,6 @@ class ReportInputs:
 
 
 Condition = tuple[str, str, object]  # (column, "=" | "<" | "in", value or values)
-
-
-def _open(path: Path, schema: pa.Schema) -> pq.ParquetFile:
-    file = pq.ParquetFile(path)
-    missing = set(schema.names) - set(file.schema_arrow.names)
-    if missing:
-        raise ValueError(f"{path}: not a {schema.metadata[b'table'].decode()} table (missing {sorted(missing)})")
-    return file
 
 
 def _ruled_out(row_group: pq.RowGroupMetaData, where: list[Condition]) -> bool:
@@ -94,7 +86,7 @@ def _select(path: Path, schema: pa.Schema, columns: list[str],
     Row groups that their statistics rule out are skipped; in the others the ``where``
     columns are read first, and the other columns only for row groups holding a wanted row.
     """
-    file = _open(path, schema)
+    file = open_table(path, schema)
     where = list(where)
     for group in range(file.num_row_groups):
         if where and _ruled_out(file.metadata.row_group(group), where):
@@ -135,7 +127,7 @@ def _pick(items: list, n: int) -> list:
 
 def _rows_at(path: Path, schema: pa.Schema, positions: list[int], columns: list[str]) -> dict[int, dict]:
     """Row number -> the row (``columns``) for a few row numbers, reading only their row groups."""
-    file = _open(path, schema)
+    file = open_table(path, schema)
     sizes = [file.metadata.row_group(g).num_rows for g in range(file.num_row_groups)]
     starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     by_group: dict[int, list[int]] = {}
