@@ -7,6 +7,7 @@ PREFECT_API_URL; nothing here overrides a value the user already set.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -16,6 +17,7 @@ _DEFAULTS = {
     "PREFECT_HOME": str(PROJECT_ROOT / ".prefect"),
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "flows",  # the stages' own loggers (progress lines) show beside Prefect's
     "DO_NOT_TRACK": "1",
     "DVC_NO_ANALYTICS": "1",
     "HF_HUB_OFFLINE": "1",
@@ -28,3 +30,4 @@ def configure() -> None:
     """Set the defaults above where the environment does not already say otherwise."""
     for key, value in _DEFAULTS.items():
         os.environ.setdefault(key, value)
+    logging.getLogger("flows").setLevel(logging.INFO)  # else the root logger's WARNING hides progress

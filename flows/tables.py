@@ -152,3 +152,11 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_stats(out_dir: str | Path, stats: dict[str, Any], *, timing: dict[str, Any]) -> dict[str, Any]:
+    """``stats.json`` (what was made: the same bytes for the same inputs, a DVC metric) and ``timing.json``
+    (how long it took: differs every run, so kept out of DVC and git); returns both merged."""
+    write_json_atomic(Path(out_dir) / "stats.json", stats)
+    write_json_atomic(Path(out_dir) / "timing.json", timing)
+    return {**stats, **timing}

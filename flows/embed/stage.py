@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -37,7 +36,8 @@ from flows.embed.preprocess import (
     WORK_COLUMNS, StreamedSubjects, SubjectCutter, make_stream_loader, split_preprocess,
 )
 from flows.schemas import REJECTS, embeddings_schema
-from flows.tables import ROW_GROUP_ROWS, TableWriter, write_json_atomic
+from flows.progress import Progress
+from flows.tables import ROW_GROUP_ROWS, TableWriter, write_stats
 
 STAGE = "embed"
 # The join's names stay importable from here (tests, benchmarks/bench_embed.py).
@@ -101,16 +101,17 @@ def embed_frames(frames_path: Path, masks_path: Path, out_dir: Path, params: Emb
         schema = embeddings_schema(clip.dim).with_metadata(
             {**embeddings_schema(clip.dim).metadata, b"model_id": clip.model_id.encode()})
         stream = _WorkStream(frames_path, masks_path, sources, batch_size=params.batch_size, chunk_rows=chunk_rows)
-        start = time.perf_counter()
+        progress = Progress("embed", tally.masked)
         with _BufferedBatches(out_dir / "embeddings.parquet", schema) as embeddings:
             for batch in _encode(stream, tally.masked, clip, params, torch_device):
+                progress.update(len(batch.indices))
                 frames = stream.frames_of(batch)
                 ok = np.array([not r for r in batch.reasons], dtype=bool)
                 embeddings.write(_embedding_rows(frames.filter(pa.array(ok)), batch.embeddings[ok],
                                                  clip.model_id, schema))
                 for i in np.flatnonzero(~ok):
                     reject(frames.slice(int(i), 1).to_pylist()[0], batch.reasons[i], batch.details[i])
-    seconds = time.perf_counter() - start
+    seconds = progress.close()
     check_accounting(frames_in=tally.frames_in, embedded=embeddings.rows_written, rejected=rejected,
                      rejected_by_segment=tally.skipped)
     stats = {
@@ -119,10 +120,9 @@ def embed_frames(frames_path: Path, masks_path: Path, out_dir: Path, params: Emb
         "dim": clip.dim, "model_id": clip.model_id, "random_weights": clip.random_weights,
         "device": torch_device.type, "dtype": "bfloat16 autocast" if torch_device.type == "cuda" else "float32",
         "batch_size": params.batch_size, "num_workers": params.num_workers,
-        "seconds": round(seconds, 3), "throughput_img_s": round(tally.masked / seconds, 1) if seconds else None,
     }
-    write_json_atomic(out_dir / "stats.json", stats)
-    return stats
+    timing = {"seconds": round(seconds, 3), "throughput_img_s": round(tally.masked / seconds, 1) if seconds else None}
+    return write_stats(out_dir, stats, timing=timing)
 
 
 class _Tally(NamedTuple):

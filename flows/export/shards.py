@@ -18,10 +18,11 @@ from flows.accounting import AccountingError
 from flows.config.params import ExportParams, SourcesParams
 from flows.pairs.join import SubjectFrame, iter_joined
 from flows.parallel import ordered_map
+from flows.progress import Progress
 from flows.paths import image_file
 from flows.schemas import BACKGROUNDS, EXPORT, PAIRS, REJECTS
 from flows.splits import SPLITS, SplitRule
-from flows.tables import TableWriter, iter_rows, write_json_atomic
+from flows.tables import TableWriter, count_rows, iter_rows, write_json_atomic
 
 @functools.cache
 def _clip_bpe():
@@ -211,7 +212,9 @@ class _ReferenceGroups:
         unpaired = {row["item_id"] for row in iter_rows(self.pair_rejects, REJECTS)}
         by_frame = _pairs_by_frame(self.pairs)
         pending = next(by_frame, None)
+        progress = Progress("export", count_rows(self.inputs[2]))  # embedded frames: a superset of the joined
         for frame in iter_joined(*self.inputs):
+            progress.update()
             if pending is None or pending[0] != frame.frame_id:
                 if frame.frame_id not in unpaired:
                     raise AccountingError(f"{frame.frame_id}: no pair and no pairs reject")
@@ -225,6 +228,7 @@ class _ReferenceGroups:
         if unpaired:
             raise AccountingError(f"pairs rejects name {len(unpaired)} frames that are not in the joined tables, "
                                   f"e.g. {sorted(unpaired)[0]}")
+        progress.close()
 
 
 def _samples(frame: SubjectFrame, frame_pairs: list[dict], split: str, jpeg: bytes, size: tuple[int, int],

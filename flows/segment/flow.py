@@ -19,8 +19,10 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from flows.config.params import FilterParams, SegmentParams, SourcesParams, load_params  # noqa: E402
+from flows.progress import Progress  # noqa: E402
 from flows.resume import ResumableWork  # noqa: E402
 from flows.segment import stage  # noqa: E402
+from flows.tables import count_rows  # noqa: E402
 from flows.segment.sam_model import RANDOM_WEIGHTS_WARNING, TINY_SEED  # noqa: E402
 
 
@@ -65,13 +67,16 @@ def run_segment(sources: SourcesParams, filtering: FilterParams, params: Segment
         logger.warning(RANDOM_WEIGHTS_WARNING.format(seed=TINY_SEED))
     runner = stage.LazyRunner(params, device)
     counters, models = {}, []
-    for done, shard in enumerate(shards, start=1):
+    todo = {shard.name: count_rows(shard) for shard in shards if not finished[shard.name]}
+    progress = Progress("segment", sum(todo.values()), every_s=0)  # a line per shard this run segments
+    for shard in shards:
         record = finished[shard.name] or segment_shard(shard, work, sources, params, filtering, runner)
         models.append(record["model"])
         for key, value in record["counters"].items():
             counters[key] = counters.get(key, 0) + value
-        logger.info("segment: shard %d/%d %s (%s)", done, len(shards),
-                    "done earlier" if finished[shard.name] else "done", record["counters"])
+        if shard.name in todo:
+            progress.update(todo[shard.name])
+    progress.close()
     model = stage.first_model(models)
     stats = merge_parts([stage.shard_output(shard) for shard in shards], filter_dir, out_dir, counters, model)
     work.finish()
