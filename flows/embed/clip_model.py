@@ -139,8 +139,8 @@ def _cached_tag_file(spec: ClipSpec, tag_cfg: dict, cache_dir: str | None) -> st
             f"embed: weights of {spec.model}:{spec.pretrained} are not in the Hugging Face cache "
             f"{hub_cache} (looked for {repo_id}/{' or '.join(candidates)}), and this machine has no "
             f"network. On a machine with network run `hf download {repo_id} {candidates[0]}` and copy "
-            f"the cache folder here (or set HF_HUB_CACHE to it), or set embed.pretrained to a local "
-            f"checkpoint file.")
+            f"the cache folder here (or set HF_HUB_CACHE to it), or set embed.profile: named with "
+            f"embed.model: {spec.model} and embed.pretrained: <local checkpoint file>.")
     url = tag_cfg.get("url", "")
     url_cache = cache_dir or os.path.expanduser("~/.cache/clip")
     path = os.path.join(url_cache, os.path.basename(url))
@@ -148,8 +148,8 @@ def _cached_tag_file(spec: ClipSpec, tag_cfg: dict, cache_dir: str | None) -> st
         return path
     raise MissingCheckpointError(
         f"embed: weights of {spec.model}:{spec.pretrained} are not at {path}, and this machine has no "
-        f"network. Download {url or 'them'} there on a machine with network, or set embed.pretrained "
-        f"to a local checkpoint file.")
+        f"network. Download {url or 'them'} there on a machine with network, or set embed.profile: named "
+        f"with embed.model: {spec.model} and embed.pretrained: <local checkpoint file>.")
 
 
 def load_clip(spec: ClipSpec, *, device: str | torch.device = "cpu", cache_dir: str | None = None) -> LoadedClip:

@@ -57,7 +57,8 @@ def test_sd15_missing_from_cache_names_the_file_and_the_fix(tmp_path):
     text = str(err.value)
     assert "ViT-H-14:laion2b_s32b_b79k" in text
     assert "laion/CLIP-ViT-H-14-laion2B-s32B-b79K/open_clip_model.safetensors" in text
-    assert "hf download laion/CLIP-ViT-H-14-laion2B-s32B-b79K" in text and "embed.pretrained" in text
+    assert "hf download laion/CLIP-ViT-H-14-laion2B-s32B-b79K" in text
+    assert "embed.profile: named with embed.model: ViT-H-14 and embed.pretrained: <local checkpoint file>" in text
 
 
 def test_sd15_found_in_hub_cache(tmp_path):
