@@ -17,6 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from flows.errors import UserFacingError
+
 ROW_GROUP_ROWS = 8192
 
 
@@ -91,7 +93,7 @@ def write_table(path: str | Path, schema: pa.Schema, rows: Iterable[Mapping[str,
     return writer.rows_written
 
 
-class TableReadError(ValueError):
+class TableReadError(UserFacingError, ValueError):
     """A pipeline table that is missing, not Parquet, or not of the expected table."""
 
 

@@ -11,10 +11,12 @@ import dataclasses
 import types
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
+from flows.errors import UserFacingError
+
 T = TypeVar("T")
 
 
-class ParamsError(ValueError):
+class ParamsError(UserFacingError, ValueError):
     """A params file that does not match its typed schema; the message names the key."""
 
 

@@ -30,6 +30,7 @@ import open_clip  # noqa: E402
 import torch  # noqa: E402
 
 from flows.config.params import EmbedParams  # noqa: E402
+from flows.errors import UserFacingError  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npz")
 _CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 
 
-class MissingCheckpointError(FileNotFoundError):
+class MissingCheckpointError(UserFacingError, FileNotFoundError):
     """Model weights that are not on this machine; the message says what and how to get them."""
 
 

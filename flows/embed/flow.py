@@ -7,7 +7,6 @@ task, so importing the flow stays light.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from flows.runtime import configure
@@ -50,10 +49,7 @@ def embed_flow(params_path: str = "params.yaml") -> dict:
 
 
 def main(params_path: str = "params.yaml") -> None:
-    from flows.embed.clip_model import MissingCheckpointError, check_weights, spec_for
+    from flows.embed.clip_model import check_weights, spec_for
 
-    try:  # fail in one line, before any flow starts, when the weights are not on this machine
-        check_weights(spec_for(load_params(params_path).embed))
-    except MissingCheckpointError as exc:
-        sys.exit(f"error: {exc}")
+    check_weights(spec_for(load_params(params_path).embed))  # missing weights fail before any flow starts
     embed_flow(params_path)

@@ -23,6 +23,7 @@ from flows.ingest import mvimgnet, openimages  # noqa: E402
 from flows.ingest.records import ShardOutput  # noqa: E402
 from flows.schemas import FRAMES, REJECTS  # noqa: E402
 from flows.tables import concat_tables, write_json_atomic  # noqa: E402
+from flows.errors import UserFacingError  # noqa: E402
 
 SHARD_MODULES = {"mvimgnet": mvimgnet, "openimages": openimages}
 
@@ -59,7 +60,7 @@ LAYOUTS = {
 }
 
 
-class EmptySourceError(ValueError):
+class EmptySourceError(UserFacingError, ValueError):
     """An enabled source in which ingest found nothing: almost always a wrong root."""
 
 

@@ -99,4 +99,9 @@ def segment_flow(params_path: str = "params.yaml") -> dict:
 
 
 def main(params_path: str = "params.yaml") -> None:
+    from flows.segment.sam_model import SPECS, check_checkpoint
+
+    params = load_params(params_path).segment
+    if params.sam_profile == "sam":  # a missing checkpoint fails before any flow starts
+        check_checkpoint(SPECS[params.sam_model_type], params.sam_checkpoint)
     segment_flow(params_path)

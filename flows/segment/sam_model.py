@@ -19,6 +19,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from segment_anything.modeling import image_encoder as sam_image_encoder
 
 from flows.config.params import SegmentParams
+from flows.errors import UserFacingError
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ CHECKPOINT_URLS = {
 }
 
 
-class SamCheckpointError(RuntimeError):
+class SamCheckpointError(UserFacingError, RuntimeError):
     """A SAM checkpoint that is missing or does not match the architecture asked for."""
 
 
@@ -147,15 +148,27 @@ def build_random_sam(spec: SamSpec, *, seed: int = TINY_SEED) -> LoadedSam:
     return LoadedSam(model, spec, f"sam:{spec.name}:random-seed{seed}", random_weights=True)
 
 
-def load_sam(spec: SamSpec, checkpoint: str | Path) -> LoadedSam:
-    """``spec`` with the weights of a SAM state-dict file (the official release format)."""
+def check_checkpoint(spec: SamSpec, checkpoint: str | Path) -> Path:
+    """The checkpoint's path if the file is there, else SamCheckpointError saying where to get it."""
     path = Path(checkpoint)
     if not path.is_file():
         url = CHECKPOINT_URLS.get(spec.name, CHECKPOINT_URLS["vit_h"])
         raise SamCheckpointError(
-            f"SAM checkpoint {path} not found: download the {spec.name} weights ({url}) to that "
+            f"segment.sam_checkpoint: {path} not found: download the {spec.name} weights ({url}) to that "
             "path on a machine with network access, or set segment.sam_profile: tiny")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    return path
+
+
+def load_sam(spec: SamSpec, checkpoint: str | Path) -> LoadedSam:
+    """``spec`` with the weights of a SAM state-dict file (the official release format)."""
+    path = check_checkpoint(spec, checkpoint)
+    try:  # weights_only: a checkpoint never runs code here
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch's message would suggest weights_only=False: unsafe, and wrong for a bad file
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise SamCheckpointError(
+            f"{path} is not a readable PyTorch state dict ({type(exc).__name__}: {first}); a download may have "
+            f"been cut short: fetch {CHECKPOINT_URLS.get(spec.name, CHECKPOINT_URLS['vit_h'])} again") from None
     model = build_sam(spec)
     try:
         model.load_state_dict(state, strict=True)

@@ -85,11 +85,12 @@ def test_named_profile_errors(model, pretrained, needle):
 def test_stage_entry_point_fails_in_one_line_without_weights(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
+    from flows.cli import run_stage
     from flows.embed.flow import main
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
     (tmp_path / "params.yaml").write_text("embed:\n  profile: sd15\n")
     with pytest.raises(SystemExit) as exc:
-        main(str(tmp_path / "params.yaml"))
+        run_stage(main, [str(tmp_path / "params.yaml")])
     assert str(exc.value).startswith("error: embed: weights of ViT-H-14:laion2b_s32b_b79k")
     assert "\n" not in str(exc.value)

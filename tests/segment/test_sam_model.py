@@ -50,6 +50,24 @@ def test_profile_sam_without_the_file_names_the_path_and_where_to_get_it(tmp_pat
     assert str(tmp_path / "nope.pth") in message and "sam_vit_h_4b8939.pth" in message
 
 
+def test_a_damaged_checkpoint_says_so_without_unsafe_advice(tmp_path):
+    (tmp_path / "cut.pth").write_bytes(b"PK\x03\x04 half a download")
+    with pytest.raises(SamCheckpointError, match=r"cut\.pth is not a readable PyTorch state dict .*fetch https://") as err:
+        load_sam(SPECS["tiny"], tmp_path / "cut.pth")
+    assert "weights_only" not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_stage_command_fails_in_one_line_before_any_flow_without_the_checkpoint(tmp_path):
+    from flows.cli import run_stage
+    from flows.segment.flow import main
+
+    params = tmp_path / "params.yaml"
+    params.write_text(f"segment:\n  sam_profile: sam\n  sam_checkpoint: {tmp_path / 'nope.pth'}\n")
+    with pytest.raises(SystemExit) as exc:
+        run_stage(main, [str(params)])
+    assert str(exc.value).startswith(f"error: segment.sam_checkpoint: {tmp_path / 'nope.pth'} not found: download")
+
+
 def test_a_checkpoint_of_another_architecture_is_refused(tmp_path):
     save_sam(build_random_sam(SPECS["tiny"]).model, tmp_path / "sam_tiny.pth")
     deeper = dataclasses.replace(SPECS["tiny"], encoder_depth=3, encoder_global_attn_indexes=(2,))
