@@ -158,7 +158,7 @@ class PairsParams:
 
     out_dir: str = "data/pairs"  # pairs.parquet, stats.json
     min_angle_deg: float = 30.0  # MVImgNet: viewing directions at least this far apart
-    max_positives_per_frame: int = 2  # positives kept per reference frame (largest angles first)
+    max_positives_per_frame: int = 2  # positives kept per reference frame (a seeded draw among the qualifying views)
     augmentations_per_box: int = 2  # OpenImages: augmentation recipes per box
     aug_scale_min: float = 0.7  # subject scale range of the augmentation recipes
     aug_scale_max: float = 1.3  # (min <= max)
