@@ -1,7 +1,8 @@
 """Positive pairs for MACL: other views of one object, or augmentation recipes of one box.
 
 r_ij is the cosine of the two segmented-subject embeddings exactly as stored (float16
-values, summed in float32), so it can be recomputed from the embeddings table.
+values, summed in float32), so it can be recomputed from the embeddings table; it is
+clipped to [-1, 1], which float16 norms overshoot by up to ~1e-3.
 """
 
 from __future__ import annotations
@@ -23,8 +24,12 @@ ANGLE_BINS = tuple(range(0, 181, 15))  # histogram edges of the viewing-angle di
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """r_ij: dot product of two stored (normalised, float16) embeddings, in float32."""
-    return float(np.dot(a.astype(np.float32), b.astype(np.float32)))
+    """r_ij: dot product of two stored (normalised, float16) embeddings, in float32, within [-1, 1]."""
+    return clip_cosine(np.dot(a.astype(np.float32), b.astype(np.float32)))
+
+
+def clip_cosine(value) -> float:
+    return float(min(1.0, max(-1.0, value)))
 
 
 def _view_dir(qvec) -> np.ndarray | None:
@@ -106,7 +111,7 @@ def mine_multiview(frames: list[SubjectFrame], params: PairsParams, *, captured:
                               positive_frame_id=pos.frame_id,
                               angle_deg=float(angles[i, j]) if both[i, j] else None, frame_gap=int(gaps[i, j]),
                               area_ratio=pos.area_frac / ref.area_frac if ref.area_frac else 0.0,
-                              r_ij=float(np.dot(vectors[i], vectors[j]))))  # = cosine(ref.embedding, pos.embedding)
+                              r_ij=clip_cosine(np.dot(vectors[i], vectors[j]))))  # = cosine(ref.embedding, pos.embedding)
     return pairs
 
 

@@ -142,3 +142,13 @@ def test_frame_gap_fallback_counts_the_objects_whole_capture(tables):
     assert gaps and min(gaps) >= 3
     pairs, _ = run(tables)  # without the ingest table: the frames given, gap 1
     assert min(p["frame_gap"] for p in pairs if p["subject_id"].endswith("bbbbbbbb")) == 1
+
+
+def test_r_ij_is_a_cosine_even_when_float16_norms_overshoot():
+    import numpy as np
+
+    from flows.pairs.mining import cosine
+
+    v = np.full(8, 0.3537, dtype=np.float16)  # squared norm 1.0012 after float16 rounding
+    assert float(np.dot(v.astype(np.float32), v.astype(np.float32))) > 1.0
+    assert cosine(v, v) == 1.0 and cosine(v, -v) == -1.0
