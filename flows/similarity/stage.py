@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from flows.config.params import SimilarityParams
@@ -28,25 +29,47 @@ from flows.similarity.mining import (
     neighbour_table,
     union_subject_pairs,
 )
-from flows.similarity.subjects import subject_codes, subject_mean_embeddings
+from flows.similarity.subjects import encode_subjects, subject_means
 from flows.similarity.topk import topk_cosine
 from flows.tables import TableWriter, fixed_size_list_to_numpy, write_json_atomic
 
-
-def read_embeddings(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(frame_ids (N,), subject_ids (N,), embeddings (N, d) float16) in table order."""
-    table = pq.read_table(path, columns=["frame_id", "subject_id", "embedding"])
-    vectors = fixed_size_list_to_numpy(table.column("embedding"))  # (N, d)
-    return (np.asarray(table.column("frame_id").to_pylist(), dtype=str),
-            np.asarray(table.column("subject_id").to_pylist(), dtype=str), vectors)
+READ_BATCH_ROWS = 65536  # embedding rows decoded at once while filling the (N, d) array
 
 
-def _write_neighbours(writer: TableWriter, level: str, names: np.ndarray, table: dict, k: int) -> None:
+def read_embeddings(path: Path) -> tuple[pa.Array, pa.Array, np.ndarray]:
+    """(frame_ids (N,), subject_ids (N,), embeddings (N, d) float16) in table order.
+
+    The ids stay Arrow (large_string) arrays: compact, and no Python object per frame. The
+    embeddings fill one preallocated array batch by batch, so the temporaries are one decoded
+    batch and one row group's compressed column (the whole column as Arrow plus its numpy copy
+    would double the peak). One reader per row group: a single iter_batches over the file kept
+    every compressed page it had read until the end (pyarrow 26: +330 MB for a 290 MB file,
+    the pattern of apache/arrow#39808), per row group its memory stays flat.
+    """
+    ids = pq.read_table(path, columns=["frame_id", "subject_id"])
+    frame_ids, subject_ids = (ids.column(name).cast(pa.large_string()).combine_chunks()
+                              for name in ("frame_id", "subject_id"))
+    del ids
+    parquet = pq.ParquetFile(path)
+    column_type = parquet.schema_arrow.field("embedding").type  # fixed_size_list<float16>[d]
+    vectors = np.empty((parquet.metadata.num_rows, column_type.list_size), column_type.value_type.to_pandas_dtype())
+    row = 0
+    for group in range(parquet.num_row_groups):
+        for batch in parquet.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=[group], columns=["embedding"]):
+            block = fixed_size_list_to_numpy(batch.column(0))  # (b, d)
+            vectors[row:row + len(block)] = block
+            row += len(block)
+    if row != len(vectors) or len(frame_ids) != len(vectors):
+        raise ValueError(f"{path}: read {row} embeddings and {len(frame_ids)} ids for {len(vectors)} rows")
+    return frame_ids, subject_ids, vectors
+
+
+def _write_neighbours(writer: TableWriter, level: str, names: pa.Array, table: dict, k: int) -> None:
     n = len(table["i"])
     writer.write_batch(pa.table({
         "level": pa.array([level] * n, pa.string()),
-        "i": pa.array(names[table["i"]].tolist(), pa.string()),
-        "j": pa.array(names[table["j"]].tolist(), pa.string()),
+        "i": names.take(pa.array(table["i"])),
+        "j": names.take(pa.array(table["j"])),
         "rank": pa.array((np.arange(n) % k if k else np.zeros(n)).astype(np.int16)),
         "r": pa.array(table["r"], pa.float32()),
         "near_duplicate": pa.array(table["near_duplicate"]),
@@ -57,8 +80,9 @@ def compute_similarity(embeddings: Path, out_dir: Path, params: SimilarityParams
     """Write neighbours.parquet, near_duplicates.parquet, hard_negatives.parquet and stats.json."""
     frame_ids, frame_subjects, vectors = read_embeddings(embeddings)
     start = time.perf_counter()
-    subjects, means, counts = subject_mean_embeddings(vectors.astype(np.float32), frame_subjects)
-    codes = subject_codes(frame_subjects, subjects)
+    subjects, codes = encode_subjects(frame_subjects)  # ids in first-seen order, (N,) int64
+    del frame_subjects
+    means, counts = subject_means(vectors, codes, subjects)
     own_views = int(counts.max()) - 1 if len(counts) else 0  # same-subject rows that can precede others
     extra = min(own_views, params.near_duplicate_extra_k)
     f_idx, f_val = topk_cosine(vectors, k=params.k + extra, block_rows=params.block_rows, device=params.device)
@@ -76,13 +100,14 @@ def compute_similarity(embeddings: Path, out_dir: Path, params: SimilarityParams
         _write_neighbours(writer, "frame", frame_ids, frames_table, kept)
         _write_neighbours(writer, "subject", subjects, subject_table, s_idx.shape[1])
     with TableWriter(out_dir / "near_duplicates.parquet", NEAR_DUPLICATES) as writer:
-        a, b = subjects[duplicates["subject_a"]], subjects[duplicates["subject_b"]]  # codes: first-seen order
-        swap = a > b  # the smaller id first, as documented
-        writer.write_batch(pa.table({"subject_a": np.where(swap, b, a).tolist(),
-                                     "subject_b": np.where(swap, a, b).tolist(), "r": duplicates["r"]}))
+        a = subjects.take(pa.array(duplicates["subject_a"]))  # codes: first-seen order
+        b = subjects.take(pa.array(duplicates["subject_b"]))
+        swap = pc.greater(a, b)  # the smaller id first, as documented (UTF-8 byte order = code point order)
+        writer.write_batch(pa.table({"subject_a": pc.if_else(swap, b, a), "subject_b": pc.if_else(swap, a, b),
+                                     "r": duplicates["r"]}))
     with TableWriter(out_dir / "hard_negatives.parquet", HARD_NEGATIVES) as writer:
-        writer.write_batch(pa.table({"subject_id": subjects[negatives["subject"]].tolist(),
-                                     "negative_subject_id": subjects[negatives["negative"]].tolist(),
+        writer.write_batch(pa.table({"subject_id": subjects.take(pa.array(negatives["subject"])),
+                                     "negative_subject_id": subjects.take(pa.array(negatives["negative"])),
                                      "rank": negatives["rank"].astype(np.int16), "r": negatives["r"]}))
     stats = {"frames": len(frame_ids), "subjects": len(subjects), "k": params.k,
              "frame_neighbour_rows": len(frames_table["i"]), "subject_neighbour_rows": len(subject_table["i"]),

@@ -1,11 +1,20 @@
 import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from flows.config.params import SimilarityParams
 from flows.schemas import HARD_NEGATIVES, NEAR_DUPLICATES, NEIGHBOURS, embeddings_schema
+from flows.similarity import stage
 from flows.similarity.stage import compute_similarity
 from flows.tables import iter_rows, write_table
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_stage_tables(tmp_path):
@@ -86,3 +95,58 @@ def test_a_near_duplicate_frame_is_found_behind_the_subjects_own_views(tmp_path)
     assert len(frames) == len(subjects) * 3  # the table keeps the plain top-k
     stats, dups = near_duplicates(dataclasses.replace(params, near_duplicate_extra_k=0), "out2")
     assert dups == [] and stats["frame_search_k"] == 3 and not stats["frame_near_duplicates_complete"]
+
+
+def test_read_embeddings_fills_one_array_across_row_groups_and_batches(tmp_path, monkeypatch):
+    monkeypatch.setattr(stage, "READ_BATCH_ROWS", 3)  # batches inside and across the row groups of 4
+    rng = np.random.default_rng(7)
+    rows = [{"frame_id": f"f{i}", "subject_id": f"s{i % 3}", "model_id": "m",
+             "embedding": rng.standard_normal(8).astype(np.float16).tolist()} for i in range(10)]
+    pq.write_table(pa.Table.from_pylist(rows, schema=embeddings_schema(8)), tmp_path / "emb.parquet", row_group_size=4)
+    frame_ids, subjects, vectors = stage.read_embeddings(tmp_path / "emb.parquet")
+    assert frame_ids.to_pylist() == [r["frame_id"] for r in rows] and subjects.to_pylist() == [r["subject_id"] for r in rows]
+    assert vectors.dtype == np.float16 and vectors.flags.c_contiguous
+    np.testing.assert_array_equal(vectors, np.array([r["embedding"] for r in rows], np.float16))
+
+
+READ_MEMORY_PROBE = r"""
+import json, re, sys
+from pathlib import Path
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from flows.schemas import embeddings_schema
+
+n, d, path = 50_000, 256, Path(sys.argv[1])
+with pq.ParquetWriter(path, embeddings_schema(d), compression="zstd") as writer:
+    rng = np.random.default_rng(0)
+    for r0 in range(0, n, 8192):
+        rows = min(8192, n - r0)
+        x = rng.standard_normal((rows, d), dtype=np.float32)
+        x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+        writer.write_table(pa.table({
+            "frame_id": [f"frame-{i:09d}" for i in range(r0, r0 + rows)],
+            "subject_id": [f"subject-{i // 30:07d}" for i in range(r0, r0 + rows)],
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), d),
+            "model_id": ["m"] * rows}, schema=embeddings_schema(d)))
+from flows.similarity.stage import read_embeddings
+from flows.similarity.subjects import encode_subjects, subject_means
+status = lambda key: int(re.search(key + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1)) << 10
+open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM: the peak from here on
+base = status("VmRSS")
+frame_ids, frame_subjects, vectors = read_embeddings(path)
+subjects, codes = encode_subjects(frame_subjects)
+means, counts = subject_means(vectors, codes, subjects)
+print(json.dumps({"extra_bytes": status("VmHWM") - base, "vectors_bytes": vectors.nbytes, "subjects": len(subjects)}))
+"""
+
+
+def test_reading_and_subject_means_hold_little_beyond_the_float16_embeddings(tmp_path):
+    """50k x 256 float16 (25.6 MB): the float32 copy, float64 sums and sorted copies of the
+    first version took 14x that (358 MB); now the array itself plus bounded temporaries
+    (69-100 MB measured, allocator pools included)."""
+    out = subprocess.run([sys.executable, "-c", READ_MEMORY_PROBE, str(tmp_path / "emb.parquet")], cwd=ROOT,
+                         capture_output=True, text=True, check=True, timeout=120)
+    probe = json.loads(out.stdout.strip().splitlines()[-1])
+    assert probe["subjects"] == 1667
+    assert probe["extra_bytes"] < 6 * probe["vectors_bytes"], probe
