@@ -41,6 +41,21 @@ def near_duplicate_subject_pairs(table: dict[str, np.ndarray], *, subject: np.nd
     return _max_per_pair(np.minimum(si, sj), np.maximum(si, sj), r)
 
 
+def near_duplicate_pairs_blockwise(indices: np.ndarray, values: np.ndarray, *, subject: np.ndarray | None,
+                                   threshold: float, block_rows: int = 65536) -> dict[str, np.ndarray]:
+    """``near_duplicate_subject_pairs(neighbour_table(indices, values, ...))`` without the table.
+
+    The table is built block_rows query rows at a time and only its flagged pairs are kept,
+    so memory is O(block_rows * k) besides the pairs (the frame search's whole table is
+    N * depth rows: ~15 GB at N = 9M, depth 80). Same pairs, same order, same r.
+    """
+    parts = [near_duplicate_subject_pairs(neighbour_table(indices[r0:r0 + block_rows], values[r0:r0 + block_rows],
+                                                          subject=subject, threshold=threshold, row_offset=r0),
+                                          subject=subject)
+             for r0 in range(0, max(len(indices), 1), block_rows)]
+    return union_subject_pairs(*parts)
+
+
 def union_subject_pairs(*pair_tables: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Several subject-pair tables (frame level, subject level) as one, each pair once with its max r."""
     return _max_per_pair(*(np.concatenate([t[c] for t in pair_tables]) for c in ("subject_a", "subject_b", "r")))

@@ -1,7 +1,9 @@
 """The ``similarity`` stage as plain functions: top-k tables over frames and subjects.
 
 Memory: the (N, d) float16 embeddings (the index itself), O(N*k) results and one block
-of scores; never N x N.
+of scores; never N x N. Ids stay Arrow arrays; the output tables are built and written
+WRITE_ROWS rows at a time, and the frame search's deeper columns (near-duplicates only)
+are read blockwise and freed before writing.
 
 Near-duplicate subjects are found at two levels: subject means (an object crawled twice) and
 frames. An object's own views are its frames' nearest neighbours (MVImgNet has ~30 per
@@ -14,6 +16,7 @@ cap made the frame level incomplete.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,7 @@ from flows.config.params import SimilarityParams
 from flows.schemas import HARD_NEGATIVES, NEAR_DUPLICATES, NEIGHBOURS
 from flows.similarity.mining import (
     hard_negatives,
+    near_duplicate_pairs_blockwise,
     near_duplicate_subject_pairs,
     neighbour_table,
     union_subject_pairs,
@@ -34,6 +38,7 @@ from flows.similarity.topk import topk_cosine
 from flows.tables import TableWriter, fixed_size_list_to_numpy, write_json_atomic
 
 READ_BATCH_ROWS = 65536  # embedding rows decoded at once while filling the (N, d) array
+WRITE_ROWS = 1 << 20  # output rows per write: pyarrow's default row group size (ParquetWriter.write_table)
 
 
 def read_embeddings(path: Path) -> tuple[pa.Array, pa.Array, np.ndarray]:
@@ -64,16 +69,35 @@ def read_embeddings(path: Path) -> tuple[pa.Array, pa.Array, np.ndarray]:
     return frame_ids, subject_ids, vectors
 
 
-def _write_neighbours(writer: TableWriter, level: str, names: pa.Array, table: dict, k: int) -> None:
-    n = len(table["i"])
-    writer.write_batch(pa.table({
-        "level": pa.array([level] * n, pa.string()),
-        "i": names.take(pa.array(table["i"])),
-        "j": names.take(pa.array(table["j"])),
-        "rank": pa.array((np.arange(n) % k if k else np.zeros(n)).astype(np.int16)),
-        "r": pa.array(table["r"], pa.float32()),
-        "near_duplicate": pa.array(table["near_duplicate"]),
-    }))
+def _write_blocks(writer: TableWriter, rows: int, block: Callable[[int, int], pa.Table]) -> None:
+    """Write rows [0, rows) as block(t0, t1) tables of WRITE_ROWS rows each (the last one shorter).
+
+    WRITE_ROWS is pyarrow's default row group size, so the file has the row groups, and the
+    bytes, of one write of the whole table, while only one block of ids is ever materialised.
+    """
+    for t0 in range(0, rows, WRITE_ROWS):
+        writer.write_batch(block(t0, min(t0 + WRITE_ROWS, rows)))
+
+
+def _write_neighbours(writer: TableWriter, level: str, names: pa.Array, indices: np.ndarray, values: np.ndarray,
+                      *, subject: np.ndarray | None, threshold: float) -> None:
+    """The rows of ``neighbour_table(indices, values, ...)`` with ids for rows, in row order, blockwise."""
+    n_rows, k = indices.shape
+
+    def block(t0: int, t1: int) -> pa.Table:  # flat rows t0..t1: query rows q0..q1, cut at both ends
+        q0, q1 = t0 // k, -(-t1 // k)
+        table = neighbour_table(indices[q0:q1], values[q0:q1], subject=subject, threshold=threshold, row_offset=q0)
+        cut = slice(t0 - q0 * k, t1 - q0 * k)
+        return pa.table({
+            "level": pa.array([level] * (t1 - t0), pa.string()),
+            "i": names.take(pa.array(table["i"][cut])),
+            "j": names.take(pa.array(table["j"][cut])),
+            "rank": pa.array((np.arange(t0, t1) % k).astype(np.int16)),
+            "r": pa.array(table["r"][cut], pa.float32()),
+            "near_duplicate": pa.array(table["near_duplicate"][cut]),
+        })
+
+    _write_blocks(writer, n_rows * k, block)
 
 
 def compute_similarity(embeddings: Path, out_dir: Path, params: SimilarityParams) -> dict:
@@ -86,33 +110,41 @@ def compute_similarity(embeddings: Path, out_dir: Path, params: SimilarityParams
     own_views = int(counts.max()) - 1 if len(counts) else 0  # same-subject rows that can precede others
     extra = min(own_views, params.near_duplicate_extra_k)
     f_idx, f_val = topk_cosine(vectors, k=params.k + extra, block_rows=params.block_rows, device=params.device)
+    del vectors
     s_idx, s_val = topk_cosine(means, k=params.k, block_rows=params.block_rows, device=params.device)
-    deep_table = neighbour_table(f_idx, f_val, subject=codes, threshold=params.near_duplicate_r)
-    kept = min(params.k, f_idx.shape[1])  # columns are sorted: the first k are the plain top-k
-    frames_table = neighbour_table(f_idx[:, :kept], f_val[:, :kept], subject=codes, threshold=params.near_duplicate_r)
+    del means
     subject_table = neighbour_table(s_idx, s_val, subject=None, threshold=params.near_duplicate_r)
-    duplicates = union_subject_pairs(near_duplicate_subject_pairs(deep_table, subject=codes),
-                                     near_duplicate_subject_pairs(subject_table, subject=None))
+    duplicates = union_subject_pairs(  # frame level over the whole search depth, without its (N * depth)-row table
+        near_duplicate_pairs_blockwise(f_idx, f_val, subject=codes, threshold=params.near_duplicate_r),
+        near_duplicate_subject_pairs(subject_table, subject=None))
     negatives = hard_negatives(subject_table, exclude=duplicates, h=params.hard_negatives)
+    frame_search_k = int(f_idx.shape[1])
+    kept = min(params.k, frame_search_k)  # columns are sorted: the first k are the plain top-k
+    if kept < frame_search_k:  # the deeper columns only served the near-duplicates: free them
+        f_idx, f_val = np.ascontiguousarray(f_idx[:, :kept]), np.ascontiguousarray(f_val[:, :kept])
     seconds = time.perf_counter() - start
     out_dir.mkdir(parents=True, exist_ok=True)
     with TableWriter(out_dir / "neighbours.parquet", NEIGHBOURS) as writer:
-        _write_neighbours(writer, "frame", frame_ids, frames_table, kept)
-        _write_neighbours(writer, "subject", subjects, subject_table, s_idx.shape[1])
+        _write_neighbours(writer, "frame", frame_ids, f_idx, f_val, subject=codes, threshold=params.near_duplicate_r)
+        _write_neighbours(writer, "subject", subjects, s_idx, s_val, subject=None, threshold=params.near_duplicate_r)
     with TableWriter(out_dir / "near_duplicates.parquet", NEAR_DUPLICATES) as writer:
-        a = subjects.take(pa.array(duplicates["subject_a"]))  # codes: first-seen order
-        b = subjects.take(pa.array(duplicates["subject_b"]))
-        swap = pc.greater(a, b)  # the smaller id first, as documented (UTF-8 byte order = code point order)
-        writer.write_batch(pa.table({"subject_a": pc.if_else(swap, b, a), "subject_b": pc.if_else(swap, a, b),
-                                     "r": duplicates["r"]}))
+        def pairs(t0: int, t1: int) -> pa.Table:
+            a = subjects.take(pa.array(duplicates["subject_a"][t0:t1]))  # codes: first-seen order
+            b = subjects.take(pa.array(duplicates["subject_b"][t0:t1]))
+            swap = pc.greater(a, b)  # the smaller id first, as documented (UTF-8 byte order = code point order)
+            return pa.table({"subject_a": pc.if_else(swap, b, a), "subject_b": pc.if_else(swap, a, b),
+                             "r": duplicates["r"][t0:t1]})
+
+        _write_blocks(writer, len(duplicates["r"]), pairs)
     with TableWriter(out_dir / "hard_negatives.parquet", HARD_NEGATIVES) as writer:
-        writer.write_batch(pa.table({"subject_id": subjects.take(pa.array(negatives["subject"])),
-                                     "negative_subject_id": subjects.take(pa.array(negatives["negative"])),
-                                     "rank": negatives["rank"].astype(np.int16), "r": negatives["r"]}))
+        _write_blocks(writer, len(negatives["r"]), lambda t0, t1: pa.table({
+            "subject_id": subjects.take(pa.array(negatives["subject"][t0:t1])),
+            "negative_subject_id": subjects.take(pa.array(negatives["negative"][t0:t1])),
+            "rank": negatives["rank"][t0:t1].astype(np.int16), "r": negatives["r"][t0:t1]}))
     stats = {"frames": len(frame_ids), "subjects": len(subjects), "k": params.k,
-             "frame_neighbour_rows": len(frames_table["i"]), "subject_neighbour_rows": len(subject_table["i"]),
+             "frame_neighbour_rows": f_idx.shape[0] * kept, "subject_neighbour_rows": len(subject_table["i"]),
              "near_duplicate_subject_pairs": len(duplicates["r"]), "hard_negative_rows": len(negatives["r"]),
-             "frame_search_k": int(f_idx.shape[1]), "frame_near_duplicates_complete": extra == own_views,
+             "frame_search_k": frame_search_k, "frame_near_duplicates_complete": extra == own_views,
              "seconds": round(seconds, 3), "device": params.device}
     write_json_atomic(out_dir / "stats.json", stats)
     return stats

@@ -4,9 +4,10 @@ flagged subjects never each other's negatives."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from flows.similarity.mining import (as_arrow, hard_negatives, near_duplicate_subject_pairs, neighbour_table,
-                                     union_subject_pairs)
+from flows.similarity.mining import (as_arrow, hard_negatives, near_duplicate_pairs_blockwise,
+                                     near_duplicate_subject_pairs, neighbour_table, union_subject_pairs)
 from flows.similarity.subjects import subject_mean_embeddings
 from flows.similarity.topk import topk_cosine
 
@@ -68,3 +69,19 @@ def test_end_to_end_on_planted_duplicate_subjects():
     neg = hard_negatives(subject_table, exclude=exclude, h=3)
     pairs = set(zip(neg["subject"].tolist(), neg["negative"].tolist()))
     assert (0, 5) not in pairs and (5, 0) not in pairs and len(pairs) == 18
+
+
+@pytest.mark.parametrize("block_rows", [1, 7, 1000])
+def test_blockwise_near_duplicate_pairs_equal_the_whole_table(block_rows):
+    rng = np.random.default_rng(4)
+    idx = rng.integers(0, 60, (60, 9))
+    val = np.sort(rng.uniform(0.8, 1.0, (60, 9)).astype(np.float32), axis=1)[:, ::-1]
+    subject = rng.integers(0, 12, 60)
+    whole = near_duplicate_subject_pairs(neighbour_table(idx, val, subject=subject, threshold=0.9), subject=subject)
+    blocks = near_duplicate_pairs_blockwise(idx, val, subject=subject, threshold=0.9, block_rows=block_rows)
+    assert len(whole["r"]) > 10
+    for column in ("subject_a", "subject_b", "r"):
+        np.testing.assert_array_equal(blocks[column], whole[column])
+        assert blocks[column].dtype == whole[column].dtype
+    empty = near_duplicate_pairs_blockwise(idx[:0, :0], val[:0, :0], subject=subject, threshold=0.9)
+    assert all(len(c) == 0 for c in empty.values())

@@ -150,3 +150,33 @@ def test_reading_and_subject_means_hold_little_beyond_the_float16_embeddings(tmp
     probe = json.loads(out.stdout.strip().splitlines()[-1])
     assert probe["subjects"] == 1667
     assert probe["extra_bytes"] < 6 * probe["vectors_bytes"], probe
+
+
+def write_random_embeddings(path, n=60, d=16, seed=11):
+    rng = np.random.default_rng(seed)
+    vectors = rng.normal(size=(n, d)).astype(np.float32)
+    vectors[1] = vectors[0] + 1e-3  # a near-duplicate pair of subjects
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    write_table(path, embeddings_schema(d),
+                [{"frame_id": f"f{i}", "subject_id": f"s{(i * 7) % 23}", "model_id": "m",
+                  "embedding": v.astype(np.float16).tolist()} for i, v in enumerate(vectors)])
+
+
+def test_tables_written_in_blocks_are_the_same_tables(tmp_path, monkeypatch):
+    write_random_embeddings(tmp_path / "emb.parquet")
+    params = SimilarityParams(k=4, near_duplicate_r=0.99, hard_negatives=2, device="cpu")
+    compute_similarity(tmp_path / "emb.parquet", tmp_path / "whole", params)
+    monkeypatch.setattr(stage, "WRITE_ROWS", 7)  # blocks cut inside a row's neighbours, and at its end
+    compute_similarity(tmp_path / "emb.parquet", tmp_path / "blocks", params)
+    for name in ("neighbours", "near_duplicates", "hard_negatives"):
+        whole, blocks = (pq.read_table(tmp_path / out / f"{name}.parquet") for out in ("whole", "blocks"))
+        assert whole.num_rows and blocks.equals(whole), name
+    assert pq.ParquetFile(tmp_path / "blocks" / "neighbours.parquet").metadata.num_row_groups > 1
+
+
+def test_write_rows_is_pyarrows_default_row_group_size(tmp_path):
+    """Writing in blocks of WRITE_ROWS gives the row groups (and bytes) of one write only while
+    pyarrow cuts row groups at WRITE_ROWS by default."""
+    pq.write_table(pa.table({"x": np.zeros(stage.WRITE_ROWS + 1, np.int8)}), tmp_path / "t.parquet")
+    meta = pq.ParquetFile(tmp_path / "t.parquet").metadata
+    assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == [stage.WRITE_ROWS, 1]
