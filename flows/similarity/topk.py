@@ -48,7 +48,7 @@ import numpy as np
 
 NORM_TOLERANCE = 1e-2  # |norm - 1| above this is not an L2-normalised row (fp16 rows are ~1e-3 off)
 CPU_QUERY_BLOCK = 8192  # faiss tiles queries by 4096 itself; a block only bounds our per-call output
-TORCH_BUFFER_BYTES = {"cuda": 4 << 30, "cpu": 256 << 20}  # default size of the (B, N) score buffer
+TORCH_BUFFER_BYTES = {"cuda": 4 << 30, "cpu": 256 << 20}  # per block: the (B, N) scores and per-row temporaries
 TORCH_GROUP_SIZES = (64, 16)  # measured on an H100 (module docstring)
 TRITON_GROUP_SIZES = (16, 16, 16)  # not measured: a small first group keeps the exact rescoring cheap
 
@@ -69,7 +69,8 @@ def topk_cosine(x: np.ndarray, *, k: int, exclude_self: bool = True, block_rows:
         k unless N is too small (empty input gives (0, 0) arrays).
     exclude_self: drop the row itself from its own neighbours (it is dropped by index, so an
         exact duplicate of the row is still a neighbour).
-    block_rows: query rows scored at once; None picks a default per engine.
+    block_rows: at most this many query rows scored at once; None picks a default per engine.
+        On torch (cuda) the memory budget TORCH_BUFFER_BYTES caps it either way.
     device: "cpu" (faiss), "cuda" (torch on the GPU) or "auto" (cuda when torch sees one).
     row_range: (start, stop) to answer only those query rows against all N (a shard of the
         work); the answer then has stop - start rows, row 0 being ``start``.
@@ -193,19 +194,24 @@ def topk_cosine_torch(x, *, k: int, exclude_self: bool = True, block_rows: int |
         _topk_triton(x, out_idx, out_val, k_out=k_out, n_cand=n_cand, levels=levels, exclude_self=exclude_self,
                      block_rows=block_rows, start=start, stop=stop, score_dtype=score_dtype, config=triton_config)
         return out_idx, out_val
-    n_pad = math.ceil(n / levels[0]) * levels[0] if levels else n
-    keys = torch.zeros((n_pad, d), dtype=score_dtype, device=x.device)  # padded rows score -inf below
-    keys[:n] = x
-    if block_rows is None:
-        budget = TORCH_BUFFER_BYTES["cuda" if x.is_cuda else "cpu"]
-        block_rows = max(1, budget // (n_pad * keys.element_size()))
-        block_rows = min(stop - start, block_rows // 256 * 256 or block_rows)  # whole GEMM tiles
+    n_pad = math.ceil(n / levels[0]) * levels[0] if levels else n  # the select wants whole groups
+    # No padded copy of the keys: the GEMM writes the first n columns of a (B, n_pad) buffer whose
+    # padding columns were set to -inf once (cuBLAS and CPU BLAS take its row stride n_pad as the
+    # leading dimension). x itself is the keys when it has the score dtype; else one cast copy.
+    keys = x if x.dtype == score_dtype else x.to(score_dtype)
+    score_bytes = keys.element_size()
+    per_row = (n_pad + (n_pad // levels[0] if levels else 0)) * score_bytes  # scores + first group maxima
+    per_row += n_cand * d * (x.element_size() + 4)  # the rescoring's gathered rows, then as float32
+    block_rows = budget_block_rows(block_rows, per_row, TORCH_BUFFER_BYTES["cuda" if x.is_cuda else "cpu"],
+                                   stop - start)
+    buffer = torch.empty((block_rows, n_pad), dtype=score_dtype, device=x.device)
+    if n_pad > n:
+        buffer[:, n:] = -math.inf  # padding columns: never written by the GEMM
     with torch.no_grad():
         for r0 in range(start, stop, block_rows):
             r1 = min(r0 + block_rows, stop)
-            scores = torch.mm(keys[r0:r1], keys.T)  # (B, n_pad)
-            if n_pad > n:
-                scores[:, n:] = -math.inf
+            scores = buffer[:r1 - r0]  # (B, n_pad)
+            torch.mm(keys[r0:r1], keys.T, out=scores[:, :n])
             if exclude_self:
                 scores.diagonal(offset=r0).fill_(-math.inf)  # (i, r0 + i) for each block row i
             cand_val, cols = _select_top(scores, n_cand, levels)  # (B, c) each
@@ -218,6 +224,19 @@ def topk_cosine_torch(x, *, k: int, exclude_self: bool = True, block_rows: int |
             out_idx[r0 - start:r1 - start] = cols.gather(1, best)
             out_val[r0 - start:r1 - start] = exact.gather(1, best)
     return out_idx, out_val
+
+
+def budget_block_rows(block_rows: int | None, per_row_bytes: int, budget: int, rows: int) -> int:
+    """Query rows per block of the torch and triton engines.
+
+    As many rows as ``budget`` bytes hold at per_row_bytes each (whole 256-row GEMM tiles when
+    it holds more than 256), and no more than block_rows when given: an explicit block_rows is
+    an upper limit, never a way past the budget (params.yaml's 4096 rows x N = 6.5M fp16 scores
+    would be 53 GB). At most ``rows``, at least 1.
+    """
+    fit = max(1, budget // max(1, per_row_bytes))
+    fit = fit // 256 * 256 or fit
+    return max(1, min(rows, fit if block_rows is None else min(block_rows, fit)))
 
 
 def _resolve_engine(engine: str, x) -> str:
@@ -245,10 +264,12 @@ def _topk_triton(x, out_idx, out_val, *, k_out, n_cand, levels, exclude_self, bl
     if g & (g - 1):
         raise ValueError(f"the triton engine's first group size must be a power of 2, got {g}")
     keys = x.to(score_dtype).contiguous()  # no copy when x already is
-    if block_rows is None:
-        budget = TORCH_BUFFER_BYTES["cuda" if x.is_cuda else "cpu"]
-        block_rows = max(1, budget // (math.ceil(n / g) * 4))  # the float32 group maxima dominate
-        block_rows = min(stop - start, block_rows // 256 * 256 or block_rows)
+    width = math.ceil(n / g)
+    # per row: the float32 group maxima, twice when the select pads them to whole groups of the
+    # next level (a copy), and the exact scores of the chosen groups
+    per_row = width * 4 * (2 if len(levels) > 1 and width % levels[1] else 1) + n_cand * g * 4
+    block_rows = budget_block_rows(block_rows, per_row, TORCH_BUFFER_BYTES["cuda" if x.is_cuda else "cpu"],
+                                   stop - start)
     with torch.no_grad():
         for r0 in range(start, stop, block_rows):
             r1 = min(r0 + block_rows, stop)

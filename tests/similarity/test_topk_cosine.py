@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from flows.similarity import topk
 from flows.similarity.topk import topk_cosine, topk_cosine_torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -165,6 +167,75 @@ def test_rejects_bad_arguments():
         topk_cosine(x, k=2, device="cpu", row_range=(3, 9))
     with pytest.raises(ValueError, match="device"):
         topk_cosine(x, k=2, device="tpu")
+
+
+def test_explicit_block_rows_is_an_upper_limit_under_the_budget(monkeypatch):
+    """params.yaml's block_rows = 4096 at N = 6.5M would be a 53 GB fp16 score buffer: the
+    budget caps it. Counted at the GEMM: block sizes, and the keys are x itself (no copy)."""
+    x = torch.from_numpy(unit_rows(3000, 32, seed=8))
+    ref_idx, ref_val = topk_cosine_torch(x, k=10, block_rows=4096)  # the default budget holds all 3000 rows
+    budget = 300 * 3008 * 4  # ~300 rows of float32 scores (n_pad = 3008 for groups of 64)
+    monkeypatch.setitem(topk.TORCH_BUFFER_BYTES, "cpu", budget)
+    blocks, mm = [], torch.mm
+
+    def counting_mm(a, b, **kwargs):
+        blocks.append((a.shape[0], kwargs["out"].shape, b.data_ptr() == x.data_ptr()))
+        return mm(a, b, **kwargs)
+
+    monkeypatch.setattr(torch, "mm", counting_mm)
+    idx, val = topk_cosine_torch(x, k=10, block_rows=4096)
+    assert len(blocks) > 10 and sum(rows for rows, _, _ in blocks) == 3000
+    assert all(rows * 3008 * 4 <= budget and out == (rows, 3000) and same for rows, out, same in blocks)
+    assert torch.equal(idx, ref_idx) and torch.equal(val, ref_val)
+    blocks.clear()
+    topk_cosine_torch(x, k=10, block_rows=100)  # under the budget: as asked
+    assert [rows for rows, _, _ in blocks] == [100] * 30
+
+
+def test_budget_block_rows():
+    assert topk.budget_block_rows(None, 1000, 1_000_000, 5000) == 768  # whole 256-row tiles
+    assert topk.budget_block_rows(4096, 1000, 1_000_000, 5000) == 768  # capped
+    assert topk.budget_block_rows(333, 1000, 1_000_000, 5000) == 333  # under the cap: as given
+    assert topk.budget_block_rows(None, 1000, 100_000, 5000) == 100  # under one tile: as fits
+    assert topk.budget_block_rows(None, 10**9, 1000, 5000) == 1  # never zero
+    assert topk.budget_block_rows(None, 10, 10**9, 700) == 700  # never more than the rows
+
+
+def test_triton_engine_block_rows_is_capped_by_the_budget(monkeypatch):
+    """The triton engine's (B, N / g) float32 group maxima obey the budget too. The kernels are
+    replaced by torch equivalents (the interpreter is slow; test_triton_groupmax checks them)."""
+    from flows.similarity import triton_groupmax
+
+    blocks = []
+
+    def group_max_scores(queries, keys, *, group, exclude_offset=None, config=None):
+        blocks.append(queries.shape[0])
+        scores = queries.float() @ keys.float().T  # (B, N)
+        b, n = scores.shape
+        if exclude_offset is not None:
+            rows = torch.arange(b)
+            scores[rows, rows + exclude_offset] = -math.inf
+        scores = torch.nn.functional.pad(scores, (0, -n % group), value=-math.inf)
+        return scores.view(b, -1, group).amax(dim=2)  # contiguous groups, as the kernel's
+
+    def rescore_groups(queries, keys, groups, *, group, exclude_offset=None, config=None):
+        b, c = groups.shape
+        cols = (groups[:, :, None] * group + torch.arange(group)).view(b, c * group)
+        exact = torch.einsum("bd,bcd->bc", queries.float(), keys[cols.clamp(max=len(keys) - 1)].float())
+        invalid = cols >= len(keys)
+        if exclude_offset is not None:
+            invalid |= cols == torch.arange(b)[:, None] + exclude_offset
+        return exact.masked_fill(invalid, -math.inf)
+
+    monkeypatch.setattr(triton_groupmax, "group_max_scores", group_max_scores)
+    monkeypatch.setattr(triton_groupmax, "rescore_groups", rescore_groups)
+    x = unit_rows(3000, 32, seed=9)
+    ref_idx, ref_val = brute_force(x, 10)
+    budget = 80 * 188 * 4  # ~80 rows of float32 maxima (3000 columns in groups of 16)
+    monkeypatch.setitem(topk.TORCH_BUFFER_BYTES, "cpu", budget)
+    idx, val = topk_cosine_torch(torch.from_numpy(x), k=10, engine="triton", block_rows=4096)
+    assert len(blocks) > 30 and sum(blocks) == 3000 and max(blocks) * 188 * 4 <= budget
+    assert assert_same_topk(x, idx.numpy(), val.numpy(), ref_idx, ref_val) == 1.0
 
 
 @CUDA
