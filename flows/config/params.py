@@ -181,7 +181,7 @@ class SimilarityParams:
 
     out_dir: str = "data/similarity"  # neighbours.parquet, hard_negatives.parquet
     k: int = 16  # neighbours kept per frame and per subject
-    block_rows: int = 4096  # query rows per block: memory O(N*k + block_rows*N)
+    block_rows: int = 4096  # at most this many query rows per block (torch/triton: fewer if the memory budget says so)
     near_duplicate_r: float = 0.95  # different subjects at or above this r are near-duplicates
     # frame level: neighbours searched beyond k (up to the largest subject's frames - 1), so that an
     # object's own views cannot push another subject's near-duplicate frame out of the list
