@@ -9,7 +9,8 @@ Three engines, one contract (``topk_cosine``):
   rows). faiss scores 4096 x 1024 tiles with BLAS and keeps a heap per query, so nothing
   grows with N^2. On the 2-core machines a naive torch matmul + topk was 25% slower than
   faiss IndexFlatIP (DESIGN section 6), so the well-kept library is the engine, and it
-  gives the baseline's neighbours exactly.
+  gives the baseline's neighbours exactly. Exact means N^2: 83 s for 100k x 768 on 2 cores,
+  days at millions of rows, so above CPU_WARN_ROWS a warning gives the estimate.
 - **torch** (cuda; also runs on CPU tensors, which the tests use): per block of B query rows
   one GEMM into a (B, N) score buffer, then a *group-max select* instead of torch.topk over
   1M-long rows (which dominated on an H100, DESIGN section 6). Columns are cut into groups
@@ -42,13 +43,18 @@ k-th value, which tied neighbour is kept is deterministic per engine, not specif
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 NORM_TOLERANCE = 1e-2  # |norm - 1| above this is not an L2-normalised row (fp16 rows are ~1e-3 off)
 CPU_QUERY_BLOCK = 8192  # faiss tiles queries by 4096 itself; a block only bounds our per-call output
 TORCH_BUFFER_BYTES = {"cuda": 4 << 30, "cpu": 256 << 20}  # per block: the (B, N) scores and per-row temporaries
+CPU_WARN_ROWS = 1_000_000  # above this many rows the exact CPU search takes days: a warning says so
+CPU_SECONDS_PER_1E10_PAIRS = 83.0  # faiss, d = 768, 2 threads: 100k x 100k rows took 83 s (scale review)
 TORCH_GROUP_SIZES = (64, 16)  # measured on an H100 (module docstring)
 TRITON_GROUP_SIZES = (16, 16, 16)  # not measured: a small first group keeps the exact rescoring cheap
 
@@ -86,6 +92,8 @@ def topk_cosine(x: np.ndarray, *, k: int, exclude_self: bool = True, block_rows:
         return np.zeros((stop - start, k_out), np.int64), np.zeros((stop - start, k_out), np.float32)
     device = _resolve_device(device)
     if device == "cpu":
+        if n > CPU_WARN_ROWS:
+            _warn_cpu_cost(n, stop - start, x.shape[1])
         return _topk_faiss(x, k=k_out, exclude_self=exclude_self, block_rows=block_rows or CPU_QUERY_BLOCK,
                            start=start, stop=stop)
     import torch
@@ -93,6 +101,28 @@ def topk_cosine(x: np.ndarray, *, k: int, exclude_self: bool = True, block_rows:
     xt = torch.from_numpy(x).to(device)
     idx, val = topk_cosine_torch(xt, k=k, exclude_self=exclude_self, block_rows=block_rows, row_range=(start, stop))
     return idx.cpu().numpy(), val.cpu().numpy()
+
+
+def cpu_search_seconds(n: int, rows: int, d: int, threads: int) -> float:
+    """Rough time of the exact faiss search: rows queries against n keys of width d.
+
+    Scaled from the measurement in CPU_SECONDS_PER_1E10_PAIRS: linear in rows * n * d, and in
+    the thread count (a guess: BLAS and faiss's heaps both spread over threads).
+    """
+    return CPU_SECONDS_PER_1E10_PAIRS * (rows * n / 1e10) * (d / 768) * (2 / max(1, threads))
+
+
+def _warn_cpu_cost(n: int, rows: int, d: int) -> None:
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    seconds = cpu_search_seconds(n, rows, d, threads)
+    days, hours = seconds / 86400, seconds / 3600
+    took = f"{days:.1f} days" if days >= 2 else f"{hours:.1f} hours" if hours >= 2 else f"{seconds / 60:.0f} minutes"
+    log.warning("exact top-k on CPU (faiss) for %s x %s rows (d = %d) grows as N^2: about %s on %d threads "
+                "(estimate: %.0f s per 1e10 row pairs at d = 768 on 2 threads). Set similarity.device: cuda "
+                "(the torch engine did 1M x 768 in 4 s on an H100).", f"{rows:,}", f"{n:,}", d, took, threads,
+                CPU_SECONDS_PER_1E10_PAIRS)
 
 
 def _check_embeddings(x: np.ndarray) -> np.ndarray:

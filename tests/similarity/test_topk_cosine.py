@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -236,6 +237,21 @@ def test_triton_engine_block_rows_is_capped_by_the_budget(monkeypatch):
     idx, val = topk_cosine_torch(torch.from_numpy(x), k=10, engine="triton", block_rows=4096)
     assert len(blocks) > 30 and sum(blocks) == 3000 and max(blocks) * 188 * 4 <= budget
     assert assert_same_topk(x, idx.numpy(), val.numpy(), ref_idx, ref_val) == 1.0
+
+
+def test_cpu_engine_warns_of_its_cost_above_a_million_rows(monkeypatch, caplog):
+    x = unit_rows(300, 8, seed=10)
+    monkeypatch.setattr(topk, "CPU_WARN_ROWS", 300)
+    with caplog.at_level(logging.WARNING, logger="flows.similarity.topk"):
+        topk_cosine(x, k=3, device="cpu")  # N = 300: not above
+        assert not caplog.records
+        monkeypatch.setattr(topk, "CPU_WARN_ROWS", 299)
+        idx, _ = topk_cosine(x, k=3, device="cpu")  # warns, and still answers
+    assert idx.shape == (300, 3)
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING and "similarity.device: cuda" in record.getMessage()
+    days = topk.cpu_search_seconds(6_500_000, 6_500_000, 1024, threads=2) / 86400
+    assert 5 < days < 6  # 83 s for 100k x 768 on 2 threads, scaled by N^2 * d
 
 
 @CUDA
