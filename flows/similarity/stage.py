@@ -101,7 +101,13 @@ def _write_neighbours(writer: TableWriter, level: str, names: pa.Array, indices:
 
 
 def compute_similarity(embeddings: Path, out_dir: Path, params: SimilarityParams) -> dict:
-    """Write neighbours.parquet, near_duplicates.parquet, hard_negatives.parquet and stats.json."""
+    """Write neighbours.parquet, near_duplicates.parquet, hard_negatives.parquet and stats.json.
+
+    stats.json is the mark of a finished run: removed first, written last. Each table is
+    replaced atomically, so a run that stops midway leaves old and new tables side by side,
+    but never a stats.json beside them.
+    """
+    (out_dir / "stats.json").unlink(missing_ok=True)
     frame_ids, frame_subjects, vectors = read_embeddings(embeddings)
     start = time.perf_counter()
     subjects, codes = encode_subjects(frame_subjects)  # ids in first-seen order, (N,) int64
@@ -146,5 +152,5 @@ def compute_similarity(embeddings: Path, out_dir: Path, params: SimilarityParams
              "near_duplicate_subject_pairs": len(duplicates["r"]), "hard_negative_rows": len(negatives["r"]),
              "frame_search_k": frame_search_k, "frame_near_duplicates_complete": extra == own_views,
              "seconds": round(seconds, 3), "device": params.device}
-    write_json_atomic(out_dir / "stats.json", stats)
+    write_json_atomic(out_dir / "stats.json", stats)  # last: the run is complete
     return stats

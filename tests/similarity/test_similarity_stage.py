@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from flows.config.params import SimilarityParams
 from flows.schemas import HARD_NEGATIVES, NEAR_DUPLICATES, NEIGHBOURS, embeddings_schema
@@ -180,3 +181,25 @@ def test_write_rows_is_pyarrows_default_row_group_size(tmp_path):
     pq.write_table(pa.table({"x": np.zeros(stage.WRITE_ROWS + 1, np.int8)}), tmp_path / "t.parquet")
     meta = pq.ParquetFile(tmp_path / "t.parquet").metadata
     assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == [stage.WRITE_ROWS, 1]
+
+
+def test_a_run_that_stops_midway_leaves_no_stats(tmp_path, monkeypatch):
+    write_random_embeddings(tmp_path / "emb.parquet")
+    params = SimilarityParams(k=4, near_duplicate_r=0.99, hard_negatives=2, device="cpu")
+    compute_similarity(tmp_path / "emb.parquet", tmp_path / "out", params)
+    assert (tmp_path / "out" / "stats.json").exists()
+    write_blocks, calls = stage._write_blocks, []
+
+    def crash_at_the_third_table(writer, rows, block):
+        calls.append(writer.path.name)
+        if writer.path.name == "hard_negatives.parquet":
+            raise RuntimeError("killed")
+        write_blocks(writer, rows, block)
+
+    monkeypatch.setattr(stage, "_write_blocks", crash_at_the_third_table)
+    with pytest.raises(RuntimeError, match="killed"):
+        compute_similarity(tmp_path / "emb.parquet", tmp_path / "out", params)
+    assert calls[-1] == "hard_negatives.parquet" and "neighbours.parquet" in calls  # new tables were written
+    assert not (tmp_path / "out" / "stats.json").exists()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [  # no temporary files either
+        "hard_negatives.parquet", "near_duplicates.parquet", "neighbours.parquet"]
