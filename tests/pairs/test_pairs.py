@@ -152,3 +152,87 @@ def test_r_ij_is_a_cosine_even_when_float16_norms_overshoot():
     v = np.full(8, 0.3537, dtype=np.float16)  # squared norm 1.0012 after float16 rounding
     assert float(np.dot(v.astype(np.float32), v.astype(np.float32))) > 1.0
     assert cosine(v, v) == 1.0 and cosine(v, -v) == -1.0
+
+
+def _asymmetric_image_and_mask():
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 255, (30, 40, 3), dtype=np.uint8))
+    mask = np.zeros((30, 40), bool)
+    mask[5:20, 3:15] = True  # off-centre: a flip moves it
+    return image, mask
+
+
+def test_flip_flips_the_mask_with_the_image():
+    from flows.pairs.augment import Recipe
+
+    image, mask = _asymmetric_image_and_mask()
+    out, out_mask = apply_recipe(image, mask, Recipe((0.0, 0.0, 1.0, 1.0), 1.0, True, None, 0))
+    assert np.array_equal(np.asarray(out), np.asarray(image)[:, ::-1])
+    assert np.array_equal(out_mask, mask[:, ::-1])
+    assert not np.array_equal(out_mask, mask)
+
+
+def test_background_replaces_the_pixels_outside_the_mask():
+    from flows.pairs.augment import Recipe
+
+    image, mask = _asymmetric_image_and_mask()
+    colour = (0, 255, 0)
+    back = Image.new("RGB", (17, 11), colour)  # any size: it is resized to the crop
+    out, out_mask = apply_recipe(image, mask, Recipe((0.0, 0.0, 1.0, 1.0), 1.0, False, "bg.jpg", 0), back)
+    pixels = np.asarray(out)
+    assert np.array_equal(out_mask, mask)
+    assert (pixels[~mask] == colour).all()
+    assert np.array_equal(pixels[mask], np.asarray(image)[mask])
+
+
+def test_background_probability_decides_whether_a_background_is_drawn():
+    box = (0.2, 0.2, 0.6, 0.7)
+    never = dataclasses.replace(P, aug_background_prob=0.0)
+    always = dataclasses.replace(P, aug_background_prob=1.0)
+    for k in range(20):
+        assert make_recipe(f"frame{k}", k % 3, box, ["bg.jpg"], never).background is None
+        assert make_recipe(f"frame{k}", k % 3, box, ["bg.jpg"], always).background == "bg.jpg"
+
+
+def test_augmentation_area_ratio_is_the_scale_squared(tables):
+    pairs, _ = run(tables)
+    aug = [p for p in pairs if p["kind"] == "augmentation"]
+    assert aug and any(abs(p["aug_scale"] - 1.0) > 1e-3 for p in aug)
+    for p in aug:
+        assert p["area_ratio"] == pytest.approx(p["aug_scale"] ** 2, rel=1e-6)
+
+
+def _quat_mul(a, b):
+    """Hamilton product (w, x, y, z): the rotation of ``a * b`` is R(a) @ R(b)."""
+    w1, x1, y1, z1 = a
+    w2, x2, y2, z2 = b
+    return (w1 * w2 - x1 * x2 - y1 * y2 - z1 * z2, w1 * x2 + x1 * w2 + y1 * z2 - z1 * y2,
+            w1 * y2 - x1 * z2 + y1 * w2 + z1 * x2, w1 * z2 + x1 * y2 - y1 * x2 + z1 * w2)
+
+
+def test_view_angle_comes_from_the_camera_axes_in_world_coordinates():
+    from flows.pairs.join import SubjectFrame
+    from flows.pairs.mining import mine_multiview
+    from flows.readers.colmap import qvec_to_rotmat
+
+    ay, ax = np.radians(70.0), np.radians(50.0)
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    q_y = (np.cos(ay / 2), 0.0, np.sin(ay / 2), 0.0)  # axis-angle -> unit quaternion, COLMAP (w, x, y, z)
+    q_x = (np.cos(ax / 2), np.sin(ax / 2), 0.0, 0.0)
+    q_xy = _quat_mul(q_x, q_y)
+    rotations = [ry, rx @ ry]  # world to camera: x_cam = R x_world + t
+    for q, rot in zip((q_y, q_xy), rotations):
+        assert np.allclose(qvec_to_rotmat(q), rot)  # the quaternions encode these matrices
+    # the camera looks down its +z: in world coordinates that axis is R^T e_z
+    axes = [rot.T @ np.array([0.0, 0.0, 1.0]) for rot in rotations]
+    expected = float(np.degrees(np.arccos(np.dot(axes[0], axes[1]))))
+    assert expected == pytest.approx(50.0)  # Rx(50) turns the optical axis by 50 deg, whatever Ry does
+
+    emb = np.ones(4, np.float16) / np.float16(2)
+    frames = [SubjectFrame(f"mvimgnet:1/cccccccc/{k:03d}.jpg", "mvimgnet:1/cccccccc", "mvimgnet", "cup", "p", k,
+                           tuple(float(v) for v in q), (0.2, 0.2, 0.6, 0.7), 0.2, emb, b"", (100, 80))
+             for k, q in enumerate((q_y, q_xy))]
+    pairs = mine_multiview(frames, dataclasses.replace(P, min_angle_deg=10.0))
+    assert len(pairs) == 2
+    for p in pairs:
+        assert p["angle_deg"] == pytest.approx(expected, abs=1e-6)
