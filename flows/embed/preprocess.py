@@ -275,6 +275,9 @@ class SubjectCutter:
         self.image_size = image_size
         self.background = tuple(int(v) for v in background)
         self.jpeg_draft = jpeg_draft
+        # The last decoded image and its (path, requested scale): the boxes of one OpenImages
+        # photo are consecutive rows, so each photo is decoded once, not once per box.
+        self._last: tuple[tuple[str, int], Decoded] | None = None
         # A failed item's stand-in, shaped and typed like a good one so batches still collate.
         probe = preprocess(Image.new("RGB", (image_size, image_size), self.background))
         self._blank = torch.zeros_like(probe)
@@ -302,22 +305,36 @@ class SubjectCutter:
         return paint_square(decoded.image, self.place(row, decoded), self.background)
 
     def decode(self, row: dict) -> Decoded:
-        """The row's image, decoded at 1/k (k = 1 unless it is a JPEG whose subject allows more)."""
+        """The row's image, decoded at 1/k (k = 1 unless it is a JPEG whose subject allows more).
+
+        The previous row's image is reused when this row names the same file and asks for the
+        same scale (decoded images are never modified: paint_square crops a copy).
+        """
         path = Path(row["image_file"])
+        if self._last is not None and self._last[0][0] == str(path):
+            decoded = self._last[1]
+            if self._wanted_scale(row, decoded.full_size) == self._last[0][1]:
+                return decoded
         try:
             with Image.open(path) as image:
                 full_size, scale = image.size, 1
-                if self.jpeg_draft:
-                    box = pixel_box((row["bbox_x"], row["bbox_y"], row["bbox_w"], row["bbox_h"]),
-                                    width=image.width, height=image.height)
-                    if (wanted := draft_scale(box, min_side=self.image_size)) > 1:
-                        scale = _draft(image, wanted)
+                if (wanted := self._wanted_scale(row, full_size)) > 1:
+                    scale = _draft(image, wanted)
                 image.load()
         except FileNotFoundError:
             raise SubjectError(reasons.MISSING_FILE, f"image {path} does not exist") from None
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise SubjectError(reasons.UNREADABLE_IMAGE, f"image does not decode: {exc}") from None
-        return Decoded(image, scale, full_size)
+        decoded = Decoded(image, scale, full_size)
+        self._last = (str(path), wanted), decoded
+        return decoded
+
+    def _wanted_scale(self, row: dict, size: tuple[int, int]) -> int:
+        """The DCT reduction the row's subject allows on an image of ``size`` (1 without jpeg_draft)."""
+        if not self.jpeg_draft:
+            return 1
+        box = pixel_box((row["bbox_x"], row["bbox_y"], row["bbox_w"], row["bbox_h"]), width=size[0], height=size[1])
+        return draft_scale(box, min_side=self.image_size)
 
     def place(self, row: dict, decoded: Decoded) -> Placement:
         """Where the subject is on the decoded image, its mask there, and the square it goes on."""

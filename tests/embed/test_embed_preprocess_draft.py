@@ -239,3 +239,24 @@ def test_truncated_jpeg_is_still_unreadable_when_drafted(tmp_path, host):
     (tmp_path / "a.jpg").write_bytes(data[: len(data) // 3])
     item = _cutters(host)[0](0, row)
     assert item.reason == reasons.UNREADABLE_IMAGE
+
+
+def test_consecutive_boxes_of_one_photo_decode_it_once(tmp_path, host, monkeypatch):
+    """Two subjects on one photo (OpenImages boxes), as consecutive rows: one decode, same pixels as fresh cutters."""
+    width, height = 1200, 900
+    rng = np.random.default_rng(5)
+    image, big = _photo(rng, width, height, (100, 100, 800, 800))  # large enough for a 1/2 draft
+    small = _ellipse(width, height, (900, 600, 1100, 850))  # too small to draft: its own decode
+    first = _row(tmp_path, "photo.jpg", image, big, quality=90)
+    second = {**first, **{k: v for k, v in _row(tmp_path, "unused.jpg", image, big, quality=90).items()
+                          if k != "image_file"}}
+    third = {**_row(tmp_path, "unused.jpg", image, small, quality=90), "image_file": first["image_file"]}
+    expected = [SubjectCutter(preprocess=host, image_size=S, background=BACKGROUND).subject_pixels(r)
+                for r in (first, second, third)]
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    cutter = SubjectCutter(preprocess=host, image_size=S, background=BACKGROUND)
+    got = [cutter.subject_pixels(r) for r in (first, second, third)]
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert len(opened) == 2  # the second box reused the first decode; the third asked for another scale
