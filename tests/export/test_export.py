@@ -169,3 +169,43 @@ def test_an_image_and_its_mask_must_have_one_size(tmp_path):
     assert size == (20, 15) and mask_utils.area({"size": [15, 20], "counts": mask}) == 300
     with pytest.raises(ValueError, match=r"f2: image is \(40, 30\), its mask \(30, 40\)"):
         encode_image(ImageWork(path=str(tmp_path / "a.jpg"), side=15, quality=90, masks=(("f2", rle, (30, 40)),)))
+
+
+def test_every_row_carries_its_pairs_row(tables):
+    _, rows = export(tables, ExportParams(image_side=32, heldout_fraction=0.3))
+    pairs = {p["pair_id"]: p for p in iter_rows(tables / "pairs.parquet", PAIRS)}
+    assert rows and {r["sample_id"] for r in rows} == set(pairs)
+    assert any(p["aug_flip"] is not None for p in pairs.values())  # augmentation rows are there
+    assert len({p["r_ij"] for p in pairs.values()}) > 1
+    fields = ("r_ij", "positive_frame_id", "aug_crop", "aug_scale", "aug_flip", "aug_background", "aug_seed")
+    for r in rows:
+        pair = pairs[r["sample_id"]]
+        assert pair["frame_id"] == r["frame_id"]
+        for name in fields:
+            assert r[name] == pair[name], (r["sample_id"], name)
+
+
+def test_export_refuses_backgrounds_drawn_under_another_split_seed(tables):
+    # pairs under one split seed: both photos in one split, so each box draws the other as background;
+    # export under another seed that separates them: a background falls in the other split
+    photos = ("train/0001.jpg", "train/0002.jpg")
+
+    def together(seed):
+        rule = SplitRule(heldout_fraction=0.5, seed=seed)
+        return rule.of_photo(photos[0]) == rule.of_photo(photos[1])
+
+    pairs_seed = next(s for s in range(100) if together(s))
+    export_seed = next(s for s in range(100) if not together(s))
+    write_images(tables, tables / "mv")
+    write_images(tables, tables / "oi")
+    build_pairs(tables / "frames.parquet", tables / "masks.parquet", tables / "embeddings.parquet", tables,
+                PairsParams(min_angle_deg=60.0, aug_background_prob=1.0),
+                SplitRule(heldout_fraction=0.5, seed=pairs_seed))
+    assert {p["aug_background"] for p in iter_rows(tables / "pairs.parquet", PAIRS) if p["kind"] == "augmentation"} \
+        == set(photos)
+    sources = SourcesParams(mvimgnet_root=str(tables / "mv"), openimages_root=str(tables / "oi"))
+    with pytest.raises(ValueError, match="is not in split"):
+        export_shards(frames=tables / "frames.parquet", masks=tables / "masks.parquet",
+                      embeddings=tables / "embeddings.parquet", pairs=tables / "pairs.parquet",
+                      pair_rejects=tables / "rejects.parquet", sources=sources, out_dir=tables / "export",
+                      params=ExportParams(image_side=32, heldout_fraction=0.5, seed=export_seed, workers=1))
