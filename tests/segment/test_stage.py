@@ -168,6 +168,28 @@ class ScriptedSam:
         return _Done(answers)
 
 
+class EmptyBoxSam(ScriptedSam):
+    """ScriptedSam that finds no subject pixel when prompted with a box alone."""
+
+    def launch(self, images):
+        answers = super().launch(images).result()
+        for im, answer in zip(images, answers):
+            for k, provided in enumerate(im.mask_prompts):
+                if provided is None:
+                    answer.masks[:, :, k] = 0
+        return _Done(answers)
+
+
+def test_an_empty_box_only_sam_mask_is_an_empty_mask_reject(segment_data):
+    stats, masks, rejects = _run(segment_data, EmptyBoxSam(_eroded))
+    assert segment_data.sam_frames
+    for frame_id in segment_data.sam_frames:
+        assert frame_id not in masks
+        assert (rejects[frame_id]["reason"], rejects[frame_id]["stage"]) == (reasons.EMPTY_MASK, "segment")
+    assert masks and all(row["area_frac"] > 0 for row in masks.values())
+    assert stats["input_frames"] == stats["masks"] + stats["rejected"]
+
+
 def _whole_image(provided):
     return np.ones_like(provided)  # area 1.0 > filter.*_area.max
 
