@@ -159,6 +159,6 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
 def write_stats(out_dir: str | Path, stats: dict[str, Any], *, timing: dict[str, Any]) -> dict[str, Any]:
     """``stats.json`` (what was made: the same bytes for the same inputs, a DVC metric) and ``timing.json``
     (how long it took: differs every run, so kept out of DVC and git); returns both merged."""
-    write_json_atomic(Path(out_dir) / "stats.json", stats)
     write_json_atomic(Path(out_dir) / "timing.json", timing)
+    write_json_atomic(Path(out_dir) / "stats.json", stats)  # last: a stage may treat it as the mark of a finished run
     return {**stats, **timing}

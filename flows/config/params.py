@@ -189,6 +189,11 @@ class SimilarityParams:
     hard_negatives: int = 8  # hard negatives listed per subject
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU when present
 
+    def __post_init__(self) -> None:
+        at_least(self, 1, "k", "block_rows")
+        at_least(self, 0, "near_duplicate_extra_k", "hard_negatives")
+        between(self, -1.0, 1.0, "near_duplicate_r")
+
 
 @dataclass(frozen=True, kw_only=True)
 class ExportParams:

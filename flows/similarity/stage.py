@@ -15,7 +15,6 @@ cap made the frame level incomplete.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,8 +33,9 @@ from flows.similarity.mining import (
     union_subject_pairs,
 )
 from flows.similarity.subjects import encode_subjects, subject_means
-from flows.similarity.topk import topk_cosine
-from flows.tables import TableWriter, fixed_size_list_to_numpy, write_json_atomic
+from flows.progress import Progress
+from flows.similarity.topk import resolve_device, topk_cosine
+from flows.tables import TableWriter, fixed_size_list_to_numpy, write_stats
 
 READ_BATCH_ROWS = 65536  # embedding rows decoded at once while filling the (N, d) array
 WRITE_ROWS = 1 << 20  # output rows per write: pyarrow's default row group size (ParquetWriter.write_table)
@@ -109,15 +109,18 @@ def compute_similarity(embeddings: Path, out_dir: Path, params: SimilarityParams
     """
     (out_dir / "stats.json").unlink(missing_ok=True)
     frame_ids, frame_subjects, vectors = read_embeddings(embeddings)
-    start = time.perf_counter()
     subjects, codes = encode_subjects(frame_subjects)  # ids in first-seen order, (N,) int64
     del frame_subjects
     means, counts = subject_means(vectors, codes, subjects)
     own_views = int(counts.max()) - 1 if len(counts) else 0  # same-subject rows that can precede others
     extra = min(own_views, params.near_duplicate_extra_k)
-    f_idx, f_val = topk_cosine(vectors, k=params.k + extra, block_rows=params.block_rows, device=params.device)
+    device = resolve_device(params.device)
+    progress = Progress("similarity", len(vectors) + len(means), unit="query rows (frames, then subjects)")
+    f_idx, f_val = topk_cosine(vectors, k=params.k + extra, block_rows=params.block_rows, device=device,
+                               progress=progress.update)
     del vectors
-    s_idx, s_val = topk_cosine(means, k=params.k, block_rows=params.block_rows, device=params.device)
+    s_idx, s_val = topk_cosine(means, k=params.k, block_rows=params.block_rows, device=device,
+                               progress=progress.update)
     del means
     subject_table = neighbour_table(s_idx, s_val, subject=None, threshold=params.near_duplicate_r)
     duplicates = union_subject_pairs(  # frame level over the whole search depth, without its (N * depth)-row table
@@ -128,7 +131,7 @@ def compute_similarity(embeddings: Path, out_dir: Path, params: SimilarityParams
     kept = min(params.k, frame_search_k)  # columns are sorted: the first k are the plain top-k
     if kept < frame_search_k:  # the deeper columns only served the near-duplicates: free them
         f_idx, f_val = np.ascontiguousarray(f_idx[:, :kept]), np.ascontiguousarray(f_val[:, :kept])
-    seconds = time.perf_counter() - start
+    seconds = progress.close()
     out_dir.mkdir(parents=True, exist_ok=True)
     with TableWriter(out_dir / "neighbours.parquet", NEIGHBOURS) as writer:
         _write_neighbours(writer, "frame", frame_ids, f_idx, f_val, subject=codes, threshold=params.near_duplicate_r)
@@ -151,6 +154,5 @@ def compute_similarity(embeddings: Path, out_dir: Path, params: SimilarityParams
              "frame_neighbour_rows": f_idx.shape[0] * kept, "subject_neighbour_rows": len(subject_table["i"]),
              "near_duplicate_subject_pairs": len(duplicates["r"]), "hard_negative_rows": len(negatives["r"]),
              "frame_search_k": frame_search_k, "frame_near_duplicates_complete": extra == own_views,
-             "seconds": round(seconds, 3), "device": params.device}
-    write_json_atomic(out_dir / "stats.json", stats)  # last: the run is complete
-    return stats
+             "device": device}
+    return write_stats(out_dir, stats, timing={"seconds": round(seconds, 3)})  # last: the run is complete

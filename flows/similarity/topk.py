@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -67,7 +68,8 @@ def effective_k(n: int, k: int, exclude_self: bool) -> int:
 
 
 def topk_cosine(x: np.ndarray, *, k: int, exclude_self: bool = True, block_rows: int | None = None,
-                device: str = "auto", row_range: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                device: str = "auto", row_range: tuple[int, int] | None = None,
+                progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The k most similar rows of every row of ``x`` (exact, by inner product).
 
     x: (N, d) float16 or float32, each row L2-normalised (checked; zero rows are rejected).
@@ -80,6 +82,7 @@ def topk_cosine(x: np.ndarray, *, k: int, exclude_self: bool = True, block_rows:
     device: "cpu" (faiss), "cuda" (torch on the GPU) or "auto" (cuda when torch sees one).
     row_range: (start, stop) to answer only those query rows against all N (a shard of the
         work); the answer then has stop - start rows, row 0 being ``start``.
+    progress: called with the number of query rows after each block (e.g. Progress.update).
     Returns (indices int64 (R, k'), values float32 (R, k')), R the number of query rows.
     """
     x = _check_embeddings(x)
@@ -90,16 +93,17 @@ def topk_cosine(x: np.ndarray, *, k: int, exclude_self: bool = True, block_rows:
     k_out = effective_k(n, k, exclude_self)
     if stop == start or k_out == 0:
         return np.zeros((stop - start, k_out), np.int64), np.zeros((stop - start, k_out), np.float32)
-    device = _resolve_device(device)
+    device = resolve_device(device)
     if device == "cpu":
         if n > CPU_WARN_ROWS:
             _warn_cpu_cost(n, stop - start, x.shape[1])
         return _topk_faiss(x, k=k_out, exclude_self=exclude_self, block_rows=block_rows or CPU_QUERY_BLOCK,
-                           start=start, stop=stop)
+                           start=start, stop=stop, progress=progress)
     import torch
 
     xt = torch.from_numpy(x).to(device)
-    idx, val = topk_cosine_torch(xt, k=k, exclude_self=exclude_self, block_rows=block_rows, row_range=(start, stop))
+    idx, val = topk_cosine_torch(xt, k=k, exclude_self=exclude_self, block_rows=block_rows, row_range=(start, stop),
+                                 progress=progress)
     return idx.cpu().numpy(), val.cpu().numpy()
 
 
@@ -141,7 +145,7 @@ def _check_embeddings(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _resolve_device(device: str) -> str:
+def resolve_device(device: str) -> str:
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
     if device == "auto":
@@ -151,7 +155,7 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def _topk_faiss(x, *, k, exclude_self, block_rows, start, stop):
+def _topk_faiss(x, *, k, exclude_self, block_rows, start, stop, progress=None):
     import faiss
 
     xb = np.ascontiguousarray(x, dtype=np.float32)  # faiss scores float32; no copy when x is already
@@ -165,6 +169,8 @@ def _topk_faiss(x, *, k, exclude_self, block_rows, start, stop):
             idx, val = _drop_self(idx, val, np.arange(r0, r1))
         idx, val = _order_rows(idx, val)
         out_idx[r0 - start:r1 - start], out_val[r0 - start:r1 - start] = idx, val
+        if progress is not None:
+            progress(r1 - r0)
     return out_idx, out_val
 
 
@@ -187,7 +193,8 @@ def _order_rows(idx: np.ndarray, val: np.ndarray):
 
 def topk_cosine_torch(x, *, k: int, exclude_self: bool = True, block_rows: int | None = None,
                       row_range: tuple[int, int] | None = None, group_sizes: tuple[int, ...] | None = None,
-                      margin: int | None = None, score_dtype=None, engine: str = "auto", triton_config=None):
+                      margin: int | None = None, score_dtype=None, engine: str = "auto", triton_config=None,
+                      progress: Callable[[int], None] | None = None):
     """``topk_cosine`` on a torch tensor, on its own device; returns (indices, values) tensors there.
 
     x: (N, d) float16/bfloat16/float32 tensor of L2-normalised rows (not checked here).
@@ -201,6 +208,7 @@ def topk_cosine_torch(x, *, k: int, exclude_self: bool = True, block_rows: int |
         GPU; the triton engine is opt-in until it is. Where no group level applies (few
         columns), both engines run the torch path's plain topk.
     triton_config: ``triton_groupmax.TritonConfig`` (tile sizes) for the triton engine.
+    progress: called with the number of query rows after each block is queued (no device sync).
     """
     import torch
 
@@ -222,7 +230,8 @@ def topk_cosine_torch(x, *, k: int, exclude_self: bool = True, block_rows: int |
     levels = _select_levels(n, n_cand, group_sizes)
     if engine == "triton" and levels:
         _topk_triton(x, out_idx, out_val, k_out=k_out, n_cand=n_cand, levels=levels, exclude_self=exclude_self,
-                     block_rows=block_rows, start=start, stop=stop, score_dtype=score_dtype, config=triton_config)
+                     block_rows=block_rows, start=start, stop=stop, score_dtype=score_dtype, config=triton_config,
+                     progress=progress)
         return out_idx, out_val
     n_pad = math.ceil(n / levels[0]) * levels[0] if levels else n  # the select wants whole groups
     # No padded copy of the keys: the GEMM writes the first n columns of a (B, n_pad) buffer whose
@@ -253,6 +262,8 @@ def topk_cosine_torch(x, *, k: int, exclude_self: bool = True, block_rows: int |
             best = exact.argsort(dim=1, descending=True, stable=True)[:, :k_out]  # ties: lower index first
             out_idx[r0 - start:r1 - start] = cols.gather(1, best)
             out_val[r0 - start:r1 - start] = exact.gather(1, best)
+            if progress is not None:
+                progress(r1 - r0)
     return out_idx, out_val
 
 
@@ -278,7 +289,7 @@ def _resolve_engine(engine: str, x) -> str:
 
 
 def _topk_triton(x, out_idx, out_val, *, k_out, n_cand, levels, exclude_self, block_rows, start, stop,
-                 score_dtype, config):
+                 score_dtype, config, progress=None):
     """The triton engine: fills out_idx/out_val (rows start..stop) in place.
 
     Per block: the kernel's group maxima (B, ceil(N / g)), the select of the n_cand best
@@ -317,6 +328,8 @@ def _topk_triton(x, out_idx, out_val, *, k_out, n_cand, levels, exclude_self, bl
             pos = pos.gather(1, order)
             out_idx[r0 - start:r1 - start] = groups.gather(1, pos // g) * g + pos % g
             out_val[r0 - start:r1 - start] = val.gather(1, order)
+            if progress is not None:
+                progress(r1 - r0)
 
 
 def _select_levels(n: int, c: int, group_sizes: tuple[int, ...]) -> list[int]:

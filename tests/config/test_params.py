@@ -82,6 +82,7 @@ def test_placeholder_tokens_must_agree(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ("ingest:\n  frames_per_shard: 0\n", r"^ingest\.frames_per_shard: must be >= 1, got 0$"),
+    ("similarity:\n  k: 0\n", r"^similarity\.k: must be >= 1, got 0$"),
     ("export:\n  heldout_fraction: 1.5\n", r"^export\.heldout_fraction: must be in \[0\.0, 1\.0\), got 1\.5$"),
     ("filter:\n  mvimgnet_area: {min: 0.64, max: 0.01}\n", r"^filter\.mvimgnet_area\.min: must be <= max \(0\.01\)"),
     ("pairs:\n  aug_flip_prob: 2\n", r"^pairs\.aug_flip_prob: must be in \[0\.0, 1\.0\]"),

@@ -202,4 +202,18 @@ def test_a_run_that_stops_midway_leaves_no_stats(tmp_path, monkeypatch):
     assert calls[-1] == "hard_negatives.parquet" and "neighbours.parquet" in calls  # new tables were written
     assert not (tmp_path / "out" / "stats.json").exists()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [  # no temporary files either
-        "hard_negatives.parquet", "near_duplicates.parquet", "neighbours.parquet"]
+        "hard_negatives.parquet", "near_duplicates.parquet", "neighbours.parquet", "timing.json"]  # the first run's
+
+
+def test_stats_name_the_device_used_and_hold_no_clock(tmp_path, caplog):
+    import json
+    import logging
+
+    write_random_embeddings(tmp_path / "emb.parquet")
+    with caplog.at_level(logging.INFO, logger="flows.similarity"):
+        stats = compute_similarity(tmp_path / "emb.parquet", tmp_path / "out",
+                                   SimilarityParams(k=4, hard_negatives=2, device="auto"))
+    written = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert written["device"] == "cpu" and "seconds" not in written  # auto, resolved on this CPU machine
+    assert set(json.loads((tmp_path / "out" / "timing.json").read_text())) == {"seconds"} and stats["seconds"] >= 0
+    assert any(r.getMessage().startswith("similarity: ") and " in " in r.getMessage() for r in caplog.records)
