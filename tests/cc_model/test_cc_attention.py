@@ -181,3 +181,38 @@ def test_placeholder_probability_equals_softmax_column_with_gradients():
     expected = torch.autograd.grad((reference.float() * upstream).sum(), (query, key))
     for g, e in zip(grads, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_gamma_scales_the_visual_branch(unets):
+    _, unet, names, _ = unets
+    attn = unet.get_submodule(names[0].removesuffix(".processor"))
+    hidden = torch.randn(B, 16, attn.to_q.in_features)
+    cond = DecoupledConditioning(text=torch.randn(B, T, D), visual=torch.randn(B, 4, D))
+    outs = {}
+    with torch.no_grad():
+        for gamma in (0.0, 1.0, 2.5):
+            attn.processor.gamma = gamma
+            outs[gamma] = attn(hidden, encoder_hidden_states=cond).double()
+    visual = outs[1.0] - outs[0.0]
+    assert visual.abs().max() > 1e-3  # the visual branch does something
+    torch.testing.assert_close(outs[2.5] - outs[0.0], 2.5 * visual, rtol=1e-4, atol=1e-5)
+
+
+def test_execution_order_with_two_attentions_per_block():
+    """SD1.5 has two transformer layers per cross-attention block: block-major, then attention."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 16, 16), layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=D, attention_head_dim=2, norm_num_groups=8).eval()
+    names = install_decoupled_attention(unet, gamma=0.0)
+    assert len(names) == 2 * 2 + 1 + 2 * 3  # down 2 blocks x 2, mid 1, up 2 blocks x 3 (layers_per_block + 1)
+    called = []
+    for name in names:
+        module = unet.get_submodule(name.removesuffix(".processor"))
+        module.register_forward_pre_hook(lambda m, args, kw=None: called.append(m.processor.layer_index))
+    with torch.no_grad():
+        unet(torch.randn(1, 4, 8, 8), torch.tensor([10]), encoder_hidden_states=torch.randn(1, T, D))
+    assert called == list(range(len(names)))

@@ -129,3 +129,27 @@ def test_backbone_paths_are_machine_local_and_not_compared(tmp_path, make_model,
     for changes in ({"profile": "sd15"}, {"tiny_seed": 1}):  # which weights, not where: still compared
         with pytest.raises(ValueError, match="config differs"):
             load_trainable(make_model(with_backbone(**here, **changes)), tmp_path)
+
+
+def test_an_extra_tensor_is_refused(tmp_path, make_model):
+    save_trainable(make_model(), tmp_path)
+    _, _, tensors = read_checkpoint(tmp_path)
+    rewrite_weights(tmp_path, {**tensors, "extra.weight": torch.zeros(3)})  # same metadata, one tensor more
+    with pytest.raises(ValueError, match=r"missing keys \[\], unexpected keys \['extra\.weight'\]"):
+        load_trainable(make_model(), tmp_path)
+
+
+def test_a_different_cross_attention_layer_order_is_refused(tmp_path, make_model):
+    from safetensors.torch import save_file
+
+    model = make_model()
+    save_trainable(model, tmp_path)
+    _, config, tensors = read_checkpoint(tmp_path)
+    assert len(config["cross_attention_layers"]) > 1
+    config["cross_attention_layers"] = config["cross_attention_layers"][::-1]  # both copies agree: only the order is off
+    text = json.dumps(config, indent=2, sort_keys=True)
+    (tmp_path / CONFIG_NAME).write_text(text + "\n", encoding="utf-8")
+    save_file(tensors, str(tmp_path / WEIGHTS_NAME), metadata={"config": text})
+    assert read_checkpoint(tmp_path)[1]["cross_attention_layers"] == model.layer_names[::-1]
+    with pytest.raises(ValueError, match="cross-attention layers differ from the model's UNet"):
+        load_trainable(make_model(), tmp_path)
