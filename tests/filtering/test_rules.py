@@ -79,3 +79,21 @@ def test_rules_follow_their_source_precedent():
     assert first_failure(row(mask_largest_cc_frac=0.9), P)[0] == reasons.MASK_FRAGMENTED
     assert first_failure(row(mask_largest_cc_frac=0.91), P) is None
     assert first_failure(row(source="openimages", mask_largest_cc_frac=0.5), P) is None
+
+
+def test_group_of_boxes_pass_when_not_excluded():
+    group = row(source="openimages", is_group_of=True)
+    assert first_failure(group, P)[0] == reasons.GROUP_OF
+    assert first_failure(group, dataclasses.replace(P, exclude_group_of=False)) is None
+
+
+def test_an_image_whose_sides_equal_min_image_side_passes():
+    side = P.min_image_side
+    assert first_failure(row(width=side, height=side), P) is None
+    assert first_failure(row(width=side, height=side - 1), P)[0] == reasons.LOW_RESOLUTION
+
+
+def test_a_subject_area_equal_to_the_maximum_passes():
+    limit = P.mvimgnet_area.max
+    assert first_failure(row(subject_area_frac=limit), P) is None
+    assert first_failure(row(subject_area_frac=limit + 1e-6), P)[0] == reasons.SUBJECT_TOO_LARGE
