@@ -18,6 +18,7 @@ _DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
     "PREFECT_LOGGING_EXTRA_LOGGERS": "flows",  # the stages' own loggers (progress lines) show beside Prefect's
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",  # stage functions also run outside flows (tests, benchmarks)
     "DO_NOT_TRACK": "1",
     "DVC_NO_ANALYTICS": "1",
     "HF_HUB_OFFLINE": "1",

@@ -8,13 +8,18 @@ stage's rejects only) and stats.json. Every input frame ends in exactly one of t
 Both inputs are streamed (flows.embed.join), so memory stays flat however many frames there
 are: a first pass over the frame ids rejects the frames without a mask (and checks the
 tables' order before any model runs), a second feeds the joined rows to the DataLoader.
+
+The embedded rows are written in parts of ``part_rows`` work rows in a resumable work folder
+(flows.resume, ``out_dir/.work``): a run that fails keeps its finished parts, and the next
+run with the same inputs, params, model and code embeds only the rest. The parts are then
+concatenated, so the outputs are the same either way.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -37,9 +42,11 @@ from flows.embed.preprocess import (
 )
 from flows.schemas import REJECTS, embeddings_schema
 from flows.progress import Progress
-from flows.tables import ROW_GROUP_ROWS, TableWriter, write_stats
+from flows.resume import ResumableWork, work_key
+from flows.tables import ROW_GROUP_ROWS, TableWriter, concat_tables, write_stats
 
 STAGE = "embed"
+PART_ROWS = 262_144  # work rows per resumable part (rounded up to whole batches): ~5 min of a GPU
 # The join's names stay importable from here (tests, benchmarks/bench_embed.py).
 __all__ = ["FRAME_COLUMNS", "MASK_COLUMNS", "AccountingError", "check_accounting", "embed_frames", "join_masks",
            "read_columns", "segment_rejected"]
@@ -79,50 +86,130 @@ def segment_rejected(path: Path | None) -> pa.Array:
 
 def embed_frames(frames_path: Path, masks_path: Path, out_dir: Path, params: EmbedParams,
                  sources: SourcesParams, *, device: str = "auto", clip: LoadedClip | None = None,
-                 segment_rejects: Path | None = None, chunk_rows: int = CHUNK_ROWS) -> dict:
+                 segment_rejects: Path | None = None, chunk_rows: int = CHUNK_ROWS,
+                 part_rows: int = PART_ROWS) -> dict:
     """Run the stage; return the stats also written to ``out_dir/stats.json``.
 
     ``clip`` overrides the model that ``params`` names (tests and benchmarks pass one in).
     Frames listed in ``segment_rejects`` are accounted for there and skipped here; any other
-    frame without a mask is rejected as missing_mask. ``chunk_rows`` frames are joined at a time.
+    frame without a mask is rejected as missing_mask. ``chunk_rows`` frames are joined at a time;
+    ``part_rows`` (rounded up to whole batches) work rows make one resumable part.
     """
     torch_device = resolve_device(device)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rejected: dict[str, int] = {}
-    with TableWriter(out_dir / "rejects.parquet", REJECTS) as rejects:
+    part_rows = -(-part_rows // params.batch_size) * params.batch_size  # parts end between batches
+    inputs = [frames_path, masks_path] + ([segment_rejects] if segment_rejects and segment_rejects.exists() else [])
+    model = clip.model_id if clip is not None else spec_for(params)
+    rejected: Counter[str] = Counter()
+    first_pass = out_dir / ".embed-unmasked.rejects.parquet"
+    with TableWriter(first_pass, REJECTS) as unmasked:  # ids only: cheap, so redone on every run
 
         def reject(row: dict, reason: str, detail: str) -> None:
-            rejects.write_row(reject_row(item_id=row["frame_id"], source=row["source"], kind=FRAME,
-                                         path=row["image_path"], stage=STAGE, reason=reason, detail=detail))
-            rejected[reason] = rejected.get(reason, 0) + 1
+            unmasked.write_row(_reject(row, reason, detail))
+            rejected[reason] += 1
 
         tally = _reject_unmasked(frames_path, masks_path, segment_rejected(segment_rejects), reject, chunk_rows)
-        clip = clip or load_clip(spec_for(params), device=torch_device)
-        schema = embeddings_schema(clip.dim).with_metadata(
-            {**embeddings_schema(clip.dim).metadata, b"model_id": clip.model_id.encode()})
-        stream = _WorkStream(frames_path, masks_path, sources, batch_size=params.batch_size, chunk_rows=chunk_rows)
-        progress = Progress("embed", tally.masked)
-        with _BufferedBatches(out_dir / "embeddings.parquet", schema) as embeddings:
-            for batch in _encode(stream, tally.masked, clip, params, torch_device):
-                progress.update(len(batch.indices))
-                frames = stream.frames_of(batch)
-                ok = np.array([not r for r in batch.reasons], dtype=bool)
-                embeddings.write(_embedding_rows(frames.filter(pa.array(ok)), batch.embeddings[ok],
-                                                 clip.model_id, schema))
-                for i in np.flatnonzero(~ok):
-                    reject(frames.slice(int(i), 1).to_pylist()[0], batch.reasons[i], batch.details[i])
+    # Only now the work folder: a bad input (masks out of order) fails above with nothing written.
+    work = ResumableWork(out_dir / ".work", work_key(inputs=inputs, params={
+        "embed": params, "sources": sources, "model": model, "part_rows": part_rows, "chunk_rows": chunk_rows}))
+    work.open()
+    unmasked_path = work.folder / "unmasked.rejects.parquet"
+    os.replace(first_pass, unmasked_path)
+    parts = _finished_parts(work, tally.masked, part_rows)
+    clip = clip or load_clip(spec_for(params), device=torch_device)
+    schema = embeddings_schema(clip.dim).with_metadata(
+        {**embeddings_schema(clip.dim).metadata, b"model_id": clip.model_id.encode()})
+    skip = len(parts) * part_rows
+    if parts:
+        log.info("embed: resuming in %s: %d of %d work rows were embedded by an earlier run of the same inputs, "
+                 "params, model and code", work.folder, min(skip, tally.masked), tally.masked)
+    stream = _WorkStream(frames_path, masks_path, sources, batch_size=params.batch_size, chunk_rows=chunk_rows,
+                         skip_rows=skip)
+    progress = Progress("embed", tally.masked - min(skip, tally.masked))
+    part: _Part | None = None
+    try:
+        for batch in _encode(stream, tally.masked - min(skip, tally.masked), clip, params, torch_device):
+            progress.update(len(batch.indices))
+            index = int(batch.indices[0]) // part_rows
+            if part is None or part.index != index:
+                if part is not None:
+                    parts.append(part.finish(work))
+                part = _Part(work, index, schema)
+            part.write(batch, stream.frames_of(batch), clip.model_id)
+        if part is not None:
+            parts.append(part.finish(work))
+            part = None
+    finally:
+        if part is not None:
+            part.abort()
     seconds = progress.close()
-    check_accounting(frames_in=tally.frames_in, embedded=embeddings.rows_written, rejected=rejected,
+    names = [f"part-{n:05d}" for n in range(len(parts))]
+    concat_tables([work.folder / f"{name}.embeddings.parquet" for name in names], out_dir / "embeddings.parquet",
+                  schema)
+    concat_tables([unmasked_path] + [work.folder / f"{name}.rejects.parquet" for name in names],
+                  out_dir / "rejects.parquet", REJECTS)
+    embedded = sum(record["embedded"] for record in parts)
+    for record in parts:
+        rejected.update(record["rejected"])
+    check_accounting(frames_in=tally.frames_in, embedded=embedded, rejected=rejected,
                      rejected_by_segment=tally.skipped)
     stats = {
-        "count": embeddings.rows_written, "rejected": dict(sorted(rejected.items())), "frames_in": tally.frames_in,
+        "count": embedded, "rejected": dict(sorted(rejected.items())), "frames_in": tally.frames_in,
         "rejected_by_segment": tally.skipped,
         "dim": clip.dim, "model_id": clip.model_id, "random_weights": clip.random_weights,
         "device": torch_device.type, "dtype": "bfloat16 autocast" if torch_device.type == "cuda" else "float32",
         "batch_size": params.batch_size, "num_workers": params.num_workers,
     }
-    timing = {"seconds": round(seconds, 3), "throughput_img_s": round(tally.masked / seconds, 1) if seconds else None}
-    return write_stats(out_dir, stats, timing=timing)
+    timing = {"seconds": round(seconds, 3), "throughput_img_s": round((tally.masked - min(skip, tally.masked))
+                                                                       / seconds, 1) if seconds else None}
+    result = write_stats(out_dir, stats, timing=timing)
+    work.finish()
+    return result
+
+
+def _reject(row: dict, reason: str, detail: str) -> dict:
+    return reject_row(item_id=row["frame_id"], source=row["source"], kind=FRAME, path=row["image_path"],
+                      stage=STAGE, reason=reason, detail=detail)
+
+
+def _finished_parts(work: ResumableWork, rows: int, part_rows: int) -> list[dict]:
+    """The done records of the parts an earlier run finished: always a prefix, parts being written in order."""
+    parts = []
+    while len(parts) * part_rows < rows and (record := work.done(f"part-{len(parts):05d}")) is not None:
+        parts.append(record)
+    return parts
+
+
+class _Part:
+    """One resumable part: its embeddings and its rejects (frames that failed to decode), in work order."""
+
+    def __init__(self, work: ResumableWork, index: int, schema: pa.Schema):
+        self.index, self.name = index, f"part-{index:05d}"
+        self.embeddings = _BufferedBatches(work.folder / f"{self.name}.embeddings.parquet", schema)
+        self.rejects = TableWriter(work.folder / f"{self.name}.rejects.parquet", REJECTS)
+        self.rejected: Counter[str] = Counter()
+        self.rows = 0
+
+    def write(self, batch: EncodedBatch, frames: pa.Table, model_id: str) -> None:
+        ok = np.array([not r for r in batch.reasons], dtype=bool)
+        self.embeddings.write(_embedding_rows(frames.filter(pa.array(ok)), batch.embeddings[ok], model_id,
+                                              self.embeddings.schema))
+        for i in np.flatnonzero(~ok):
+            self.rejects.write_row(_reject(frames.slice(int(i), 1).to_pylist()[0], batch.reasons[i],
+                                           batch.details[i]))
+            self.rejected[batch.reasons[i]] += 1
+        self.rows += len(batch.indices)
+
+    def finish(self, work: ResumableWork) -> dict:
+        """Close both files (atomically), then mark the part done; returns its record."""
+        self.embeddings.__exit__(None, None, None)
+        self.rejects.close()
+        record = {"rows": self.rows, "embedded": self.embeddings.rows_written, "rejected": dict(self.rejected)}
+        work.mark_done(self.name, record)
+        return record
+
+    def abort(self) -> None:
+        self.embeddings.__exit__(RuntimeError, None, None)
+        self.rejects.abort()
 
 
 class _Tally(NamedTuple):
@@ -160,9 +247,11 @@ class _WorkStream:
     table would cut them), whatever the chunks: the same batches give the same embeddings.
     """
 
-    def __init__(self, frames: Path, masks: Path, sources: SourcesParams, *, batch_size: int, chunk_rows: int):
+    def __init__(self, frames: Path, masks: Path, sources: SourcesParams, *, batch_size: int, chunk_rows: int,
+                 skip_rows: int = 0):
+        """``skip_rows``: a multiple of ``batch_size``; the work rows before it are joined but not handed out."""
         self._frames, self._masks, self._sources = frames, masks, sources
-        self._batch_size, self._chunk_rows = batch_size, chunk_rows
+        self._batch_size, self._chunk_rows, self._skip = batch_size, chunk_rows, skip_rows
         self._in_flight: deque[tuple[int, pa.Table]] = deque()  # (first work row, FRAME_COLUMNS) per batch
 
     def __iter__(self) -> Iterator[list[tuple[int, dict]]]:
@@ -171,8 +260,9 @@ class _WorkStream:
                   for frames, masks in iter_chunks(self._frames, self._masks, chunk_rows=self._chunk_rows))
         start = 0
         for batch in _rebatch(chunks, self._batch_size):
-            self._in_flight.append((start, batch.select(FRAME_COLUMNS)))
-            yield list(enumerate(batch.select(list(WORK_COLUMNS)).to_pylist(), start))
+            if start >= self._skip:
+                self._in_flight.append((start, batch.select(FRAME_COLUMNS)))
+                yield list(enumerate(batch.select(list(WORK_COLUMNS)).to_pylist(), start))
             start += batch.num_rows
 
     def frames_of(self, encoded: EncodedBatch) -> pa.Table:
@@ -239,6 +329,7 @@ class _BufferedBatches:
     """TableWriter for small record batches: gathers them into row groups of ROW_GROUP_ROWS."""
 
     def __init__(self, path: Path, schema: pa.Schema):
+        self.schema = schema
         self._writer = TableWriter(path, schema)
         self._pending: list[pa.RecordBatch] = []
         self._rows = 0

@@ -225,3 +225,60 @@ def test_memory_stays_flat_as_the_input_grows(tmp_path):
     assert large["arrow"] < 0.5 * sizes[1] * rle_bytes  # never the whole masks table
     assert large["arrow"] - small["arrow"] < 0.05 * extra
     assert large["rss"] - small["rss"] < 0.5 * extra
+
+
+def test_a_failed_run_keeps_its_finished_parts_and_the_rerun_embeds_only_the_rest(tmp_path, tiny_clip, monkeypatch):
+    from flows.embed import stage
+
+    inputs = make_inputs(tmp_path / "in", n=14, unmasked=(2,), corrupt=(9,))  # 13 work rows: parts of 6, 6, 1
+    clean = tmp_path / "clean"
+    embed_frames(inputs.frames, inputs.masks, clean, embed_params(clean), inputs.sources, clip=tiny_clip,
+                 part_rows=5)  # rounded up to 2 batches of 3
+    out = tmp_path / "out"
+    real_write, written = stage._Part.write, []
+
+    def dies_in_the_second_part(part, batch, frames, model_id):
+        if part.index == 1 and len(written) == 2:  # the third batch: part 0 is finished
+            raise RuntimeError("the machine went away")
+        written.append(int(batch.indices[0]))
+        real_write(part, batch, frames, model_id)
+
+    monkeypatch.setattr(stage._Part, "write", dies_in_the_second_part)
+    with pytest.raises(RuntimeError, match="went away"):
+        embed_frames(inputs.frames, inputs.masks, out, embed_params(out), inputs.sources, clip=tiny_clip, part_rows=5)
+    assert sorted(p.name for p in (out / ".work").glob("*.done.json")) == ["part-00000.done.json"]
+    assert not (out / "embeddings.parquet").exists() and not (out / "stats.json").exists()
+    written.clear()
+    monkeypatch.setattr(stage._Part, "write", lambda part, batch, frames, model_id: (
+        written.append(int(batch.indices[0])), real_write(part, batch, frames, model_id)))
+    stats = embed_frames(inputs.frames, inputs.masks, out, embed_params(out), inputs.sources, clip=tiny_clip,
+                         part_rows=5)
+    assert written == [6, 9, 12]  # the batches of the unfinished parts only
+    for name in ("embeddings.parquet", "rejects.parquet", "stats.json"):
+        assert (out / name).read_bytes() == (clean / name).read_bytes(), name
+    assert stats["count"] == 12 and stats["rejected"] == {"missing_mask": 1, "unreadable_image": 1}
+    assert not (out / ".work").exists()
+
+
+def test_work_of_another_model_or_params_is_not_resumed(tmp_path, tiny_clip, monkeypatch):
+    from flows.embed import stage
+
+    inputs = make_inputs(tmp_path / "in", n=8)
+    out = tmp_path / "out"
+    real_write = stage._Part.write
+
+    def dies_in_the_second_part(part, *args):
+        if part.index == 1:
+            raise RuntimeError("stop")
+        real_write(part, *args)
+
+    monkeypatch.setattr(stage._Part, "write", dies_in_the_second_part)
+    with pytest.raises(RuntimeError):
+        embed_frames(inputs.frames, inputs.masks, out, embed_params(out), inputs.sources, clip=tiny_clip, part_rows=3)
+    monkeypatch.setattr(stage._Part, "write", real_write)
+    seen = []
+    monkeypatch.setattr(stage._Part, "finish", lambda part, work, real=stage._Part.finish: (
+        seen.append(part.index), real(part, work))[1])
+    embed_frames(inputs.frames, inputs.masks, out, embed_params(out, background_rgb=[0, 0, 0]), inputs.sources,
+                 clip=tiny_clip, part_rows=3)
+    assert seen[0] == 0  # another key: part 0 was embedded again
