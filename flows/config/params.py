@@ -109,7 +109,7 @@ class FilterParams:
     def __post_init__(self) -> None:
         at_least(self, 1, "min_image_side", "min_views_per_object")
         at_least(self, 0, "min_box_side", "min_blur_score")
-        at_least(self, 1e-6, "box_aspect_min")
+        at_least(self, 0.0, "box_aspect_min")  # 0: no lower bound
         not_above(self, "box_aspect_min", "box_aspect_max")
         between(self, 0.0, 1.0, "min_largest_component")
         between(self, 0, 64, "near_duplicate_hamming")  # bits of the 64-bit perceptual hash
