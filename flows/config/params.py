@@ -130,7 +130,7 @@ class SegmentParams:
 
     def __post_init__(self) -> None:
         at_least(self, 1, "batch_images", "frames_per_shard")
-        between(self, 0.0, 1.0, "refine_min_gain")
+        between(self, -1.0, 1.0, "refine_min_gain")  # scores are in [0, 1]; below 0 SAM may win while worse
 
 
 @dataclass(frozen=True, kw_only=True)
