@@ -129,8 +129,7 @@ class SegmentParams:
     refine_min_gain: float = 0.02  # refine keeps SAM's mask only if its stability beats the provided by this
 
     def __post_init__(self) -> None:
-        at_least(self, 1, "batch_images", "frames_per_shard")
-        between(self, -1.0, 1.0, "refine_min_gain")  # scores are in [0, 1]; below 0 SAM may win while worse
+        at_least(self, 1, "batch_images", "frames_per_shard")  # refine_min_gain: any value (>= 1: never replace)
 
 
 @dataclass(frozen=True, kw_only=True)
