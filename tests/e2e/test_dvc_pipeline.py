@@ -46,7 +46,7 @@ def run(cmd: list[str], cwd: Path) -> str:
 def project(tmp_path_factory, prefect_harness) -> Path:
     """A git + DVC copy of the project with a smaller sample, after one `dvc repro`."""
     work = tmp_path_factory.mktemp("project")
-    for name in ("flows", "dvc.yaml", ".dvc", ".dvcignore"):
+    for name in ("flows", "cc_model", "dvc.yaml", ".dvc", ".dvcignore"):
         src = ROOT / name
         if src.is_dir():
             shutil.copytree(src, work / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
@@ -104,11 +104,25 @@ def test_params_change_invalidates_only_what_reads_it(project, section, key, val
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
     try:
         status = json.loads(run(["dvc", "status", "--json"], project))
-        # Only the stage that reads the key is stale; the stages after it rerun once its
+        # Only the stage that reads the key is stale (and check_params, which validates the
+        # whole file on every change and writes nothing); the stages after it rerun once its
         # outputs change (DVC compares their input hashes), the stages before it never do.
-        assert set(status) == {section}
+        assert set(status) == {section, "check_params"}
     finally:
         params_path.write_text(original)
+
+
+def test_a_misspelt_key_that_no_stage_reads_fails_dvc_repro(project):
+    params_path = project / "params.yaml"
+    original = params_path.read_text()
+    params_path.write_text(original + "model_typo: 1\n")
+    try:
+        proc = subprocess.run(["dvc", "repro"], cwd=project, capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"))
+        assert proc.returncode != 0 and "error: model_typo: unknown key" in proc.stdout + proc.stderr
+    finally:
+        params_path.write_text(original)
+        run(["dvc", "repro", "check_params"], project)  # valid again: nothing stale is left for the next tests
 
 
 def test_pairs_are_same_object_views_at_least_the_threshold_apart(project):
