@@ -1,8 +1,15 @@
-"""`python -m flows.summary [params.yaml]`: the pipeline's accounting, readable in a terminal."""
+"""`python -m flows.summary [params.yaml]`: the pipeline's accounting, readable in a terminal.
+
+A stage's line comes from its stats.json only if its output table is there too (a failed
+run leaves the stats of an earlier one beside no output); stages that ``dvc status`` calls
+changed are marked out of date, so old numbers never pass for current ones.
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,10 +20,33 @@ def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def summary_lines(params: Params) -> list[str]:
+OUTPUTS = {"filter": "frames.parquet", "segment": "masks.parquet", "embed": "embeddings.parquet",
+           "pairs": "pairs.parquet", "similarity": "neighbours.parquet", "export": "backgrounds.parquet"}
+STALE = "  [out of date: run dvc repro]"
+
+
+def dvc_changed_stages(cwd: str | Path = ".") -> set[str] | None:
+    """Stage names ``dvc status`` reports as changed; None where it cannot say (no dvc, not a DVC project)."""
+    if shutil.which("dvc") is None:
+        return None
+    try:
+        proc = subprocess.run(["dvc", "status", "--json"], cwd=cwd, capture_output=True, text=True, timeout=120)
+        return set(json.loads(proc.stdout)) if proc.returncode == 0 else None
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
+
+
+def summary_lines(params: Params, changed: set[str] | None = None) -> list[str]:
+    """The accounting lines; ``changed``: stages known to be out of date (dvc_changed_stages)."""
+    changed = changed or set()
     lines = []
     metrics = _load(Path(params.filter.out_dir) / "metrics.json")
+    if metrics and not (Path(params.filter.out_dir) / OUTPUTS["filter"]).is_file():
+        lines.append("filter: no output (not run yet, or its last run failed)")
+        metrics = None
     if metrics:
+        if "filter" in changed:
+            lines.append("filter" + STALE)
         lines.append(f"{'source':<12}{'discovered':>11}{'accepted':>10}{'rej. ingest':>13}{'rej. filter':>13}")
         for source, m in metrics.items():
             lines.append(f"{source:<12}{m['discovered']:>11}{m['accepted']:>10}{m['rejected_ingest']:>13}"
@@ -27,18 +57,21 @@ def summary_lines(params: Params) -> list[str]:
               "similarity": ("frames", "subjects", "near_duplicate_subject_pairs"),
               "export": ()}
     for stage, keys in stages.items():
-        stats = _load(Path(getattr(params, stage).out_dir) / "stats.json")
-        if stats:
+        out_dir = Path(getattr(params, stage).out_dir)
+        stats = _load(out_dir / "stats.json")
+        if stats and not (out_dir / OUTPUTS[stage]).is_file():
+            lines.append(f"{stage}: no output (not run yet, or its last run failed)")
+        elif stats:
             parts = [f"{k}={stats[k]}" for k in keys if k in stats]
             if stage == "export":
                 parts = [f"{split}: {stats[split]['rows']} rows, {stats[split]['subjects']} subjects"
                          for split in ("train", "heldout") if split in stats]
-            lines.append(f"{stage}: " + ", ".join(parts))
+            lines.append(f"{stage}: " + ", ".join(parts) + (STALE if stage in changed else ""))
     return lines
 
 
 def main(argv: list[str]) -> None:
-    print("\n".join(summary_lines(load_params(argv[0] if argv else "params.yaml"))))
+    print("\n".join(summary_lines(load_params(argv[0] if argv else "params.yaml"), dvc_changed_stages())))
 
 
 if __name__ == "__main__":

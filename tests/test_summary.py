@@ -8,6 +8,22 @@ def test_summary_shows_the_accounting(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps({
         "mvimgnet": {"discovered": 10, "accepted": 7, "rejected_ingest": 1, "rejected_filter": 2,
                      "reasons": {"ingest/empty_file": 1, "filter/blurry": 2}}}))
+    (tmp_path / "frames.parquet").write_bytes(b"")  # the stage's output is there
     lines = summary_lines(Params(filter=FilterParams(out_dir=str(tmp_path))))
     assert lines[1].split() == ["mvimgnet", "10", "7", "1", "2"]
     assert "filter/blurry: 2" in "\n".join(lines)
+
+
+def test_stats_without_their_output_or_out_of_date_are_not_passed_off_as_current(tmp_path):
+    from flows.config.params import EmbedParams, SegmentParams
+
+    seg, emb = tmp_path / "segment", tmp_path / "embed"
+    for folder, stats in ((seg, {"masks": 5, "rejected": 1}), (emb, {"count": 4, "rejected": {}})):
+        folder.mkdir()
+        (folder / "stats.json").write_text(json.dumps(stats))
+    (emb / "embeddings.parquet").write_bytes(b"")  # segment's masks.parquet is gone: its last run failed
+    params = Params(segment=SegmentParams(out_dir=str(seg)), embed=EmbedParams(out_dir=str(emb)))
+    lines = summary_lines(params, changed={"embed"})
+    assert "segment: no output (not run yet, or its last run failed)" in lines
+    assert "embed: count=4, rejected={}  [out of date: run dvc repro]" in lines
+    assert "embed: count=4, rejected={}" in summary_lines(params)
