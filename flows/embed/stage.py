@@ -17,6 +17,7 @@ concatenated, so the outputs are the same either way.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections import Counter, deque
@@ -32,7 +33,7 @@ import torch
 from flows import reasons
 from flows.accounting import FRAME, AccountingError, reject_row
 from flows.config.params import EmbedParams, SourcesParams
-from flows.embed.clip_model import LoadedClip, load_clip, spec_for
+from flows.embed.clip_model import LoadedClip, check_weights, load_clip, spec_for
 from flows.embed.encode import EncodedBatch, encode_batches
 from flows.embed.join import (
     CHUNK_ROWS, FRAME_COLUMNS, MASK_COLUMNS, check_sources, iter_chunks, join_masks, mask_positions, read_columns,
@@ -42,7 +43,7 @@ from flows.embed.preprocess import (
 )
 from flows.schemas import REJECTS, embeddings_schema
 from flows.progress import Progress
-from flows.resume import ResumableWork, work_key
+from flows.resume import ResumableWork, file_identity, library_versions, work_key
 from flows.tables import ROW_GROUP_ROWS, TableWriter, concat_tables, write_stats
 
 STAGE = "embed"
@@ -98,7 +99,6 @@ def embed_frames(frames_path: Path, masks_path: Path, out_dir: Path, params: Emb
     torch_device = resolve_device(device)
     part_rows = -(-part_rows // params.batch_size) * params.batch_size  # parts end between batches
     inputs = [frames_path, masks_path] + ([segment_rejects] if segment_rejects and segment_rejects.exists() else [])
-    model = clip.model_id if clip is not None else spec_for(params)
     rejected: Counter[str] = Counter()
     first_pass = out_dir / ".embed-unmasked.rejects.parquet"
     with TableWriter(first_pass, REJECTS) as unmasked:  # ids only: cheap, so redone on every run
@@ -109,8 +109,7 @@ def embed_frames(frames_path: Path, masks_path: Path, out_dir: Path, params: Emb
 
         tally = _reject_unmasked(frames_path, masks_path, segment_rejected(segment_rejects), reject, chunk_rows)
     # Only now the work folder: a bad input (masks out of order) fails above with nothing written.
-    work = ResumableWork(out_dir / ".work", work_key(inputs=inputs, params={
-        "embed": params, "sources": sources, "model": model, "part_rows": part_rows, "chunk_rows": chunk_rows}))
+    work = ResumableWork(out_dir / ".work", _work_key(inputs, params, sources, clip, torch_device, part_rows))
     work.open()
     unmasked_path = work.folder / "unmasked.rejects.parquet"
     os.replace(first_pass, unmasked_path)
@@ -166,6 +165,23 @@ def embed_frames(frames_path: Path, masks_path: Path, out_dir: Path, params: Emb
     return result
 
 
+def _work_key(inputs: list[Path], params: EmbedParams, sources: SourcesParams, clip: LoadedClip | None,
+              device: torch.device, part_rows: int) -> str:
+    """What decides a part's bytes (flows.resume): inputs, the params that change the output (not
+    num_workers, the knob a user turns after a worker crash), model and weights file, device type
+    (bf16 autocast on CUDA, float32 elsewhere), libraries and the part size."""
+    if clip is not None:
+        model = clip.model_id
+    else:
+        spec = spec_for(params)
+        weights = check_weights(spec)
+        model = f"{spec.model}:{spec.pretrained}:{file_identity(weights) if weights else 'random'}"
+    return work_key(inputs=inputs, code=["embed"], params={
+        "embed": dataclasses.replace(params, num_workers=0, out_dir=""), "sources": sources, "model": model,
+        "device": device.type, "part_rows": part_rows,
+        "versions": library_versions("torch", "torchvision", "open_clip_torch", "pillow", "numpy", "pycocotools")})
+
+
 def _reject(row: dict, reason: str, detail: str) -> dict:
     return reject_row(item_id=row["frame_id"], source=row["source"], kind=FRAME, path=row["image_path"],
                       stage=STAGE, reason=reason, detail=detail)
@@ -204,7 +220,7 @@ class _Part:
         self.embeddings.__exit__(None, None, None)
         self.rejects.close()
         record = {"rows": self.rows, "embedded": self.embeddings.rows_written, "rejected": dict(self.rejected)}
-        work.mark_done(self.name, record)
+        work.mark_done(self.name, record, files=[self.embeddings.path, self.rejects.path])
         return record
 
     def abort(self) -> None:
@@ -329,7 +345,7 @@ class _BufferedBatches:
     """TableWriter for small record batches: gathers them into row groups of ROW_GROUP_ROWS."""
 
     def __init__(self, path: Path, schema: pa.Schema):
-        self.schema = schema
+        self.schema, self.path = schema, path
         self._writer = TableWriter(path, schema)
         self._pending: list[pa.RecordBatch] = []
         self._rows = 0

@@ -28,8 +28,8 @@ from flows.segment.sam_model import RANDOM_WEIGHTS_WARNING, TINY_SEED  # noqa: E
 
 @task(cache_policy=NO_CACHE)
 def open_shards(filter_dir: Path, out_dir: Path, sources: SourcesParams, filtering: FilterParams,
-                params: SegmentParams) -> tuple[ResumableWork, list[Path]]:
-    return stage.open_shards(filter_dir, out_dir, sources=sources, filtering=filtering, params=params)
+                params: SegmentParams, device: str) -> tuple[ResumableWork, list[Path]]:
+    return stage.open_shards(filter_dir, out_dir, sources=sources, filtering=filtering, params=params, device=device)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="segment-{shard.name}")
@@ -38,9 +38,7 @@ def segment_shard(shard: Path, work: ResumableWork, sources: SourcesParams, para
     """Segment one shard and mark it done; returns its record (counters, model)."""
     counters = stage.segment_shard(shard, stage.shard_output(shard), sources=sources, params=params,
                                    filtering=filtering, runner=runner)
-    record = {"counters": counters, "model": stage.model_summary(runner.runner)}
-    work.mark_done(shard.name, record)
-    return record
+    return stage.mark_shard_done(work, shard, counters, stage.model_summary(runner.runner))
 
 
 @task(cache_policy=NO_CACHE)
@@ -55,14 +53,14 @@ def run_segment(sources: SourcesParams, filtering: FilterParams, params: Segment
     """The flow body: usable inside any flow (the stage's, or a test's)."""
     logger = get_run_logger()
     filter_dir, out_dir = Path(filtering.out_dir), Path(params.out_dir)
-    work, shards = open_shards(filter_dir, out_dir, sources, filtering, params)
-    finished = {shard.name: work.done(shard.name) for shard in shards}
     device = device or stage.default_device()
+    work, shards = open_shards(filter_dir, out_dir, sources, filtering, params, device)
+    finished = {shard.name: work.done(shard.name) for shard in shards}
     logger.info("segment: %d shard(s), mode %s, SAM profile %s on %s", len(shards), params.mode,
                 params.sam_profile, device)
     if any(finished.values()):
         logger.info("segment: resuming in %s: %d of %d shard(s) were finished by an earlier run of the same "
-                    "inputs, params and code", work.folder, sum(map(bool, finished.values())), len(shards))
+                    "inputs, params, device and code", work.folder, sum(map(bool, finished.values())), len(shards))
     if params.sam_profile == "tiny":
         logger.warning(RANDOM_WEIGHTS_WARNING.format(seed=TINY_SEED))
     runner = stage.LazyRunner(params, device)
@@ -101,7 +99,9 @@ def segment_flow(params_path: str = "params.yaml") -> dict:
 def main(params_path: str = "params.yaml") -> None:
     from flows.segment.sam_model import SPECS, check_checkpoint
 
-    params = load_params(params_path).segment
-    if params.sam_profile == "sam":  # a missing checkpoint fails before any flow starts
+    loaded = load_params(params_path)
+    params = loaded.segment
+    frames = Path(loaded.filter.out_dir) / "frames.parquet"
+    if params.sam_profile == "sam" and stage.needs_sam(frames, params):  # fail before any flow starts
         check_checkpoint(SPECS[params.sam_model_type], params.sam_checkpoint)
     segment_flow(params_path)

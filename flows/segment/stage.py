@@ -29,14 +29,15 @@ from flows.accounting import AccountingError
 from flows.config.params import FilterParams, SegmentParams, SourcesParams
 from flows.filtering.rules import Failure, box_shape, mask_connected, subject_area
 from flows.probe import measure_mask
-from flows.resume import ResumableWork, work_key
+from flows.resume import ResumableWork, file_identity, library_versions, work_key
 from flows.schemas import FRAMES, MASKS, REJECTS
 from flows.segment.masks import encode_mask, encode_masks
 from flows.segment.sam_infer import ImageMasks, PendingBatch, SamRunner
 from flows.segment.sam_model import sam_for_params
 from flows.segment.work import (PROVIDED, SAM_BOX, SAM_REFINED, STAGE, LoadedGroup, frame_reject,
                                 group_by_image, load_group, mask_row, provided_result)
-from flows.tables import TableWriter, concat_tables, count_rows, iter_batches, iter_rows, write_json_atomic
+from flows.tables import (TableWriter, concat_tables, count_rows, iter_batches, iter_rows, open_table,
+                          write_json_atomic)
 
 PREFETCH_BATCHES = 2  # image batches decoded ahead of the one being queued on the device
 MAX_BATCHES_IN_FLIGHT = 2  # batches queued on the device whose rows are not yet built
@@ -62,18 +63,51 @@ def default_workers() -> int:
 
 
 def open_shards(filter_dir: Path, out_dir: Path, *, sources: SourcesParams, filtering: FilterParams,
-                params: SegmentParams) -> tuple[ResumableWork, list[Path]]:
-    """The work folder (out_dir/.work) and its shards: planned now, or kept from a failed run of the same key."""
+                params: SegmentParams, device: str) -> tuple[ResumableWork, list[Path]]:
+    """The work folder (out_dir/.work) and its shards: planned now, or kept from a failed run of the same key.
+
+    The key (flows.resume) holds what decides a shard's bytes: the frames table, the params,
+    the device type (bf16 autocast on CUDA, float32 elsewhere), the libraries, the checkpoint.
+    """
     frames = filter_dir / "frames.parquet"
-    key = work_key(inputs=[frames], params={"sources": sources, "filter": filtering, "segment": params})
+    key = work_key(inputs=[frames], code=["segment", "probe.py", "filtering/rules.py"], params={
+        "sources": sources, "filter": filtering, "segment": params, "device": torch.device(device).type,
+        "versions": library_versions("torch", "segment-anything", "pillow", "numpy", "pycocotools",
+                                     "opencv-python-headless"),
+        "checkpoint": file_identity(params.sam_checkpoint) if params.sam_profile == "sam" else None})
     work = ResumableWork(out_dir / ".work", key)
     work.open()
     plan = work.done("plan")
     if plan is None:
         shards = plan_shards(frames, work.folder, frames_per_shard=params.frames_per_shard)
-        work.mark_done("plan", {"shards": [shard.name for shard in shards]})
+        work.mark_done("plan", {"shards": [shard.name for shard in shards]}, files=shards)
         return work, shards
     return work, [work.folder / name for name in plan["shards"]]
+
+
+def mark_shard_done(work: ResumableWork, shard: Path, counters: dict[str, int], model: dict[str, Any] | None) -> dict:
+    """Record a segmented shard (after both its parts are written); returns the record."""
+    record = {"counters": counters, "model": model}
+    out = shard_output(shard)
+    work.mark_done(shard.name, record, files=[out.masks, out.rejects])
+    return record
+
+
+def needs_sam(frames: Path, params: SegmentParams) -> bool:
+    """Whether SAM will run: refine mode, or some frame without a provided mask (False if no frames table yet)."""
+    if params.mode == "refine":
+        return True
+    if not frames.is_file():
+        return False  # the flow reports the missing table itself
+    file = open_table(frames, FRAMES)
+    column = file.schema_arrow.get_field_index("mask_path")
+    for group in range(file.metadata.num_row_groups):  # the row groups' statistics: no column read
+        stats = file.metadata.row_group(group).column(column).statistics
+        if stats is None or not stats.has_null_count:
+            return file.read(columns=["mask_path"]).column("mask_path").null_count > 0
+        if stats.null_count > 0:
+            return True
+    return False
 
 
 def shard_output(shard: Path) -> ShardOutput:
@@ -320,13 +354,15 @@ class LazyRunner:
 
 def segment_frames(filter_dir: Path, out_dir: Path, *, sources: SourcesParams, params: SegmentParams,
                    runner: Callable[[], SamRunner], filtering: FilterParams | None = None,
-                   workers: int | None = None) -> dict[str, Any]:
+                   workers: int | None = None, device: str | None = None) -> dict[str, Any]:
     """The whole stage without Prefect (what the flow does task by task): for tests and benchmarks.
 
     ``filtering``: the filter stage's thresholds (refine mode); None takes FilterParams' defaults.
+    ``device``: where ``runner`` runs SAM (default: default_device()), part of the resume key.
     """
     filtering = filtering if filtering is not None else FilterParams()
-    work, shards = open_shards(filter_dir, out_dir, sources=sources, filtering=filtering, params=params)
+    work, shards = open_shards(filter_dir, out_dir, sources=sources, filtering=filtering, params=params,
+                               device=device or default_device())
     counters, models, used = Counter(), [], []
 
     def tracked() -> SamRunner:
@@ -338,8 +374,7 @@ def segment_frames(filter_dir: Path, out_dir: Path, *, sources: SourcesParams, p
         if record is None:
             shard_counters = segment_shard(shard, shard_output(shard), sources=sources, params=params,
                                            filtering=filtering, runner=tracked, workers=workers)
-            record = {"counters": shard_counters, "model": model_summary(used[0]) if used else None}
-            work.mark_done(shard.name, record)
+            record = mark_shard_done(work, shard, shard_counters, model_summary(used[0]) if used else None)
         counters.update(record["counters"])
         models.append(record["model"])
     stats = merge_outputs([shard_output(s).masks for s in shards], [shard_output(s).rejects for s in shards],

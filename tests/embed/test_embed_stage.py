@@ -282,3 +282,26 @@ def test_work_of_another_model_or_params_is_not_resumed(tmp_path, tiny_clip, mon
     embed_frames(inputs.frames, inputs.masks, out, embed_params(out, background_rgb=[0, 0, 0]), inputs.sources,
                  clip=tiny_clip, part_rows=3)
     assert seen[0] == 0  # another key: part 0 was embedded again
+
+
+def test_a_finished_part_cut_short_on_disk_is_embedded_again(tmp_path, tiny_clip, monkeypatch):
+    from flows.embed import stage
+
+    inputs = make_inputs(tmp_path / "in", n=8)
+    clean = tmp_path / "clean"
+    embed_frames(inputs.frames, inputs.masks, clean, embed_params(clean), inputs.sources, clip=tiny_clip, part_rows=3)
+    out = tmp_path / "out"
+    real_write = stage._Part.write
+
+    def dies_in_the_second_part(part, *args):
+        if part.index == 1:
+            raise RuntimeError("stop")
+        real_write(part, *args)
+
+    monkeypatch.setattr(stage._Part, "write", dies_in_the_second_part)
+    with pytest.raises(RuntimeError):
+        embed_frames(inputs.frames, inputs.masks, out, embed_params(out), inputs.sources, clip=tiny_clip, part_rows=3)
+    (out / ".work" / "part-00000.embeddings.parquet").write_bytes(b"")  # its record survived a power cut; it did not
+    monkeypatch.setattr(stage._Part, "write", real_write)
+    embed_frames(inputs.frames, inputs.masks, out, embed_params(out), inputs.sources, clip=tiny_clip, part_rows=3)
+    assert (out / "embeddings.parquet").read_bytes() == (clean / "embeddings.parquet").read_bytes()

@@ -309,3 +309,13 @@ def test_work_of_other_params_is_not_resumed(segment_data, tiny_runner, monkeypa
     calls.clear()
     _run(segment_data, tiny_runner, frames_per_shard=2, refine_min_gain=0.5)  # another key: every shard again
     assert calls == [shard.name for shard in planned]
+
+
+def test_sam_is_needed_in_refine_mode_or_for_frames_without_a_provided_mask(segment_data, tmp_path):
+    frames = Path(segment_data.filtering.out_dir) / "frames.parquet"
+    assert stage.needs_sam(frames, segment_data.params)  # the fixture has frames without a mask
+    segment_data.rows = [row for row in segment_data.rows if row["mask_path"] is not None]
+    segment_data.write()
+    assert not stage.needs_sam(frames, segment_data.params)
+    assert stage.needs_sam(frames, dataclasses.replace(segment_data.params, mode="refine"))
+    assert not stage.needs_sam(tmp_path / "absent.parquet", segment_data.params)
