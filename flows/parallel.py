@@ -27,7 +27,12 @@ def ordered_map(fn: Callable[[A], R], items: Iterable[tuple[T, A]], *, workers: 
     Only ``arg`` travels to a worker; ``tag`` (anything the caller needs beside the result)
     stays here. ``workers`` <= 1 runs in this process. ``window``: items submitted but not
     yet yielded (default 4 per worker). An exception in ``fn`` is raised here at its item's
-    turn, and so is one from ``items``; pending work is then cancelled.
+    turn; one from ``items`` is raised as soon as it is pulled (the results still pending
+    are dropped). Either way pending work is cancelled and the workers end.
+
+    Use it in a ``with contextlib.closing(ordered_map(...)) as results:`` block, so that an
+    exception in the caller's loop also ends the workers at once (a generator left open by an
+    exception lives as long as the traceback that holds it).
     """
     if workers <= 1:
         for tag, arg in items:

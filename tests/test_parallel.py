@@ -43,3 +43,13 @@ def test_a_worker_error_is_raised_at_its_turn():
         for tag, _ in ordered_map(_square_and_pid, ((i, i) for i in range(20)), workers=2):
             seen.append(tag)
     assert seen == list(range(13))
+
+
+def test_closing_a_partly_read_map_ends_its_workers():
+    import multiprocessing
+
+    results = ordered_map(_square_and_pid, ((i, i) for i in range(20)), workers=2)
+    next(results)
+    assert len(multiprocessing.active_children()) == 2
+    results.close()  # what contextlib.closing does when the caller's loop raises
+    assert multiprocessing.active_children() == []

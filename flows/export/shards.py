@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import io
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,16 +154,17 @@ def export_shards(*, frames: Path, masks: Path, embeddings: Path, pairs: Path, p
     backgrounds: set[str] = set()
     subjects = {split: set() for split in SPLITS}
     references = _ReferenceGroups(frames, masks, embeddings, pairs, pair_rejects, sources, rule, params)
-    for group, (jpeg, size, rles) in ordered_map(encode_image, references, workers=params.workers):
-        for (frame, frame_pairs, split), mask_rle in zip(group, rles, strict=True):
-            subjects[split].add(frame.subject_id)
-            for sample in _samples(frame, frame_pairs, split, jpeg, size, mask_rle, params):
-                if sample["aug_background"] and rule.of_photo(sample["aug_background"]) != split:
-                    raise ValueError(f"{sample['sample_id']}: background {sample['aug_background']} is not in split "
-                                     f"{split}; rerun pairs with this export.seed and export.heldout_fraction")
-                if sample["aug_background"]:
-                    backgrounds.add(sample["aug_background"])
-                sinks[split].write(sample)
+    with closing(ordered_map(encode_image, references, workers=params.workers)) as encoded:
+        for group, (jpeg, size, rles) in encoded:
+            for (frame, frame_pairs, split), mask_rle in zip(group, rles, strict=True):
+                subjects[split].add(frame.subject_id)
+                for sample in _samples(frame, frame_pairs, split, jpeg, size, mask_rle, params):
+                    if sample["aug_background"] and rule.of_photo(sample["aug_background"]) != split:
+                        raise ValueError(f"{sample['sample_id']}: background {sample['aug_background']} is not in "
+                                         f"split {split}; rerun pairs with this export.seed and export.heldout_fraction")
+                    if sample["aug_background"]:
+                        backgrounds.add(sample["aug_background"])
+                    sinks[split].write(sample)
     for sink in sinks.values():
         sink.close()
     _write_backgrounds(sorted(backgrounds), sources, out_dir / "backgrounds.parquet", params)
@@ -250,6 +252,7 @@ def _samples(frame: SubjectFrame, frame_pairs: list[dict], split: str, jpeg: byt
 def _write_backgrounds(paths: list[str], sources: SourcesParams, target: Path, params: ExportParams) -> None:
     work = ((path, ImageWork(path=str(image_file(sources, ids.OPENIMAGES, path)), side=params.image_side,
                              quality=params.jpeg_quality)) for path in paths)
-    with TableWriter(target, BACKGROUNDS, buffer_rows=64) as writer:
-        for path, (jpeg, _, _) in ordered_map(encode_image, work, workers=params.workers):
+    with TableWriter(target, BACKGROUNDS, buffer_rows=64) as writer, \
+            closing(ordered_map(encode_image, work, workers=params.workers)) as encoded:
+        for path, (jpeg, _, _) in encoded:
             writer.write_row({"image_path": path, "image_jpeg": jpeg})
