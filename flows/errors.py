@@ -1,7 +1,8 @@
 """The mark of an error the user fixes: a key, a path, a file to fetch or a stage to rerun.
 
 Its message already says what to do, so a stage's command line prints it as one
-``error: ...`` line and exits 2 (flows/cli.py) instead of ending in a Python traceback.
+``error: ...`` line and exits with status 1 (flows/cli.py) instead of ending in a Python
+traceback.
 Mixed into the specific error classes, which keep their usual bases (ValueError, ...).
 """
 

@@ -105,7 +105,7 @@ def open_table(path: str | Path, schema: pa.Schema | None = None) -> pq.ParquetF
     except FileNotFoundError:
         raise TableReadError(f"{path}: no such file; run the stage that writes it first "
                              f"(dvc repro, or dvc repro <stage>)") from None
-    except (pa.ArrowException, OSError) as exc:
+    except pa.ArrowInvalid as exc:  # not Parquet, truncated, empty; other I/O errors keep their traceback
         raise TableReadError(f"{path}: not a readable {name} table ({type(exc).__name__}: {exc}); "
                              f"the file is damaged or not Parquet: rerun the stage that writes it") from None
     if schema is not None:

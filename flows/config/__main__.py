@@ -16,7 +16,7 @@ def main(argv: list[str]) -> int:
         load_params(path)
     except ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 1  # as the stages' commands (flows/cli.py)
     print(f"{path}: valid")
     return 0
 

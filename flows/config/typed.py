@@ -129,7 +129,7 @@ def at_least(config: Any, low: float, *names: str) -> None:
     """Range check for ``__post_init__``: each named field is >= ``low``."""
     for name in names:
         value = getattr(config, name)
-        if value < low:
+        if not value >= low:  # NaN fails too
             raise ParamsError(f"{name}: must be >= {low}, got {value!r}")
 
 

@@ -9,6 +9,7 @@ A tiny model saved with :func:`save_sam` loads through :func:`load_sam` exactly 
 from __future__ import annotations
 
 import logging
+import pickle
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -164,7 +165,8 @@ def load_sam(spec: SamSpec, checkpoint: str | Path) -> LoadedSam:
     path = check_checkpoint(spec, checkpoint)
     try:  # weights_only: a checkpoint never runs code here
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch's message would suggest weights_only=False: unsafe, and wrong for a bad file
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as exc:  # a bad file; torch's own
+        # message would suggest weights_only=False: unsafe, and wrong for a cut download
         first = (str(exc).splitlines() or [""])[0][:200]
         raise SamCheckpointError(
             f"{path} is not a readable PyTorch state dict ({type(exc).__name__}: {first}); a download may have "

@@ -88,6 +88,7 @@ def test_placeholder_tokens_must_agree(tmp_path):
     ("pairs:\n  aug_flip_prob: 2\n", r"^pairs\.aug_flip_prob: must be in \[0\.0, 1\.0\]"),
     ("embed:\n  background_rgb: [1, 2]\n", r"^embed\.background_rgb: must be three values in 0\.\.255"),
     ("segment:\n  batch_images: 0\n", r"^segment\.batch_images: must be >= 1"),
+    ("filter:\n  min_blur_score: .nan\n", r"^filter\.min_blur_score: must be >= 0, got nan"),
     ("filter:\n  box_aspect_min: 3.0\n", r"^filter\.box_aspect_min: must be <= box_aspect_max"),
 ])
 def test_values_out_of_range_fail_in_one_line_naming_the_key(tmp_path, text, message):
@@ -103,6 +104,6 @@ def test_bad_yaml_names_the_line_and_column(tmp_path):
 def test_the_check_command_fails_on_a_key_no_stage_reads(tmp_path, capsys):
     from flows.config.__main__ import main
 
-    assert main([str(write(tmp_path, "model:\n  gama: 1.0\n"))]) == 2
+    assert main([str(write(tmp_path, "model:\n  gama: 1.0\n"))]) == 1
     assert capsys.readouterr().err.startswith("error: model.gama: unknown key")
     assert main([str(ROOT / "params.yaml")]) == 0
