@@ -146,14 +146,24 @@ def test_shards_are_the_same_for_any_number_of_workers(tables):
     assert backgrounds and all(row["image_jpeg"] for row in backgrounds)
 
 
-def test_resized_jpeg_decodes_large_jpegs_at_a_reduced_scale(tmp_path):
+def test_resized_jpeg_decodes_large_jpegs_at_a_reduced_scale(tmp_path, monkeypatch):
     from flows.export.shards import resized_jpeg
 
     rng = np.random.default_rng(0)
     big = Image.fromarray(rng.integers(0, 255, (16, 24, 3), dtype=np.uint8)).resize((1200, 800), Image.BICUBIC)
     big.save(tmp_path / "big.jpg", quality=95)
+    resized_from = []
+    real_resize = Image.Image.resize
+
+    def recording_resize(image, *args, **kwargs):
+        resized_from.append(image.size)
+        return real_resize(image, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", recording_resize)
     jpeg, size, original = resized_jpeg(tmp_path / "big.jpg", 100, 95)
+    monkeypatch.undo()
     assert original == (1200, 800) and size == (150, 100)
+    assert resized_from == [(150, 100)]  # decoded at 1/8 in the DCT domain (never below the target)
     out = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"), dtype=np.float32)
     whole = np.asarray(big.resize(size, Image.BICUBIC), dtype=np.float32)  # decoded whole, then resized
     assert out.shape == whole.shape and np.abs(out - whole).mean() < 4.0  # same picture, 0-255 scale
