@@ -120,12 +120,15 @@ class ResumableWork:
         return entry["record"]
 
     def mark_done(self, name: str, record: dict[str, Any], files: Iterable[Path]) -> None:
-        """Call after the piece's Parquet ``files`` (in this folder) are written: they reach the disk, then the record."""
+        """Call after the piece's Parquet ``files`` (under this folder) are written: they reach the disk, then the record."""
         rows = {}
+        folders = {self.folder}
         for file in files:
             _fsync(file)
-            rows[Path(file).name] = count_rows(file)
-        _fsync(self.folder)
+            rows[str(Path(file).relative_to(self.folder))] = count_rows(file)
+            folders.add(Path(file).parent)
+        for folder in folders:
+            _fsync(folder)
         write_json_atomic(self.folder / f"{name}.done.json", {"record": record, "files": rows})
 
     def finish(self) -> None:

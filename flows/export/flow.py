@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from flows.runtime import configure
@@ -18,9 +17,7 @@ from flows.export.shards import export_shards  # noqa: E402
 
 @task(cache_policy=NO_CACHE)
 def export_task(params: Params) -> dict:
-    out_dir = Path(params.export.out_dir)
-    for split in ("train", "heldout"):  # shards of an earlier run must not linger
-        shutil.rmtree(out_dir / split, ignore_errors=True)
+    out_dir = Path(params.export.out_dir)  # the stage replaces the earlier run's shards when it ends
     return export_shards(
         frames=Path(params.filter.out_dir) / "frames.parquet", masks=Path(params.segment.out_dir) / "masks.parquet",
         embeddings=Path(params.embed.out_dir) / "embeddings.parquet", pairs=Path(params.pairs.out_dir) / "pairs.parquet",

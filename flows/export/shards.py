@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
-from collections.abc import Iterator
+import os
+import shutil
+from collections.abc import Iterable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +26,8 @@ from flows.progress import Progress
 from flows.paths import image_file
 from flows.schemas import BACKGROUNDS, EXPORT, PAIRS, REJECTS
 from flows.splits import SPLITS, SplitRule
-from flows.tables import TableWriter, count_rows, iter_rows, write_json_atomic
+from flows.resume import ResumableWork, library_versions, work_key
+from flows.tables import TableWriter, count_rows, iter_batches, iter_rows, write_json_atomic
 
 @functools.cache
 def _clip_bpe():
@@ -104,12 +108,15 @@ def encode_image(work: ImageWork) -> tuple[bytes, tuple[int, int], list[bytes]]:
 
 
 class ShardSink:
-    """Rotating Parquet shards of one split: part-00000.parquet, part-00001.parquet, ..."""
+    """Rotating Parquet shards of one split: part-00000.parquet, part-00001.parquet, ...
 
-    def __init__(self, folder: Path, rows_per_shard: int):
+    ``first``: the number of the next shard (shards of finished chunks come before it).
+    """
+
+    def __init__(self, folder: Path, rows_per_shard: int, first: int = 0):
         self.folder, self.rows_per_shard = folder, rows_per_shard
-        self.shards: list[str] = []
-        self.rows = 0
+        self.next = first
+        self.new: list[Path] = []  # shards begun since the last take_new()
         self._in_shard = 0  # rows given to the current shard
         self._writer: TableWriter | None = None
 
@@ -117,17 +124,28 @@ class ShardSink:
         if self._writer is None or self._in_shard >= self.rows_per_shard:
             self.close()
             self._in_shard = 0
-            path = self.folder / f"part-{len(self.shards):05d}.parquet"
+            path = self.folder / f"part-{self.next:05d}.parquet"
             self._writer = TableWriter(path, EXPORT, buffer_rows=64)  # rows hold images: keep buffers small
-            self.shards.append(path.name)
+            self.new.append(path)
+            self.next += 1
         self._writer.write_row(row)
         self._in_shard += 1
-        self.rows += 1
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+
+    def take_new(self) -> list[Path]:
+        """Close the current shard; the shards begun since the last call."""
+        self.close()
+        new, self.new = self.new, []
+        return new
 
 
 def _pairs_by_frame(pairs: Path) -> Iterator[tuple[str, list[dict]]]:
@@ -141,39 +159,111 @@ def _pairs_by_frame(pairs: Path) -> Iterator[tuple[str, list[dict]]]:
         yield group[0]["frame_id"], group
 
 
+CHUNK_REFERENCES = 65_536  # reference frames per resumable chunk (minutes of a many-core machine)
+
+
 def export_shards(*, frames: Path, masks: Path, embeddings: Path, pairs: Path, pair_rejects: Path,
-                  sources: SourcesParams, out_dir: Path, params: ExportParams) -> dict[str, Any]:
+                  sources: SourcesParams, out_dir: Path, params: ExportParams,
+                  chunk_references: int = CHUNK_REFERENCES) -> dict[str, Any]:
     """Write ``out_dir/{train,heldout}/part-*.parquet``, ``backgrounds.parquet``, ``stats.json``.
 
     Every joined frame is a reference here or in the pairs stage's rejects (no positive);
     :class:`AccountingError` if not. Images are resized in ``params.workers`` processes, in
     order, so the shards are the same for any number of workers.
+
+    The shards are written in chunks of about ``chunk_references`` references into a resumable
+    work folder (flows.resume, ``out_dir/.work``); a chunk ends its shards (the last may be
+    short) and is then marked done, so a failed run keeps its finished chunks and the next run
+    with the same inputs, params and code encodes only the rest. The shards move into
+    ``out_dir`` at the end; the stats are counted from them.
     """
-    sinks = {split: ShardSink(out_dir / split, params.rows_per_shard) for split in SPLITS}
     rule = SplitRule.from_params(params)
-    backgrounds: set[str] = set()
-    subjects = {split: set() for split in SPLITS}
+    inputs = [frames, masks, embeddings, pairs, pair_rejects]
+    work = ResumableWork(out_dir / ".work", work_key(inputs=inputs, code=["export", "pairs/join.py", "splits.py",
+                                                                        "parallel.py"], params={
+        "export": dataclasses.replace(params, workers=1, out_dir=""), "sources": sources,
+        "chunk_references": chunk_references,
+        "versions": library_versions("pillow", "numpy", "pycocotools", "open_clip_torch")}))
+    work.open()
+    finished = []
+    while (record := work.done(f"chunk-{len(finished):05d}")) is not None:
+        finished.append(record)
+    sinks = {split: ShardSink(work.folder / split, params.rows_per_shard,
+                              first=sum(len(r["shards"][split]) for r in finished)) for split in SPLITS}
     references = _ReferenceGroups(frames, masks, embeddings, pairs, pair_rejects, sources, rule, params)
-    with closing(ordered_map(encode_image, references, workers=params.workers)) as encoded:
-        for group, (jpeg, size, rles) in encoded:
-            for (frame, frame_pairs, split), mask_rle in zip(group, rles, strict=True):
-                subjects[split].add(frame.subject_id)
-                for sample in _samples(frame, frame_pairs, split, jpeg, size, mask_rle, params):
-                    if sample["aug_background"] and rule.of_photo(sample["aug_background"]) != split:
-                        raise ValueError(f"{sample['sample_id']}: background {sample['aug_background']} is not in "
-                                         f"split {split}; rerun pairs with this export.seed and export.heldout_fraction")
-                    if sample["aug_background"]:
-                        backgrounds.add(sample["aug_background"])
-                    sinks[split].write(sample)
-    for sink in sinks.values():
-        sink.close()
+    todo = ((item, image) for item, image in _chunked(references, chunk_references) if item[0] >= len(finished))
+    current = None  # the chunk being written
+    try:
+        with closing(ordered_map(encode_image, todo, workers=params.workers)) as encoded:
+            for (chunk, group, last), (jpeg, size, rles) in encoded:
+                current = chunk
+                for (frame, frame_pairs, split), mask_rle in zip(group, rles, strict=True):
+                    for sample in _samples(frame, frame_pairs, split, jpeg, size, mask_rle, params):
+                        if sample["aug_background"] and rule.of_photo(sample["aug_background"]) != split:
+                            raise ValueError(f"{sample['sample_id']}: background {sample['aug_background']} is not "
+                                             f"in split {split}; rerun pairs with this export.seed and "
+                                             f"export.heldout_fraction")
+                        sinks[split].write(sample)
+                if last:  # done as soon as its last group is written, whatever fails after
+                    _finish_chunk(work, chunk, sinks)
+                    current = None
+        if current is not None:  # the final chunk, short of chunk_references
+            _finish_chunk(work, current, sinks)
+    except BaseException:
+        for sink in sinks.values():
+            sink.abort()
+        raise
+    for split in SPLITS:  # the finished shards replace the previous run's
+        shutil.rmtree(out_dir / split, ignore_errors=True)
+        if (work.folder / split).is_dir():
+            os.replace(work.folder / split, out_dir / split)
+    stats, backgrounds = _count_shards(out_dir)
     _write_backgrounds(sorted(backgrounds), sources, out_dir / "backgrounds.parquet", params)
-    stats = {split: {"rows": sinks[split].rows, "shards": len(sinks[split].shards),
-                     "subjects": len(subjects[split])} for split in SPLITS}
-    stats["backgrounds"] = len(backgrounds)
     stats["reference_frames"] = references.count
     write_json_atomic(out_dir / "stats.json", stats)
+    work.finish()
     return stats
+
+
+def _chunked(references: Iterable[tuple[list, ImageWork]],
+             size: int) -> Iterator[tuple[tuple[int, list, bool], ImageWork]]:
+    """((chunk number, group, whether it is the chunk's last group), image work).
+
+    A chunk closes after the group that brings it to ``size`` references (the final chunk
+    may close short; the stream's end tells).
+    """
+    chunk, in_chunk = 0, 0
+    for group, image in references:
+        in_chunk += len(group)
+        last = in_chunk >= size
+        yield (chunk, group, last), image
+        if last:
+            chunk, in_chunk = chunk + 1, 0
+
+
+def _finish_chunk(work: ResumableWork, chunk: int, sinks: dict[str, ShardSink]) -> None:
+    """Close the chunk's shards (each written atomically), then mark the chunk done."""
+    shards = {split: sink.take_new() for split, sink in sinks.items()}
+    work.mark_done(f"chunk-{chunk:05d}", {"shards": {split: [p.name for p in paths] for split, paths in shards.items()}},
+                   files=[path for paths in shards.values() for path in paths])
+
+
+def _count_shards(out_dir: Path) -> tuple[dict[str, Any], set[str]]:
+    """Rows, shards and subjects per split, from the shards themselves; and the backgrounds they use."""
+    stats: dict[str, Any] = {}
+    backgrounds: set[str] = set()
+    for split in SPLITS:
+        shards = sorted((out_dir / split).glob("part-*.parquet"))
+        subjects: set[str] = set()
+        rows = 0
+        for shard in shards:
+            for batch in iter_batches(shard, EXPORT, columns=["subject_id", "aug_background"]):
+                rows += batch.num_rows
+                subjects.update(batch.column("subject_id").to_pylist())
+                backgrounds.update(b for b in batch.column("aug_background").to_pylist() if b)
+        stats[split] = {"rows": rows, "shards": len(shards), "subjects": len(subjects)}
+    stats["backgrounds"] = len(backgrounds)
+    return stats, backgrounds
 
 
 Reference = tuple[SubjectFrame, list[dict], str]  # (frame, its pairs, its split)

@@ -219,3 +219,51 @@ def test_export_refuses_backgrounds_drawn_under_another_split_seed(tables):
                       embeddings=tables / "embeddings.parquet", pairs=tables / "pairs.parquet",
                       pair_rejects=tables / "rejects.parquet", sources=sources, out_dir=tables / "export",
                       params=ExportParams(image_side=32, heldout_fraction=0.5, seed=export_seed, workers=1))
+
+
+def test_a_failed_run_keeps_its_finished_chunks_and_the_rerun_encodes_only_the_rest(tables, monkeypatch):
+    from flows.export import shards
+
+    params = ExportParams(image_side=32, rows_per_shard=4, workers=1)
+    write_images(tables, tables / "mv")
+    write_images(tables, tables / "oi")
+    build_pairs(tables / "frames.parquet", tables / "masks.parquet", tables / "embeddings.parquet", tables,
+                PairsParams(min_angle_deg=60.0), SplitRule.from_params(params))
+    sources = SourcesParams(mvimgnet_root=str(tables / "mv"), openimages_root=str(tables / "oi"))
+
+    def run(out):
+        return export_shards(frames=tables / "frames.parquet", masks=tables / "masks.parquet",
+                             embeddings=tables / "embeddings.parquet", pairs=tables / "pairs.parquet",
+                             pair_rejects=tables / "rejects.parquet", sources=sources, out_dir=out, params=params,
+                             chunk_references=5)
+
+    clean = run(tables / "clean")
+    chunks = [item[0] for item, _ in shards._chunked(shards._ReferenceGroups(
+        tables / "frames.parquet", tables / "masks.parquet", tables / "embeddings.parquet", tables / "pairs.parquet",
+        tables / "rejects.parquet", sources, SplitRule.from_params(params), params), 5)]
+    assert max(chunks) >= 2
+    third = chunks.index(2)  # the image work item that begins the third chunk
+    real, encoded, failed = shards.encode_image, [], []
+
+    def dies_in_the_third_chunk(work):
+        encoded.append((work.path, tuple(m[0] for m in work.masks)))
+        if len(encoded) == third + 1 and not failed:
+            failed.append(True)
+            raise RuntimeError("the machine went away")
+        return real(work)
+
+    monkeypatch.setattr(shards, "encode_image", dies_in_the_third_chunk)
+    with pytest.raises(RuntimeError, match="went away"):
+        run(tables / "out")
+    work = tables / "out" / ".work"
+    assert sorted(p.name for p in work.glob("*.done.json")) == ["chunk-00000.done.json", "chunk-00001.done.json"]
+    before = list(encoded)
+    encoded.clear()
+    assert run(tables / "out") == clean
+    assert encoded[0] == before[third] and not set(encoded) & set(before[:third])  # finished chunks: not again
+    for split in ("train", "heldout"):
+        names = sorted(p.name for p in (tables / "clean" / split).glob("*.parquet"))
+        assert names == sorted(p.name for p in (tables / "out" / split).glob("*.parquet"))
+        for name in names:
+            assert (tables / "clean" / split / name).read_bytes() == (tables / "out" / split / name).read_bytes()
+    assert not work.exists()
