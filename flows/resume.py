@@ -62,6 +62,9 @@ def work_key(*, inputs: list[Path], params: dict[str, Any], code: Iterable[str])
     """
     digest = hashlib.sha256()
     for path in inputs:
+        if not Path(path).is_file():  # the stage's own reader would say the same, a step later
+            raise TableReadError(f"{path}: no such file; run the stage that writes it first "
+                                 f"(dvc repro, or dvc repro <stage>)")
         with open(path, "rb") as handle:
             digest.update(f"{Path(path).name}:{hashlib.file_digest(handle, 'sha256').hexdigest()}\n".encode())
     plain = {name: asdict(value) if is_dataclass(value) else value for name, value in params.items()}

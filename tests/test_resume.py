@@ -66,3 +66,12 @@ def test_model_files_are_named_by_size_and_time(tmp_path):
     first = file_identity(weights)
     weights.write_bytes(b"123456")
     assert file_identity(weights) != first and file_identity(tmp_path / "nope.pth").endswith("absent")
+
+
+def test_a_missing_input_table_is_a_one_line_error(tmp_path):
+    import pytest
+
+    from flows.tables import TableReadError
+
+    with pytest.raises(TableReadError, match=r"frames\.parquet: no such file; run the stage that writes it first"):
+        work_key(inputs=[tmp_path / "frames.parquet"], params={}, code=[])

@@ -57,12 +57,13 @@ def test_a_damaged_checkpoint_says_so_without_unsafe_advice(tmp_path):
     assert "weights_only" not in str(err.value) and "\n" not in str(err.value)
 
 
-def test_the_stage_command_fails_in_one_line_before_any_flow_without_the_checkpoint(tmp_path):
+def test_the_stage_command_fails_in_one_line_before_any_flow_without_the_checkpoint(tmp_path, segment_data):
     from flows.cli import run_stage
     from flows.segment.flow import main
 
-    params = tmp_path / "params.yaml"
-    params.write_text(f"segment:\n  sam_profile: sam\n  sam_checkpoint: {tmp_path / 'nope.pth'}\n")
+    params = tmp_path / "params.yaml"  # the fixture's frames include some without a provided mask: SAM must run
+    params.write_text(f"filter:\n  out_dir: {segment_data.filtering.out_dir}\n"
+                      f"segment:\n  sam_profile: sam\n  sam_checkpoint: {tmp_path / 'nope.pth'}\n")
     with pytest.raises(SystemExit) as exc:
         run_stage(main, [str(params)])
     assert str(exc.value).startswith(f"error: segment.sam_checkpoint: {tmp_path / 'nope.pth'} not found: download")
