@@ -168,8 +168,9 @@ def embed_frames(frames_path: Path, masks_path: Path, out_dir: Path, params: Emb
 def _work_key(inputs: list[Path], params: EmbedParams, sources: SourcesParams, clip: LoadedClip | None,
               device: torch.device, part_rows: int) -> str:
     """What decides a part's bytes (flows.resume): inputs, the params that change the output (not
-    num_workers, the knob a user turns after a worker crash), model and weights file, device type
-    (bf16 autocast on CUDA, float32 elsewhere), libraries and the part size."""
+    num_workers, the knob a user turns after a worker crash; on a CPU, though, the model's thread
+    count, which it sets and which can change float results), model and weights file, device
+    type (bf16 autocast on CUDA, float32 elsewhere), libraries and the part size."""
     if clip is not None:
         model = clip.model_id
     else:
@@ -179,7 +180,15 @@ def _work_key(inputs: list[Path], params: EmbedParams, sources: SourcesParams, c
     return work_key(inputs=inputs, code=["embed"], params={
         "embed": dataclasses.replace(params, num_workers=0, out_dir=""), "sources": sources, "model": model,
         "device": device.type, "part_rows": part_rows,
+        "cpu_threads": _cpu_threads(params) if device.type == "cpu" else None,
         "versions": library_versions("torch", "torchvision", "open_clip_torch", "pillow", "numpy", "pycocotools")})
+
+
+def _cpu_threads(params: EmbedParams) -> int:
+    """The model's threads on a CPU: the cores the loader workers leave (all of torch's without workers)."""
+    if params.num_workers > 0:
+        return max(1, len(os.sched_getaffinity(0)) - params.num_workers)
+    return torch.get_num_threads()
 
 
 def _reject(row: dict, reason: str, detail: str) -> dict:
@@ -313,7 +322,7 @@ def _encode(stream: _WorkStream, rows: int, clip: LoadedClip, params: EmbedParam
     if device.type == "cpu" and params.num_workers > 0:
         # The workers take their cores; more model threads than the cores left only spin.
         threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - params.num_workers))
+        torch.set_num_threads(_cpu_threads(params))
         try:
             yield from _encode_on(stream, clip, params, device)
         finally:

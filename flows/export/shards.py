@@ -183,7 +183,7 @@ def export_shards(*, frames: Path, masks: Path, embeddings: Path, pairs: Path, p
                                                                         "parallel.py"], params={
         "export": dataclasses.replace(params, workers=1, out_dir=""), "sources": sources,
         "chunk_references": chunk_references,
-        "versions": library_versions("pillow", "numpy", "pycocotools", "open_clip_torch")}))
+        "versions": library_versions("pillow", "numpy", "pycocotools", "open_clip_torch", "pyarrow")}))
     work.open()
     finished = []
     while (record := work.done(f"chunk-{len(finished):05d}")) is not None:
@@ -205,21 +205,26 @@ def export_shards(*, frames: Path, masks: Path, embeddings: Path, pairs: Path, p
                                              f"export.heldout_fraction")
                         sinks[split].write(sample)
                 if last:  # done as soon as its last group is written, whatever fails after
-                    _finish_chunk(work, chunk, sinks)
+                    finished.append(_finish_chunk(work, chunk, sinks))
                     current = None
         if current is not None:  # the final chunk, short of chunk_references
-            _finish_chunk(work, current, sinks)
+            finished.append(_finish_chunk(work, current, sinks))
     except BaseException:
         for sink in sinks.values():
             sink.abort()
         raise
-    for split in SPLITS:  # the finished shards replace the previous run's
-        shutil.rmtree(out_dir / split, ignore_errors=True)
-        if (work.folder / split).is_dir():
-            os.replace(work.folder / split, out_dir / split)
-    stats, backgrounds = _count_shards(out_dir)
+    # Everything that can fail happens while the shards are still in .work (and their records valid);
+    # then only renames. Only the shards the records name move: no temp file of a killed writer.
+    shards = {split: [work.folder / split / name for record in finished for name in record["shards"][split]]
+              for split in SPLITS}
+    stats, backgrounds = _count_shards(shards)
     _write_backgrounds(sorted(backgrounds), sources, out_dir / "backgrounds.parquet", params)
     stats["reference_frames"] = references.count
+    for split in SPLITS:  # the finished shards replace the previous run's; a split without rows is an empty folder
+        shutil.rmtree(out_dir / split, ignore_errors=True)
+        (out_dir / split).mkdir(parents=True)
+        for shard in shards[split]:
+            os.replace(shard, out_dir / split / shard.name)
     write_json_atomic(out_dir / "stats.json", stats)
     work.finish()
     return stats
@@ -241,27 +246,27 @@ def _chunked(references: Iterable[tuple[list, ImageWork]],
             chunk, in_chunk = chunk + 1, 0
 
 
-def _finish_chunk(work: ResumableWork, chunk: int, sinks: dict[str, ShardSink]) -> None:
-    """Close the chunk's shards (each written atomically), then mark the chunk done."""
+def _finish_chunk(work: ResumableWork, chunk: int, sinks: dict[str, ShardSink]) -> dict:
+    """Close the chunk's shards (each written atomically), then mark the chunk done; returns its record."""
     shards = {split: sink.take_new() for split, sink in sinks.items()}
-    work.mark_done(f"chunk-{chunk:05d}", {"shards": {split: [p.name for p in paths] for split, paths in shards.items()}},
-                   files=[path for paths in shards.values() for path in paths])
+    record = {"shards": {split: [p.name for p in paths] for split, paths in shards.items()}}
+    work.mark_done(f"chunk-{chunk:05d}", record, files=[path for paths in shards.values() for path in paths])
+    return record
 
 
-def _count_shards(out_dir: Path) -> tuple[dict[str, Any], set[str]]:
+def _count_shards(shards: dict[str, list[Path]]) -> tuple[dict[str, Any], set[str]]:
     """Rows, shards and subjects per split, from the shards themselves; and the backgrounds they use."""
     stats: dict[str, Any] = {}
     backgrounds: set[str] = set()
     for split in SPLITS:
-        shards = sorted((out_dir / split).glob("part-*.parquet"))
         subjects: set[str] = set()
         rows = 0
-        for shard in shards:
+        for shard in shards[split]:
             for batch in iter_batches(shard, EXPORT, columns=["subject_id", "aug_background"]):
                 rows += batch.num_rows
                 subjects.update(batch.column("subject_id").to_pylist())
                 backgrounds.update(b for b in batch.column("aug_background").to_pylist() if b)
-        stats[split] = {"rows": rows, "shards": len(shards), "subjects": len(subjects)}
+        stats[split] = {"rows": rows, "shards": len(shards[split]), "subjects": len(subjects)}
     stats["backgrounds"] = len(backgrounds)
     return stats, backgrounds
 

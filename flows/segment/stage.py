@@ -98,7 +98,7 @@ def needs_sam(frames: Path, params: SegmentParams) -> bool:
     if params.mode == "refine":
         return True
     if not frames.is_file():
-        return False  # the flow reports the missing table itself
+        return False  # the flow then fails on the missing table, in one line (work_key)
     file = open_table(frames, FRAMES)
     column = file.schema_arrow.get_field_index("mask_path")
     for group in range(file.metadata.num_row_groups):  # the row groups' statistics: no column read

@@ -267,3 +267,35 @@ def test_a_failed_run_keeps_its_finished_chunks_and_the_rerun_encodes_only_the_r
         for name in names:
             assert (tables / "clean" / split / name).read_bytes() == (tables / "out" / split / name).read_bytes()
     assert not work.exists()
+
+
+def test_a_failure_after_the_last_chunk_loses_no_chunk_and_strays_never_reach_the_output(tables, monkeypatch):
+    from flows.export import shards
+
+    params = ExportParams(image_side=32, rows_per_shard=4, workers=1)
+    write_images(tables, tables / "mv")
+    write_images(tables, tables / "oi")
+    build_pairs(tables / "frames.parquet", tables / "masks.parquet", tables / "embeddings.parquet", tables,
+                PairsParams(min_angle_deg=60.0), SplitRule.from_params(params))
+    sources = SourcesParams(mvimgnet_root=str(tables / "mv"), openimages_root=str(tables / "oi"))
+
+    def run(out):
+        return export_shards(frames=tables / "frames.parquet", masks=tables / "masks.parquet",
+                             embeddings=tables / "embeddings.parquet", pairs=tables / "pairs.parquet",
+                             pair_rejects=tables / "rejects.parquet", sources=sources, out_dir=out, params=params,
+                             chunk_references=5)
+
+    clean = run(tables / "clean")
+    real_backgrounds = shards._write_backgrounds
+    monkeypatch.setattr(shards, "_write_backgrounds", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        run(tables / "out")
+    (tables / "out" / ".work" / "train" / ".part-00000.parquet.123.abc.tmp").write_bytes(b"half a shard")  # a kill -9
+    monkeypatch.setattr(shards, "_write_backgrounds", real_backgrounds)
+    real, encoded = shards.encode_image, []
+    monkeypatch.setattr(shards, "encode_image", lambda work: (encoded.append(work), real(work))[1])
+    assert run(tables / "out") == clean
+    assert all(not work.masks for work in encoded)  # only the backgrounds: every chunk was kept
+    for split in ("train", "heldout"):
+        assert sorted(p.name for p in (tables / "out" / split).iterdir()) == sorted(
+            p.name for p in (tables / "clean" / split).iterdir())
