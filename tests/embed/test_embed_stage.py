@@ -260,11 +260,10 @@ def test_a_failed_run_keeps_its_finished_parts_and_the_rerun_embeds_only_the_res
     assert not (out / ".work").exists()
 
 
-def test_work_of_another_model_or_params_is_not_resumed(tmp_path, tiny_clip, monkeypatch):
+def _fail_in_the_second_part(inputs, out, clip, monkeypatch):
+    """A run (parts of 3 rows) that dies in part 1, part 0 finished; the stage works again afterwards."""
     from flows.embed import stage
 
-    inputs = make_inputs(tmp_path / "in", n=8)
-    out = tmp_path / "out"
     real_write = stage._Part.write
 
     def dies_in_the_second_part(part, *args):
@@ -272,10 +271,18 @@ def test_work_of_another_model_or_params_is_not_resumed(tmp_path, tiny_clip, mon
             raise RuntimeError("stop")
         real_write(part, *args)
 
-    monkeypatch.setattr(stage._Part, "write", dies_in_the_second_part)
-    with pytest.raises(RuntimeError):
-        embed_frames(inputs.frames, inputs.masks, out, embed_params(out), inputs.sources, clip=tiny_clip, part_rows=3)
-    monkeypatch.setattr(stage._Part, "write", real_write)
+    with monkeypatch.context() as patched:
+        patched.setattr(stage._Part, "write", dies_in_the_second_part)
+        with pytest.raises(RuntimeError):
+            embed_frames(inputs.frames, inputs.masks, out, embed_params(out), inputs.sources, clip=clip, part_rows=3)
+
+
+def test_work_of_another_model_or_params_is_not_resumed(tmp_path, tiny_clip, monkeypatch):
+    from flows.embed import stage
+
+    inputs = make_inputs(tmp_path / "in", n=8)
+    out = tmp_path / "out"
+    _fail_in_the_second_part(inputs, out, tiny_clip, monkeypatch)
     seen = []
     monkeypatch.setattr(stage._Part, "finish", lambda part, work, real=stage._Part.finish: (
         seen.append(part.index), real(part, work))[1])
@@ -291,17 +298,7 @@ def test_a_finished_part_cut_short_on_disk_is_embedded_again(tmp_path, tiny_clip
     clean = tmp_path / "clean"
     embed_frames(inputs.frames, inputs.masks, clean, embed_params(clean), inputs.sources, clip=tiny_clip, part_rows=3)
     out = tmp_path / "out"
-    real_write = stage._Part.write
-
-    def dies_in_the_second_part(part, *args):
-        if part.index == 1:
-            raise RuntimeError("stop")
-        real_write(part, *args)
-
-    monkeypatch.setattr(stage._Part, "write", dies_in_the_second_part)
-    with pytest.raises(RuntimeError):
-        embed_frames(inputs.frames, inputs.masks, out, embed_params(out), inputs.sources, clip=tiny_clip, part_rows=3)
+    _fail_in_the_second_part(inputs, out, tiny_clip, monkeypatch)
     (out / ".work" / "part-00000.embeddings.parquet").write_bytes(b"")  # its record survived a power cut; it did not
-    monkeypatch.setattr(stage._Part, "write", real_write)
     embed_frames(inputs.frames, inputs.masks, out, embed_params(out), inputs.sources, clip=tiny_clip, part_rows=3)
     assert (out / "embeddings.parquet").read_bytes() == (clean / "embeddings.parquet").read_bytes()

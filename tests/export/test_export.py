@@ -221,9 +221,8 @@ def test_export_refuses_backgrounds_drawn_under_another_split_seed(tables):
                       params=ExportParams(image_side=32, heldout_fraction=0.5, seed=export_seed, workers=1))
 
 
-def test_a_failed_run_keeps_its_finished_chunks_and_the_rerun_encodes_only_the_rest(tables, monkeypatch):
-    from flows.export import shards
-
+def _chunked_export(tables):
+    """(params, sources, run(out_dir)): the stage on the fixture, in-process, in chunks of 5 references."""
     params = ExportParams(image_side=32, rows_per_shard=4, workers=1)
     write_images(tables, tables / "mv")
     write_images(tables, tables / "oi")
@@ -236,6 +235,14 @@ def test_a_failed_run_keeps_its_finished_chunks_and_the_rerun_encodes_only_the_r
                              embeddings=tables / "embeddings.parquet", pairs=tables / "pairs.parquet",
                              pair_rejects=tables / "rejects.parquet", sources=sources, out_dir=out, params=params,
                              chunk_references=5)
+
+    return params, sources, run
+
+
+def test_a_failed_run_keeps_its_finished_chunks_and_the_rerun_encodes_only_the_rest(tables, monkeypatch):
+    from flows.export import shards
+
+    params, sources, run = _chunked_export(tables)
 
     clean = run(tables / "clean")
     chunks = [item[0] for item, _ in shards._chunked(shards._ReferenceGroups(
@@ -272,18 +279,7 @@ def test_a_failed_run_keeps_its_finished_chunks_and_the_rerun_encodes_only_the_r
 def test_a_failure_after_the_last_chunk_loses_no_chunk_and_strays_never_reach_the_output(tables, monkeypatch):
     from flows.export import shards
 
-    params = ExportParams(image_side=32, rows_per_shard=4, workers=1)
-    write_images(tables, tables / "mv")
-    write_images(tables, tables / "oi")
-    build_pairs(tables / "frames.parquet", tables / "masks.parquet", tables / "embeddings.parquet", tables,
-                PairsParams(min_angle_deg=60.0), SplitRule.from_params(params))
-    sources = SourcesParams(mvimgnet_root=str(tables / "mv"), openimages_root=str(tables / "oi"))
-
-    def run(out):
-        return export_shards(frames=tables / "frames.parquet", masks=tables / "masks.parquet",
-                             embeddings=tables / "embeddings.parquet", pairs=tables / "pairs.parquet",
-                             pair_rejects=tables / "rejects.parquet", sources=sources, out_dir=out, params=params,
-                             chunk_references=5)
+    _, _, run = _chunked_export(tables)
 
     clean = run(tables / "clean")
     real_backgrounds = shards._write_backgrounds
