@@ -192,6 +192,8 @@ def export_shards(*, frames: Path, masks: Path, embeddings: Path, pairs: Path, p
                               first=sum(len(r["shards"][split]) for r in finished)) for split in SPLITS}
     references = _ReferenceGroups(frames, masks, embeddings, pairs, pair_rejects, sources, rule, params)
     todo = ((item, image) for item, image in _chunked(references, chunk_references) if item[0] >= len(finished))
+    # samples (pair rows) still to write: what finished chunks wrote is not this run's work
+    progress = Progress("export", count_rows(pairs) - sum(record["samples"] for record in finished), unit="samples")
     current = None  # the chunk being written
     try:
         with closing(ordered_map(encode_image, todo, workers=params.workers)) as encoded:
@@ -204,6 +206,7 @@ def export_shards(*, frames: Path, masks: Path, embeddings: Path, pairs: Path, p
                                              f"in split {split}; rerun pairs with this export.seed and "
                                              f"export.heldout_fraction")
                         sinks[split].write(sample)
+                progress.update(sum(len(frame_pairs) for _, frame_pairs, _ in group))
                 if last:  # done as soon as its last group is written, whatever fails after
                     finished.append(_finish_chunk(work, chunk, sinks))
                     current = None
@@ -213,6 +216,7 @@ def export_shards(*, frames: Path, masks: Path, embeddings: Path, pairs: Path, p
         for sink in sinks.values():
             sink.abort()
         raise
+    progress.close()
     # Everything that can fail happens while the shards are still in .work (and their records valid);
     # then only renames. Only the shards the records name move: no temp file of a killed writer.
     shards = {split: [work.folder / split / name for record in finished for name in record["shards"][split]]
@@ -249,7 +253,8 @@ def _chunked(references: Iterable[tuple[list, ImageWork]],
 def _finish_chunk(work: ResumableWork, chunk: int, sinks: dict[str, ShardSink]) -> dict:
     """Close the chunk's shards (each written atomically), then mark the chunk done; returns its record."""
     shards = {split: sink.take_new() for split, sink in sinks.items()}
-    record = {"shards": {split: [p.name for p in paths] for split, paths in shards.items()}}
+    record = {"shards": {split: [p.name for p in paths] for split, paths in shards.items()},
+              "samples": sum(count_rows(path) for paths in shards.values() for path in paths)}
     work.mark_done(f"chunk-{chunk:05d}", record, files=[path for paths in shards.values() for path in paths])
     return record
 
@@ -309,9 +314,7 @@ class _ReferenceGroups:
         unpaired = {row["item_id"] for row in iter_rows(self.pair_rejects, REJECTS)}
         by_frame = _pairs_by_frame(self.pairs)
         pending = next(by_frame, None)
-        progress = Progress("export", count_rows(self.inputs[2]))  # embedded frames: a superset of the joined
         for frame in iter_joined(*self.inputs):
-            progress.update()
             if pending is None or pending[0] != frame.frame_id:
                 if frame.frame_id not in unpaired:
                     raise AccountingError(f"{frame.frame_id}: no pair and no pairs reject")
@@ -325,7 +328,6 @@ class _ReferenceGroups:
         if unpaired:
             raise AccountingError(f"pairs rejects name {len(unpaired)} frames that are not in the joined tables, "
                                   f"e.g. {sorted(unpaired)[0]}")
-        progress.close()
 
 
 def _samples(frame: SubjectFrame, frame_pairs: list[dict], split: str, jpeg: bytes, size: tuple[int, int],

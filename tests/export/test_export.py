@@ -239,7 +239,9 @@ def _chunked_export(tables):
     return params, sources, run
 
 
-def test_a_failed_run_keeps_its_finished_chunks_and_the_rerun_encodes_only_the_rest(tables, monkeypatch):
+def test_a_failed_run_keeps_its_finished_chunks_and_the_rerun_encodes_only_the_rest(tables, monkeypatch, caplog):
+    import logging
+
     from flows.export import shards
 
     params, sources, run = _chunked_export(tables)
@@ -266,7 +268,10 @@ def test_a_failed_run_keeps_its_finished_chunks_and_the_rerun_encodes_only_the_r
     assert sorted(p.name for p in work.glob("*.done.json")) == ["chunk-00000.done.json", "chunk-00001.done.json"]
     before = list(encoded)
     encoded.clear()
-    assert run(tables / "out") == clean
+    with caplog.at_level(logging.INFO, logger="flows.export"):
+        assert run(tables / "out") == clean
+    final = [r.getMessage() for r in caplog.records if r.name == "flows.export"][-1]
+    assert "(100.0%)" in final  # progress counts only the samples this run writes
     assert encoded[0] == before[third] and not set(encoded) & set(before[:third])  # finished chunks: not again
     for split in ("train", "heldout"):
         names = sorted(p.name for p in (tables / "clean" / split).glob("*.parquet"))
