@@ -122,6 +122,15 @@ class ResumableWork:
             return None
         return entry["record"]
 
+    def done_prefix(self, stem: str, limit: int | None = None) -> list[dict[str, Any]]:
+        """Records of the intact pieces ``<stem>-00000``, ``<stem>-00001``, ... up to the first missing one
+        (at most ``limit``): for pieces written in order, what a rerun can skip."""
+        records: list[dict[str, Any]] = []
+        while (limit is None or len(records) < limit) and (
+                record := self.done(f"{stem}-{len(records):05d}")) is not None:
+            records.append(record)
+        return records
+
     def mark_done(self, name: str, record: dict[str, Any], files: Iterable[Path]) -> None:
         """Call after the piece's Parquet ``files`` (under this folder) are written: they reach the disk, then the record."""
         rows = {}

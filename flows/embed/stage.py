@@ -113,7 +113,7 @@ def embed_frames(frames_path: Path, masks_path: Path, out_dir: Path, params: Emb
     work.open()
     unmasked_path = work.folder / "unmasked.rejects.parquet"
     os.replace(first_pass, unmasked_path)
-    parts = _finished_parts(work, tally.masked, part_rows)
+    parts = work.done_prefix("part", limit=-(-tally.masked // part_rows))
     clip = clip or load_clip(spec_for(params), device=torch_device)
     schema = embeddings_schema(clip.dim).with_metadata(
         {**embeddings_schema(clip.dim).metadata, b"model_id": clip.model_id.encode()})
@@ -194,14 +194,6 @@ def _cpu_threads(params: EmbedParams) -> int:
 def _reject(row: dict, reason: str, detail: str) -> dict:
     return reject_row(item_id=row["frame_id"], source=row["source"], kind=FRAME, path=row["image_path"],
                       stage=STAGE, reason=reason, detail=detail)
-
-
-def _finished_parts(work: ResumableWork, rows: int, part_rows: int) -> list[dict]:
-    """The done records of the parts an earlier run finished: always a prefix, parts being written in order."""
-    parts = []
-    while len(parts) * part_rows < rows and (record := work.done(f"part-{len(parts):05d}")) is not None:
-        parts.append(record)
-    return parts
 
 
 class _Part:

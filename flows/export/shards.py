@@ -185,9 +185,7 @@ def export_shards(*, frames: Path, masks: Path, embeddings: Path, pairs: Path, p
         "chunk_references": chunk_references,
         "versions": library_versions("pillow", "numpy", "pycocotools", "open_clip_torch", "pyarrow")}))
     work.open()
-    finished = []
-    while (record := work.done(f"chunk-{len(finished):05d}")) is not None:
-        finished.append(record)
+    finished = work.done_prefix("chunk")
     sinks = {split: ShardSink(work.folder / split, params.rows_per_shard,
                               first=sum(len(r["shards"][split]) for r in finished)) for split in SPLITS}
     references = _ReferenceGroups(frames, masks, embeddings, pairs, pair_rejects, sources, rule, params)

@@ -292,7 +292,6 @@ def test_work_of_another_model_or_params_is_not_resumed(tmp_path, tiny_clip, mon
 
 
 def test_a_finished_part_cut_short_on_disk_is_embedded_again(tmp_path, tiny_clip, monkeypatch):
-    from flows.embed import stage
 
     inputs = make_inputs(tmp_path / "in", n=8)
     clean = tmp_path / "clean"
