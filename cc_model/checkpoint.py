@@ -27,6 +27,9 @@ FORMAT_VERSION = 1
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates its file 0600; others should read a checkpoint
     os.replace(tmp, path)  # a killed writer never leaves a truncated file under the real name
 
 

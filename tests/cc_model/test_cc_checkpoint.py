@@ -153,3 +153,16 @@ def test_a_different_cross_attention_layer_order_is_refused(tmp_path, make_model
     assert read_checkpoint(tmp_path)[1]["cross_attention_layers"] == model.layer_names[::-1]
     with pytest.raises(ValueError, match="cross-attention layers differ from the model's UNet"):
         load_trainable(make_model(), tmp_path)
+
+
+def test_checkpoint_files_get_the_umasks_mode(tmp_path, make_model):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        save_trainable(make_model(), tmp_path)
+    finally:
+        os.umask(old)
+    for name in (WEIGHTS_NAME, CONFIG_NAME):  # safetensors alone would leave the weights 0600
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644
