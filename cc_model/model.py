@@ -22,7 +22,7 @@ from cc_model.backbones import Backbones
 from cc_model.config import ModelParams, TrainParams, resolve_model_params
 from cc_model.losses import CSCLLoss, LDMLoss, LocalisationLoss, MACLLoss, TotalLoss
 from cc_model.mfi import MFIEncoder, MFIOutput
-from cc_model.splus import SPlusTextEncoder, placeholder_token_id
+from cc_model.splus import SPlusTextEncoder, placeholder_token_id, tokenize_captions
 
 
 @dataclass
@@ -101,9 +101,7 @@ class CustomContrastModel(nn.Module):
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         """Captions -> (B, T) ids padded to the text encoder's length."""
-        return self.tokenizer(
-            captions, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids
+        return tokenize_captions(self.tokenizer, captions)
 
     @torch.no_grad()
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,13 @@ def placeholder_token_id(tokenizer, placeholder: str) -> int:
     return ids[0]
 
 
+def tokenize_captions(tokenizer, captions: list[str]) -> torch.Tensor:
+    """Captions -> (B, T) ids padded (and cut) to the tokenizer's length, the text encoder's."""
+    return tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
 @contextmanager
 def _replace_embeddings(embedding: nn.Embedding, input_ids: torch.Tensor, placeholder_id: int, tokens: torch.Tensor):
     """While active, the embedding of ``placeholder_id`` in row r of ``input_ids`` becomes tokens[r]."""
@@ -81,4 +88,4 @@ class SPlusTextEncoder:
         return hidden.view(batch, layers, *hidden.shape[1:])  # (B, l, S, D)
 
 
-__all__ = ["SPlusTextEncoder", "placeholder_token_id"]
+__all__ = ["SPlusTextEncoder", "placeholder_token_id", "tokenize_captions"]
