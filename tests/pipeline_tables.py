@@ -83,3 +83,32 @@ def write_images(tables_dir, root):
         path = root / row["image_path"]
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 255, (80, 100, 3), dtype=np.uint8)).save(path, quality=90)
+
+
+def export_tables(tables_dir, params, *, parallel=False):
+    """Pairs, then the export stage, on the ``tables`` fixture; returns (stats, every exported row).
+
+    Runs in this process unless ``parallel`` (worker processes cost seconds to start).
+    """
+    import dataclasses
+
+    from flows.config.params import PairsParams, SourcesParams
+    from flows.export.shards import export_shards
+    from flows.pairs.stage import build_pairs
+    from flows.schemas import EXPORT
+    from flows.splits import SplitRule
+    from flows.tables import iter_rows
+
+    params = params if parallel else dataclasses.replace(params, workers=1)
+    write_images(tables_dir, tables_dir / "mv")
+    write_images(tables_dir, tables_dir / "oi")
+    build_pairs(tables_dir / "frames.parquet", tables_dir / "masks.parquet", tables_dir / "embeddings.parquet",
+                tables_dir, PairsParams(min_angle_deg=60.0), SplitRule.from_params(params))
+    sources = SourcesParams(mvimgnet_root=str(tables_dir / "mv"), openimages_root=str(tables_dir / "oi"))
+    stats = export_shards(frames=tables_dir / "frames.parquet", masks=tables_dir / "masks.parquet",
+                          embeddings=tables_dir / "embeddings.parquet", pairs=tables_dir / "pairs.parquet",
+                          pair_rejects=tables_dir / "rejects.parquet", sources=sources, out_dir=tables_dir / "export",
+                          params=params)
+    rows = [r for split in ("train", "heldout") for p in sorted((tables_dir / "export" / split).glob("*.parquet"))
+            for r in iter_rows(p, EXPORT)]
+    return stats, rows

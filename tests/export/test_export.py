@@ -10,26 +10,14 @@ from cc_model.backbones import clip_tokenizer_from_open_clip
 from flows.config.params import ExportParams, PairsParams, SourcesParams
 from flows.export.shards import caption_for, export_shards
 from flows.pairs.stage import build_pairs
-from flows.schemas import BACKGROUNDS, EXPORT, FRAMES, MASKS, PAIRS, REJECTS, embeddings_schema
+from flows.schemas import BACKGROUNDS, FRAMES, MASKS, PAIRS, REJECTS, embeddings_schema
 from flows.splits import SplitRule
 from flows.tables import iter_rows
-from pipeline_tables import write_images
+from pipeline_tables import export_tables, write_images
 
 
 def export(tables, params, *, parallel=False):
-    """Run the stage; in this process unless ``parallel`` (worker processes cost seconds to start)."""
-    params = params if parallel else dataclasses.replace(params, workers=1)
-    write_images(tables, tables / "mv")
-    write_images(tables, tables / "oi")
-    build_pairs(tables / "frames.parquet", tables / "masks.parquet", tables / "embeddings.parquet", tables,
-                PairsParams(min_angle_deg=60.0), SplitRule.from_params(params))
-    sources = SourcesParams(mvimgnet_root=str(tables / "mv"), openimages_root=str(tables / "oi"))
-    stats = export_shards(frames=tables / "frames.parquet", masks=tables / "masks.parquet",
-                          embeddings=tables / "embeddings.parquet", pairs=tables / "pairs.parquet",
-                          pair_rejects=tables / "rejects.parquet", sources=sources, out_dir=tables / "export", params=params)
-    rows = [r for split in ("train", "heldout") for p in sorted((tables / "export" / split).glob("*.parquet"))
-            for r in iter_rows(p, EXPORT)]
-    return stats, rows
+    return export_tables(tables, params, parallel=parallel)
 
 
 def test_one_row_per_pair_split_by_subject(tables):
