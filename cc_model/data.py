@@ -1,0 +1,298 @@
+"""Training samples from the export stage's shards (``data/export``): what ``cc_model.train`` feeds the model.
+
+One sample is one row of ``<export>/<split>/part-*.parquet``, a reference frame and its positive:
+
+- ``target`` / ``mask``: the reference image as the diffusion target, the largest square that is
+  centred on the subject as far as the image allows, resized to the UNet's pixel size; the subject
+  mask over that square (the localisation loss).
+- ``reference`` / ``positive``: the *segmented* subjects x^ (box crop, background painted
+  ``background_rgb``, padded square; flows.embed.preprocess.segment_subject, the x^ whose embeddings
+  give r_ij), resized to the image encoder's side, in [0, 1].
+- the positive is the row whose ``frame_id`` is ``positive_frame_id`` (a multi-view positive, same
+  split), or, for an augmentation positive, the reference replayed through
+  :func:`flows.pairs.augment.apply_recipe` with the background photo from ``backgrounds.parquet``:
+  exactly the positive the pairs stage described.
+- ``input_ids``: the caption tokenized by the model's tokenizer; the shard's ``placeholder_index``
+  must point at the placeholder in them.
+
+:meth:`ExportDataset.collate` stacks samples and adds r_ij over the batch, the (2B, 2B) cosines of
+the rows' appearance embeddings ``[references; positives]`` from ``embeddings.parquet``.
+
+Rows are read one Parquet row group at a time (the export writes groups of 64 rows) through a
+small per-process cache; :class:`GroupedShuffleSampler` shuffles within windows of row groups, so
+each group is read about once per epoch instead of once per row.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from PIL import Image
+
+from cc_model.splus import tokenize_captions
+from flows.embed.preprocess import decode_rle, segment_subject
+from flows.pairs.augment import Recipe, apply_recipe
+from flows.schemas import BACKGROUNDS, EXPORT
+from flows.tables import TableReadError, fixed_size_list_to_numpy, open_table
+
+INDEX_COLUMNS = ["sample_id", "frame_id", "positive_frame_id", "aug_crop", "aug_scale", "aug_flip", "aug_background",
+                 "aug_seed", "caption", "placeholder_index", "embedding_id", "positive_embedding_id"]
+PIXEL_COLUMNS = ["image_jpeg", "width", "height", "mask_rle"]
+
+
+class ExportDataError(TableReadError):
+    """Export shards that cannot feed training (empty split, dangling positive, missing embedding)."""
+
+
+class RowGroups:
+    """Random access to some columns of a list of Parquet files, one cached row group at a time.
+
+    Files are opened lazily in each process (DataLoader workers get their own handles and cache).
+    """
+
+    def __init__(self, files: Sequence[Path], schema: pa.Schema, columns: list[str], *, cache_groups: int = 4):
+        self.files, self.schema, self.columns, self.cache_groups = list(files), schema, columns, cache_groups
+        self.groups: list[tuple[int, int]] = []  # (file, row group) in order
+        starts = [0]
+        for f, path in enumerate(self.files):
+            metadata = open_table(path, schema).metadata
+            for g in range(metadata.num_row_groups):
+                self.groups.append((f, g))
+                starts.append(starts[-1] + metadata.row_group(g).num_rows)
+        self.starts = np.asarray(starts, dtype=np.int64)  # (groups + 1,) first row of each group
+        self._handles: dict[int, Any] = {}
+        self._cache: OrderedDict[int, pa.Table] = OrderedDict()
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def group_of(self, row: int) -> int:
+        return int(np.searchsorted(self.starts, row, side="right")) - 1
+
+    def row(self, row: int) -> dict[str, Any]:
+        if not 0 <= row < len(self):
+            raise IndexError(row)
+        g = self.group_of(row)
+        table = self._cache.get(g)
+        if table is None:
+            f, group = self.groups[g]
+            if f not in self._handles:
+                self._handles[f] = open_table(self.files[f], self.schema)
+            table = self._handles[f].read_row_group(group, columns=self.columns)
+            self._cache[g] = table
+            if len(self._cache) > self.cache_groups:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(g)
+        return table.slice(row - int(self.starts[g]), 1).to_pylist()[0]
+
+    def __getstate__(self) -> dict:  # file handles and cached tables stay in their process
+        state = dict(self.__dict__)
+        state["_handles"], state["_cache"] = {}, OrderedDict()
+        return state
+
+
+def read_index(files: Sequence[Path]) -> pa.Table:
+    """The non-pixel columns of every row of the split, in row order (a few hundred bytes per row)."""
+    parts = [open_table(path, EXPORT).read(columns=INDEX_COLUMNS) for path in files]
+    return pa.concat_tables(parts) if parts else EXPORT.empty_table().select(INDEX_COLUMNS)
+
+
+def read_embeddings(path: Path, ids: Sequence[str]) -> tuple[np.ndarray, dict[str, int]]:
+    """The rows of the embeddings table named by ``ids``: an (n, D) float16 matrix and id -> row."""
+    wanted = pa.array(sorted(set(ids)), pa.string())
+    table = open_table(path).read(columns=["frame_id", "embedding"])
+    table = table.filter(pc.is_in(table["frame_id"], value_set=wanted))
+    found = table["frame_id"].to_pylist()
+    if len(found) < len(wanted):
+        missing = sorted(set(wanted.to_pylist()) - set(found))
+        raise ExportDataError(f"{path}: no embedding for {len(missing)} of the shards' frames, e.g. {missing[0]}; "
+                              f"the shards and the embeddings are from different runs (dvc repro export)")
+    return fixed_size_list_to_numpy(table["embedding"]).astype(np.float16), {f: i for i, f in enumerate(found)}
+
+
+def subject_bbox(mask: np.ndarray) -> tuple[float, float, float, float]:
+    """COCO (x, y, w, h) of a bool mask's pixels."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        raise ValueError("empty subject mask")
+    return float(xs.min()), float(ys.min()), float(xs.max() + 1 - xs.min()), float(ys.max() + 1 - ys.min())
+
+
+def target_view(image: Image.Image, mask: np.ndarray, size: int) -> tuple[Image.Image, np.ndarray]:
+    """The largest square of ``image`` centred on the subject as far as the borders allow, at ``size``."""
+    width, height = image.size
+    side = min(width, height)
+    x, y, w, h = subject_bbox(mask)
+    left = int(np.clip(round(x + w / 2 - side / 2), 0, width - side))
+    top = int(np.clip(round(y + h / 2 - side / 2), 0, height - side))
+    square = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+    square_mask = Image.fromarray(mask[top : top + side, left : left + side].astype(np.uint8) * 255)
+    return square, np.asarray(square_mask.resize((size, size), Image.NEAREST)) > 127
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> (3, H, W) float32 in [0, 1]."""
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+class ExportDataset(torch.utils.data.Dataset):
+    """The samples of one split of the export stage's shards (see the module docstring)."""
+
+    def __init__(self, export_dir: str | Path, split: str, *, embeddings: str | Path, tokenizer,
+                 placeholder_id: int, pixel_size: int, image_size: int, background_rgb: Sequence[int],
+                 cache_groups: int = 4):
+        export_dir = Path(export_dir)
+        files = sorted((export_dir / split).glob("part-*.parquet"))
+        if not files:
+            raise ExportDataError(f"{export_dir / split}: no shards (part-*.parquet); run the export stage first "
+                                  f"(dvc repro export)")
+        self.rows = RowGroups(files, EXPORT, PIXEL_COLUMNS, cache_groups=cache_groups)
+        self.index = read_index(files).to_pylist()
+        if not self.index:
+            raise ExportDataError(f"{export_dir / split}: the split has no samples")
+        self.frame_rows: dict[str, int] = {}
+        for i, row in enumerate(self.index):
+            self.frame_rows.setdefault(row["frame_id"], i)  # a frame's rows share its image and mask
+        dangling = [r["positive_frame_id"] for r in self.index
+                    if r["positive_frame_id"] is not None and r["positive_frame_id"] not in self.frame_rows]
+        if dangling:
+            raise ExportDataError(f"{export_dir / split}: {len(dangling)} positives are not frames of the split, "
+                                  f"e.g. {dangling[0]}; rerun the export stage")
+        names = [r["aug_background"] for r in self.index if r["aug_background"] is not None]
+        self.backgrounds = None
+        if names:
+            path = export_dir / "backgrounds.parquet"
+            self.backgrounds = RowGroups([path], BACKGROUNDS, ["image_jpeg"], cache_groups=cache_groups)
+            keys = open_table(path, BACKGROUNDS).read(columns=["image_path"])["image_path"].to_pylist()
+            self.background_rows = {key: i for i, key in enumerate(keys)}
+            missing = sorted(set(names) - set(self.background_rows))
+            if missing:
+                raise ExportDataError(f"{path}: no photo {missing[0]!r} that a recipe names; rerun the export stage")
+        ids = [r["embedding_id"] for r in self.index] + [r["positive_embedding_id"] for r in self.index]
+        self.embeddings, self.embedding_rows = read_embeddings(Path(embeddings), ids)
+        self.tokenizer, self.placeholder_id = tokenizer, placeholder_id
+        self.pixel_size, self.image_size = pixel_size, image_size
+        self.background_rgb = tuple(int(v) for v in background_rgb)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def row_groups(self) -> list[range]:
+        """The sample indices of each row group, in order (what GroupedShuffleSampler shuffles)."""
+        starts = self.rows.starts
+        return [range(int(starts[g]), int(starts[g + 1])) for g in range(len(starts) - 1)]
+
+    def image_and_mask(self, row: int) -> tuple[Image.Image, np.ndarray]:
+        pixels = self.rows.row(row)
+        image = Image.open(io.BytesIO(pixels["image_jpeg"])).convert("RGB")
+        mask = decode_rle(pixels["mask_rle"], width=pixels["width"], height=pixels["height"])
+        return image, mask
+
+    def positive(self, i: int, image: Image.Image, mask: np.ndarray) -> tuple[Image.Image, np.ndarray]:
+        row = self.index[i]
+        if row["positive_frame_id"] is not None:
+            return self.image_and_mask(self.frame_rows[row["positive_frame_id"]])
+        recipe = Recipe(crop=tuple(row["aug_crop"]), scale=row["aug_scale"], flip=row["aug_flip"],
+                        background=row["aug_background"], seed=row["aug_seed"])
+        background = None
+        if recipe.background is not None:
+            jpeg = self.backgrounds.row(self.background_rows[recipe.background])["image_jpeg"]
+            background = Image.open(io.BytesIO(jpeg))
+        return apply_recipe(image, mask, recipe, background)
+
+    def subject(self, image: Image.Image, mask: np.ndarray) -> torch.Tensor:
+        """x^: the segmented subject on a square, at the image encoder's side, (3, S, S) in [0, 1]."""
+        square = segment_subject(image, mask, subject_bbox(mask), self.background_rgb)
+        return to_tensor(square.resize((self.image_size, self.image_size), Image.BICUBIC))
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = self.index[i]
+        try:
+            image, mask = self.image_and_mask(i)
+            positive, positive_mask = self.positive(i, image, mask)
+            target, target_mask = target_view(image, mask, self.pixel_size)
+            reference_x, positive_x = self.subject(image, mask), self.subject(positive, positive_mask)
+        except ValueError as exc:
+            raise ExportDataError(f"sample {row['sample_id']}: {exc}") from exc
+        input_ids = tokenize_captions(self.tokenizer, [row["caption"]])[0]
+        index = row["placeholder_index"]
+        if not 0 <= index < len(input_ids) or int(input_ids[index]) != self.placeholder_id:
+            raise ExportDataError(f"sample {row['sample_id']}: placeholder_index {index} does not point at the "
+                                  f"placeholder in the model's tokens of {row['caption']!r}")
+        return {
+            "target": to_tensor(target) * 2.0 - 1.0,  # (3, P, P) in [-1, 1], the VAE's range
+            "mask": torch.from_numpy(target_mask.astype(np.float32))[None],  # (1, P, P)
+            "reference": reference_x,  # (3, S, S) in [0, 1]
+            "positive": positive_x,
+            "input_ids": input_ids,
+            "embedding_rows": (self.embedding_rows[row["embedding_id"]],
+                               self.embedding_rows[row["positive_embedding_id"]]),
+        }
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Stack samples; ``appearance_sim``: (2B, 2B) cosines over [references; positives]."""
+        batch = {name: torch.stack([item[name] for item in items])
+                 for name in ("target", "mask", "reference", "positive", "input_ids")}
+        rows = [item["embedding_rows"][0] for item in items] + [item["embedding_rows"][1] for item in items]
+        z = torch.from_numpy(self.embeddings[rows].astype(np.float32))  # (2B, D)
+        z = torch.nn.functional.normalize(z, dim=-1)
+        batch["appearance_sim"] = z @ z.T
+        return batch
+
+
+class GroupedShuffleSampler(torch.utils.data.Sampler[int]):
+    """A shuffle with locality: row groups in random order, rows shuffled within windows of groups.
+
+    Deterministic in (seed, epoch); ``start`` skips that many samples of the epoch (resuming).
+    """
+
+    def __init__(self, groups: list[range], *, seed: int, window_groups: int = 8):
+        self.groups, self.seed, self.window_groups = groups, seed, window_groups
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def order(self) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        shuffled = [self.groups[g] for g in rng.permutation(len(self.groups))]
+        out = []
+        for w in range(0, len(shuffled), self.window_groups):
+            window = np.concatenate([np.asarray(r, dtype=np.int64) for r in shuffled[w : w + self.window_groups]])
+            out.append(rng.permutation(window))
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+    def __iter__(self) -> Iterator[int]:
+        yield from (int(i) for i in self.order()[self.start :])
+
+    def __len__(self) -> int:
+        return sum(len(r) for r in self.groups) - self.start
+
+
+
+
+def pixel_size(model) -> int:
+    """The side of the images the VAE encodes into the UNet's latent size."""
+    return model.unet.config.sample_size * 2 ** (len(model.vae.config.block_out_channels) - 1)
+
+
+def dataset_for(model, export_dir: str | Path, split: str, *, embeddings: str | Path,
+                background_rgb: Sequence[int], cache_groups: int = 4) -> ExportDataset:
+    """An ExportDataset sized and tokenized for ``model`` (a CustomContrastModel)."""
+    return ExportDataset(export_dir, split, embeddings=embeddings, tokenizer=model.tokenizer,
+                         placeholder_id=model.text.placeholder_id, pixel_size=pixel_size(model),
+                         image_size=model.image_encoder.config.image_size, background_rgb=background_rgb,
+                         cache_groups=cache_groups)
+
+
+__all__ = ["ExportDataError", "ExportDataset", "GroupedShuffleSampler", "RowGroups", "dataset_for", "pixel_size",
+           "read_embeddings", "subject_bbox", "target_view", "to_tensor"]

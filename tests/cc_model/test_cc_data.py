@@ -1,0 +1,177 @@
+"""The training loader over the export stage's shards (cc_model.data): positives, targets, r_ij, order."""
+
+from __future__ import annotations
+
+import io
+import pickle
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from cc_model.backbones import clip_tokenizer_from_open_clip
+from cc_model.data import (
+    ExportDataError,
+    ExportDataset,
+    GroupedShuffleSampler,
+    RowGroups,
+    subject_bbox,
+    target_view,
+    to_tensor,
+)
+from flows.config.params import ExportParams
+from flows.embed.preprocess import decode_rle, segment_subject
+from flows.pairs.augment import Recipe, apply_recipe
+from flows.schemas import BACKGROUNDS, EXPORT, embeddings_schema
+from flows.tables import fixed_size_list_to_numpy, iter_rows, write_table
+from pipeline_tables import export_tables
+
+BACKGROUND = (124, 116, 104)
+
+
+@pytest.fixture
+def exported(tables):
+    """The tables fixture through pairs and export: one split, small shards (several row groups)."""
+    export_tables(tables, ExportParams(image_side=64, rows_per_shard=7, heldout_fraction=0.0))
+    return tables
+
+
+def make_dataset(tables, **kwargs) -> ExportDataset:
+    tokenizer = clip_tokenizer_from_open_clip()
+    (sks,) = tokenizer("sks", add_special_tokens=False).input_ids
+    options = dict(embeddings=tables / "embeddings.parquet", tokenizer=tokenizer, placeholder_id=sks,
+                   pixel_size=32, image_size=24, background_rgb=BACKGROUND) | kwargs
+    return ExportDataset(tables / "export", "train", **options)
+
+
+def rows_of(tables):
+    return [r for p in sorted((tables / "export" / "train").glob("*.parquet")) for r in iter_rows(p, EXPORT)]
+
+
+def decoded(row):
+    image = Image.open(io.BytesIO(row["image_jpeg"])).convert("RGB")
+    return image, decode_rle(row["mask_rle"], width=row["width"], height=row["height"])
+
+
+def test_multiview_positive_is_the_positive_frames_row(exported):
+    dataset, rows = make_dataset(exported), rows_of(exported)
+    by_frame = {r["frame_id"]: r for r in rows}
+    checked = 0
+    for i, row in enumerate(rows):
+        if row["positive_frame_id"] is None:
+            continue
+        image, mask = dataset.image_and_mask(i)
+        positive, positive_mask = dataset.positive(i, image, mask)
+        expected, expected_mask = decoded(by_frame[row["positive_frame_id"]])
+        assert np.array_equal(np.asarray(positive), np.asarray(expected))
+        assert np.array_equal(positive_mask, expected_mask)
+        checked += 1
+    assert checked >= 8
+
+
+def test_augmentation_positive_replays_the_recipe_with_its_background(exported):
+    dataset, rows = make_dataset(exported), rows_of(exported)
+    photos = {r["image_path"]: r["image_jpeg"] for r in iter_rows(exported / "export" / "backgrounds.parquet",
+                                                                   BACKGROUNDS)}
+    augmented = [(i, r) for i, r in enumerate(rows) if r["positive_frame_id"] is None]
+    assert augmented and any(r["aug_background"] for _, r in augmented)  # both kinds of recipe are covered
+    for i, row in augmented:
+        image, mask = decoded(row)
+        recipe = Recipe(tuple(row["aug_crop"]), row["aug_scale"], row["aug_flip"], row["aug_background"],
+                        row["aug_seed"])
+        back = Image.open(io.BytesIO(photos[recipe.background])) if recipe.background else None
+        expected, expected_mask = apply_recipe(image, mask, recipe, back)
+        positive, positive_mask = dataset.positive(i, *dataset.image_and_mask(i))
+        assert np.array_equal(np.asarray(positive), np.asarray(expected))
+        assert np.array_equal(positive_mask, expected_mask)
+        item = dataset[i]  # the image encoder's input is the segmented positive x^
+        x_hat = segment_subject(expected, expected_mask, subject_bbox(expected_mask), BACKGROUND)
+        torch.testing.assert_close(item["positive"], to_tensor(x_hat.resize((24, 24), Image.BICUBIC)))
+
+
+def test_item_shapes_ranges_and_placeholder(exported):
+    dataset = make_dataset(exported)
+    sks = dataset.placeholder_id
+    for i in range(len(dataset)):
+        item = dataset[i]
+        assert item["target"].shape == (3, 32, 32) and -1 <= item["target"].min() <= item["target"].max() <= 1
+        assert item["mask"].shape == (1, 32, 32) and set(item["mask"].unique().tolist()) == {0.0, 1.0}
+        assert item["reference"].shape == item["positive"].shape == (3, 24, 24)
+        assert int(item["input_ids"][dataset.index[i]["placeholder_index"]]) == sks
+
+
+def test_batch_appearance_similarity_is_the_embedding_cosines_and_matches_r_ij(exported):
+    dataset, rows = make_dataset(exported), rows_of(exported)
+    table = pq.read_table(exported / "embeddings.parquet")
+    vectors = dict(zip(table["frame_id"].to_pylist(), fixed_size_list_to_numpy(table["embedding"]).astype(np.float64)))
+    picked = [0, 3, 5, len(rows) - 1]
+    batch = dataset.collate([dataset[i] for i in picked])
+    ids = [rows[i]["embedding_id"] for i in picked] + [rows[i]["positive_embedding_id"] for i in picked]
+    z = np.stack([vectors[f] / np.linalg.norm(vectors[f]) for f in ids])
+    np.testing.assert_allclose(batch["appearance_sim"].numpy(), z @ z.T, atol=1e-5)
+    b = len(picked)
+    for k, i in enumerate(picked):  # the reference/positive cosine is the pairs stage's r_ij
+        assert abs(float(batch["appearance_sim"][k, b + k]) - rows[i]["r_ij"]) < 1e-3
+    assert batch["target"].shape == (b, 3, 32, 32) and batch["input_ids"].shape == (b, 77)
+
+
+def test_target_view_keeps_the_subject_of_a_wide_image():
+    image = Image.new("RGB", (120, 40), (0, 0, 0))
+    mask = np.zeros((40, 120), dtype=bool)
+    mask[10:30, 100:116] = True  # near the right border: a centre crop would lose it
+    image.paste((255, 0, 0), (100, 10, 116, 30))
+    square, square_mask = target_view(image, mask, 20)
+    assert square.size == (20, 20) and square_mask.shape == (20, 20)
+    assert square_mask.sum() == pytest.approx(mask.sum() * (20 / 40) ** 2, rel=0.15)
+    assert np.asarray(square)[square_mask][:, 0].min() > 200  # the subject's pixels are under its mask
+
+
+def test_sampler_is_a_deterministic_local_shuffle():
+    groups = [range(0, 64), range(64, 128), range(128, 150), range(150, 214)]
+    sampler = GroupedShuffleSampler(groups, seed=3, window_groups=2)
+    first = list(sampler)
+    assert sorted(first) == list(range(214)) and first != list(range(214))
+    assert list(GroupedShuffleSampler(groups, seed=3, window_groups=2)) == first
+    sampler.set_epoch(1)
+    assert sorted(sampler) == list(range(214)) and list(sampler) != first
+    sampler.set_epoch(0, start=50)
+    assert list(sampler) == first[50:] and len(sampler) == 164
+    group_of = {i: g for g, r in enumerate(groups) for i in r}
+    window = {group_of[i] for i in first[:64]}
+    assert len(window) <= 2  # the first 64 samples come from one window of two row groups
+    members = [i for i in first if group_of[i] == group_of[first[0]]]
+    assert members != sorted(members)  # rows are shuffled within the window, not only the groups
+
+
+def test_row_groups_read_across_groups_and_pickle_without_handles(exported):
+    files = sorted((exported / "export" / "train").glob("*.parquet"))
+    rows = RowGroups(files, EXPORT, ["frame_id"], cache_groups=1)
+    expected = [r["frame_id"] for r in rows_of(exported)]
+    assert len(rows) == len(expected) and len(rows.groups) >= 2
+    assert [rows.row(i)["frame_id"] for i in reversed(range(len(rows)))] == expected[::-1]
+    clone = pickle.loads(pickle.dumps(rows))
+    assert clone._handles == {} and clone.row(0)["frame_id"] == expected[0]
+    with pytest.raises(IndexError):
+        rows.row(len(rows))
+
+
+def test_bad_shards_fail_naming_what_to_rerun(exported, tmp_path):
+    with pytest.raises(ExportDataError, match="no shards.*dvc repro export"):
+        ExportDataset(tmp_path, "train", embeddings=exported / "embeddings.parquet", tokenizer=None,
+                      placeholder_id=0, pixel_size=32, image_size=24, background_rgb=BACKGROUND)
+    partial = tmp_path / "embeddings.parquet"  # every embedding but the first reference's
+    rows = rows_of(exported)
+    table = pq.read_table(exported / "embeddings.parquet")
+    keep = [r for r in table.to_pylist() if r["frame_id"] != rows[0]["embedding_id"]]
+    write_table(partial, embeddings_schema(8), keep)
+    with pytest.raises(ExportDataError, match=f"no embedding for 1 .*{rows[0]['embedding_id']}"):
+        make_dataset(exported, embeddings=partial)
+
+
+def test_a_wrong_placeholder_index_is_refused(exported):
+    dataset = make_dataset(exported)
+    dataset.index[0] = dict(dataset.index[0], placeholder_index=1)
+    with pytest.raises(ExportDataError, match="placeholder_index 1 does not point at the placeholder"):
+        dataset[0]
