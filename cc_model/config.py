@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-from flows.config.typed import ParamsError  # pure Python, no heavy imports
+from flows.config.typed import ParamsError, at_least  # pure Python, no heavy imports
 
 SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 IP_ADAPTER_REPO = "h94/IP-Adapter"
@@ -119,15 +119,26 @@ class ConditioningDropoutParams:
 class TrainParams:
     """The training objective and the step (paper: lr 3e-5, 200k iterations)."""
 
-    seed: int = 0  # seeds dropout draws, timesteps and noise
+    seed: int = 0  # seeds dropout draws, timesteps and noise, and the order of the samples
     lr: float = 3e-5  # AdamW learning rate of the trainable weights
     batch_size: int = 8  # reference/positive pairs per step
-    max_steps: int = 200_000  # optimizer steps
+    max_steps: int = 200_000  # optimizer steps; raising it continues a finished run from its last state
     # torch.compile backend for the text encoder's transformer stack, which the S+ path runs on
     # B*l sequences with a backward pass (the largest extra cost over IP-Adapter); None = eager.
     compile_text_encoder: str | None = None  # e.g. "inductor"
     loss: LossParams = field(default_factory=LossParams)
     dropout: ConditioningDropoutParams = field(default_factory=ConditioningDropoutParams)
+    # The train stage (python -m cc_model.train): where it writes, and how it runs.
+    out_dir: str = "data/train"  # checkpoint/, metrics.json, loss.csv; .work/ holds the state to resume from
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU when present (bf16 frozen weights there)
+    num_workers: int = 2  # DataLoader processes decoding the shards (0: in the training process)
+    save_every: int = 1000  # steps between saved training states (a killed run resumes from the last)
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "batch_size", "max_steps", "save_every")
+        at_least(self, 0, "num_workers")
+        if not self.lr > 0:
+            raise ParamsError(f"lr: must be > 0, got {self.lr!r}")
 
 
 def default_image_layers(num_hidden_layers: int, k: int) -> list[int]:

@@ -56,3 +56,13 @@ def make_batch():
         return synthetic_batch(model, batch_size=batch_size, generator=torch.Generator().manual_seed(seed))
 
     return make
+
+
+@pytest.fixture
+def exported(tables):
+    """The tables fixture through pairs and export: one split, small shards (several row groups)."""
+    from flows.config.params import ExportParams
+    from pipeline_tables import export_tables
+
+    export_tables(tables, ExportParams(image_side=64, rows_per_shard=7, heldout_fraction=0.0))
+    return tables

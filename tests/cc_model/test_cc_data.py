@@ -21,21 +21,12 @@ from cc_model.data import (
     target_view,
     to_tensor,
 )
-from flows.config.params import ExportParams
 from flows.embed.preprocess import decode_rle, segment_subject
 from flows.pairs.augment import Recipe, apply_recipe
 from flows.schemas import BACKGROUNDS, EXPORT, embeddings_schema
 from flows.tables import fixed_size_list_to_numpy, iter_rows, write_table
-from pipeline_tables import export_tables
 
 BACKGROUND = (124, 116, 104)
-
-
-@pytest.fixture
-def exported(tables):
-    """The tables fixture through pairs and export: one split, small shards (several row groups)."""
-    export_tables(tables, ExportParams(image_side=64, rows_per_shard=7, heldout_fraction=0.0))
-    return tables
 
 
 def make_dataset(tables, **kwargs) -> ExportDataset:
