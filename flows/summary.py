@@ -21,7 +21,8 @@ def _load(path: Path) -> dict | None:
 
 
 OUTPUTS = {"filter": "frames.parquet", "segment": "masks.parquet", "embed": "embeddings.parquet",
-           "pairs": "pairs.parquet", "similarity": "neighbours.parquet", "export": "backgrounds.parquet"}
+           "pairs": "pairs.parquet", "similarity": "neighbours.parquet", "export": "backgrounds.parquet",
+           "train": "checkpoint/cc_adapter.safetensors"}
 STALE = "  [out of date: run dvc repro]"
 
 
@@ -55,7 +56,7 @@ def summary_lines(params: Params, changed: set[str] | None = None) -> list[str]:
                 lines.append(f"{'':<14}{reason}: {count}")
     stages = {"segment": ("masks", "rejected"), "embed": ("count", "rejected"), "pairs": ("pairs_total",),
               "similarity": ("frames", "subjects", "near_duplicate_subject_pairs"),
-              "export": ()}
+              "export": (), "train": ("steps", "samples")}
     for stage, keys in stages.items():
         out_dir = Path(getattr(params, stage).out_dir)
         stats = _load(out_dir / "stats.json")
@@ -66,6 +67,9 @@ def summary_lines(params: Params, changed: set[str] | None = None) -> list[str]:
             if stage == "export":
                 parts = [f"{split}: {stats[split]['rows']} rows, {stats[split]['subjects']} subjects"
                          for split in ("train", "heldout") if split in stats]
+            if stage == "train":
+                parts += [f"loss over the last steps: {name}={value}"
+                          for name, value in stats.get("loss_last_steps", {}).items() if name == "total"]
             lines.append(f"{stage}: " + ", ".join(parts) + (STALE if stage in changed else ""))
     return lines
 

@@ -27,3 +27,14 @@ def test_stats_without_their_output_or_out_of_date_are_not_passed_off_as_current
     assert "segment: no output (not run yet, or its last run failed)" in lines
     assert "embed: count=4, rejected={}  [out of date: run dvc repro]" in lines
     assert "embed: count=4, rejected={}" in summary_lines(params)
+
+
+def test_summary_shows_the_training_run(tmp_path):
+    from cc_model.config import TrainParams
+
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "cc_adapter.safetensors").write_bytes(b"")
+    (tmp_path / "stats.json").write_text(json.dumps({"steps": 20, "samples": 160,
+                                                     "loss_last_steps": {"ldm": 1.1, "total": 2.1}}))
+    lines = summary_lines(Params(train=TrainParams(out_dir=str(tmp_path))))
+    assert "train: steps=20, samples=160, loss over the last steps: total=2.1" in lines

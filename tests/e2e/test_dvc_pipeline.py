@@ -95,6 +95,7 @@ def test_second_repro_changes_nothing(project):
 @pytest.mark.parametrize("section,key,value", [
     ("filter", "min_blur_score", 41.0),
     ("embed", "model", "ViT-B-32"),
+    ("train", "lr", 1.0e-4),
 ])
 def test_params_change_invalidates_only_what_reads_it(project, section, key, value):
     params_path = project / "params.yaml"
@@ -186,3 +187,17 @@ def test_export_shards_cover_every_pair(project):
     assert references | unpaired == embedded and not references & unpaired
     assert json.loads((project / "data/export/stats.json").read_text())["reference_frames"] == len(references)
     assert (project / "data/report/report.md").is_file() and (project / "data/report/pairs.png").is_file()
+
+
+def test_train_stage_leaves_a_loadable_checkpoint_and_its_curve(project):
+    from cc_model.checkpoint import load_model
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    out = project / params["train"]["out_dir"]
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["steps"] == params["train"]["max_steps"]
+    assert stats["samples"] == params["train"]["max_steps"] * params["train"]["batch_size"]
+    model = load_model(out / "checkpoint")  # the tiny profile's backbones, from the saved config
+    assert set(model.trainable_state_dict()) == set(model.trainable_named_parameters())
+    curve = (out / "loss.csv").read_text().splitlines()
+    assert len(curve) == 1 + params["train"]["max_steps"] and curve[0].startswith("step,")
