@@ -101,22 +101,30 @@ class RowGroups:
 
 
 def read_index(files: Sequence[Path]) -> pa.Table:
-    """The non-pixel columns of every row of the split, in row order (a few hundred bytes per row)."""
+    """The non-pixel columns of every row of the split, in row order (Arrow: tens of bytes per row)."""
     parts = [open_table(path, EXPORT).read(columns=INDEX_COLUMNS) for path in files]
-    return pa.concat_tables(parts) if parts else EXPORT.empty_table().select(INDEX_COLUMNS)
+    return pa.concat_tables(parts).combine_chunks() if parts else EXPORT.empty_table().select(INDEX_COLUMNS)
 
 
-def read_embeddings(path: Path, ids: Sequence[str]) -> tuple[np.ndarray, dict[str, int]]:
-    """The rows of the embeddings table named by ``ids``: an (n, D) float16 matrix and id -> row."""
-    wanted = pa.array(sorted(set(ids)), pa.string())
-    table = open_table(path).read(columns=["frame_id", "embedding"])
-    table = table.filter(pc.is_in(table["frame_id"], value_set=wanted))
-    found = table["frame_id"].to_pylist()
-    if len(found) < len(wanted):
-        missing = sorted(set(wanted.to_pylist()) - set(found))
+def positions(values: pa.Array | pa.ChunkedArray, keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """For each value, its first position in ``keys``; -1 where it is null or absent."""
+    return pc.index_in(values, value_set=keys).fill_null(-1).to_numpy().astype(np.int64)
+
+
+def read_embeddings(path: Path, ids: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
+    """The rows of the embeddings table named by ``ids``, streamed: an (n, D) float16 matrix and its ids."""
+    wanted = pc.unique(ids)
+    keys, vectors = [], []
+    for batch in open_table(path).iter_batches(columns=["frame_id", "embedding"], batch_size=65_536):
+        batch = batch.filter(pc.is_in(batch.column("frame_id"), value_set=wanted))
+        keys.append(batch.column("frame_id"))
+        vectors.append(fixed_size_list_to_numpy(batch.column("embedding")).astype(np.float16))
+    keys = pa.chunked_array(keys, pa.string()).combine_chunks()
+    if len(pc.unique(keys)) < len(wanted):
+        missing = pc.filter(wanted, pc.invert(pc.is_in(wanted, value_set=keys))).to_pylist()
         raise ExportDataError(f"{path}: no embedding for {len(missing)} of the shards' frames, e.g. {missing[0]}; "
                               f"the shards and the embeddings are from different runs (dvc repro export)")
-    return fixed_size_list_to_numpy(table["embedding"]).astype(np.float16), {f: i for i, f in enumerate(found)}
+    return np.concatenate(vectors), keys
 
 
 def subject_bbox(mask: np.ndarray) -> tuple[float, float, float, float]:
@@ -156,29 +164,32 @@ class ExportDataset(torch.utils.data.Dataset):
             raise ExportDataError(f"{export_dir / split}: no shards (part-*.parquet); run the export stage first "
                                   f"(dvc repro export)")
         self.rows = RowGroups(files, EXPORT, PIXEL_COLUMNS, cache_groups=cache_groups)
-        self.index = read_index(files).to_pylist()
-        if not self.index:
+        self.index = read_index(files)
+        if not len(self.index):
             raise ExportDataError(f"{export_dir / split}: the split has no samples")
-        self.frame_rows: dict[str, int] = {}
-        for i, row in enumerate(self.index):
-            self.frame_rows.setdefault(row["frame_id"], i)  # a frame's rows share its image and mask
-        dangling = [r["positive_frame_id"] for r in self.index
-                    if r["positive_frame_id"] is not None and r["positive_frame_id"] not in self.frame_rows]
-        if dangling:
+        # Row numbers as arrays, not per-row Python objects: a split may hold millions of rows.
+        positive = self.index["positive_frame_id"]
+        self.positive_rows = positions(positive, self.index["frame_id"])  # -1: augmentation positive
+        dangling = pc.filter(positive, pa.array((self.positive_rows < 0) & positive.is_valid().to_numpy(False)))
+        if len(dangling):
             raise ExportDataError(f"{export_dir / split}: {len(dangling)} positives are not frames of the split, "
-                                  f"e.g. {dangling[0]}; rerun the export stage")
-        names = [r["aug_background"] for r in self.index if r["aug_background"] is not None]
+                                  f"e.g. {dangling[0].as_py()}; rerun the export stage")
+        self.background_rows = np.full(len(self.index), -1, dtype=np.int64)
         self.backgrounds = None
-        if names:
+        names = self.index["aug_background"]
+        if names.null_count < len(names):
             path = export_dir / "backgrounds.parquet"
             self.backgrounds = RowGroups([path], BACKGROUNDS, ["image_jpeg"], cache_groups=cache_groups)
-            keys = open_table(path, BACKGROUNDS).read(columns=["image_path"])["image_path"].to_pylist()
-            self.background_rows = {key: i for i, key in enumerate(keys)}
-            missing = sorted(set(names) - set(self.background_rows))
-            if missing:
-                raise ExportDataError(f"{path}: no photo {missing[0]!r} that a recipe names; rerun the export stage")
-        ids = [r["embedding_id"] for r in self.index] + [r["positive_embedding_id"] for r in self.index]
-        self.embeddings, self.embedding_rows = read_embeddings(Path(embeddings), ids)
+            self.background_rows = positions(names, open_table(path, BACKGROUNDS).read(columns=["image_path"])[0])
+            missing = pc.filter(names, pa.array((self.background_rows < 0) & names.is_valid().to_numpy(False)))
+            if len(missing):
+                raise ExportDataError(f"{path}: no photo {missing[0].as_py()!r} that a recipe names; "
+                                      f"rerun the export stage")
+        ids = pa.chunked_array([*self.index["embedding_id"].chunks, *self.index["positive_embedding_id"].chunks],
+                               pa.string())
+        self.embeddings, keys = read_embeddings(Path(embeddings), ids)
+        self.embedding_rows = positions(ids, keys).reshape(2, -1)  # (2, n): references, positives
+        self.placeholder_index = self.index["placeholder_index"].to_numpy().astype(np.int64)
         self.tokenizer, self.placeholder_id = tokenizer, placeholder_id
         self.pixel_size, self.image_size = pixel_size, image_size
         self.background_rgb = tuple(int(v) for v in background_rgb)
@@ -197,15 +208,19 @@ class ExportDataset(torch.utils.data.Dataset):
         mask = decode_rle(pixels["mask_rle"], width=pixels["width"], height=pixels["height"])
         return image, mask
 
+    def row(self, i: int) -> dict[str, Any]:
+        """Row ``i``'s index columns (sample_id, caption, the recipe, ...)."""
+        return {name: self.index[name][i].as_py() for name in INDEX_COLUMNS}
+
     def positive(self, i: int, image: Image.Image, mask: np.ndarray) -> tuple[Image.Image, np.ndarray]:
-        row = self.index[i]
-        if row["positive_frame_id"] is not None:
-            return self.image_and_mask(self.frame_rows[row["positive_frame_id"]])
+        if self.positive_rows[i] >= 0:
+            return self.image_and_mask(int(self.positive_rows[i]))
+        row = self.row(i)
         recipe = Recipe(crop=tuple(row["aug_crop"]), scale=row["aug_scale"], flip=row["aug_flip"],
                         background=row["aug_background"], seed=row["aug_seed"])
         background = None
         if recipe.background is not None:
-            jpeg = self.backgrounds.row(self.background_rows[recipe.background])["image_jpeg"]
+            jpeg = self.backgrounds.row(int(self.background_rows[i]))["image_jpeg"]
             background = Image.open(io.BytesIO(jpeg))
         return apply_recipe(image, mask, recipe, background)
 
@@ -215,27 +230,26 @@ class ExportDataset(torch.utils.data.Dataset):
         return to_tensor(square.resize((self.image_size, self.image_size), Image.BICUBIC))
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        row = self.index[i]
         try:
             image, mask = self.image_and_mask(i)
             positive, positive_mask = self.positive(i, image, mask)
             target, target_mask = target_view(image, mask, self.pixel_size)
             reference_x, positive_x = self.subject(image, mask), self.subject(positive, positive_mask)
         except ValueError as exc:
-            raise ExportDataError(f"sample {row['sample_id']}: {exc}") from exc
-        input_ids = tokenize_captions(self.tokenizer, [row["caption"]])[0]
-        index = row["placeholder_index"]
+            raise ExportDataError(f"sample {self.index['sample_id'][i].as_py()}: {exc}") from exc
+        caption = self.index["caption"][i].as_py()
+        input_ids = tokenize_captions(self.tokenizer, [caption])[0]
+        index = int(self.placeholder_index[i])
         if not 0 <= index < len(input_ids) or int(input_ids[index]) != self.placeholder_id:
-            raise ExportDataError(f"sample {row['sample_id']}: placeholder_index {index} does not point at the "
-                                  f"placeholder in the model's tokens of {row['caption']!r}")
+            raise ExportDataError(f"sample {self.index['sample_id'][i].as_py()}: placeholder_index {index} does not "
+                                  f"point at the placeholder in the model's tokens of {caption!r}")
         return {
             "target": to_tensor(target) * 2.0 - 1.0,  # (3, P, P) in [-1, 1], the VAE's range
             "mask": torch.from_numpy(target_mask.astype(np.float32))[None],  # (1, P, P)
             "reference": reference_x,  # (3, S, S) in [0, 1]
             "positive": positive_x,
             "input_ids": input_ids,
-            "embedding_rows": (self.embedding_rows[row["embedding_id"]],
-                               self.embedding_rows[row["positive_embedding_id"]]),
+            "embedding_rows": (int(self.embedding_rows[0, i]), int(self.embedding_rows[1, i])),
         }
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -90,7 +90,7 @@ def test_item_shapes_ranges_and_placeholder(exported):
         assert item["target"].shape == (3, 32, 32) and -1 <= item["target"].min() <= item["target"].max() <= 1
         assert item["mask"].shape == (1, 32, 32) and set(item["mask"].unique().tolist()) == {0.0, 1.0}
         assert item["reference"].shape == item["positive"].shape == (3, 24, 24)
-        assert int(item["input_ids"][dataset.index[i]["placeholder_index"]]) == sks
+        assert int(item["input_ids"][dataset.row(i)["placeholder_index"]]) == sks
 
 
 def test_batch_appearance_similarity_is_the_embedding_cosines_and_matches_r_ij(exported):
@@ -163,6 +163,27 @@ def test_bad_shards_fail_naming_what_to_rerun(exported, tmp_path):
 
 def test_a_wrong_placeholder_index_is_refused(exported):
     dataset = make_dataset(exported)
-    dataset.index[0] = dict(dataset.index[0], placeholder_index=1)
+    dataset.placeholder_index[0] = 1
     with pytest.raises(ExportDataError, match="placeholder_index 1 does not point at the placeholder"):
         dataset[0]
+
+
+def test_shards_that_lost_a_positive_or_a_background_are_refused(exported):
+    import pyarrow.compute as pc
+
+    train = exported / "export" / "train"
+    rows = rows_of(exported)
+    lost = next(r["positive_frame_id"] for r in rows if r["positive_frame_id"])
+    for path in sorted(train.glob("*.parquet")):
+        table = pq.read_table(path)
+        pq.write_table(table.filter(pc.not_equal(table["frame_id"], lost)), path)
+    with pytest.raises(ExportDataError, match=f"positives are not frames of the split, e.g. {lost}"):
+        make_dataset(exported)
+
+    no_photos = pq.read_table(exported / "export" / "backgrounds.parquet").slice(0, 0)
+    pq.write_table(no_photos, exported / "export" / "backgrounds.parquet")
+    for path in sorted(train.glob("*.parquet")):  # only augmentation rows left: their backgrounds are gone
+        table = pq.read_table(path)
+        pq.write_table(table.filter(pc.is_null(table["positive_frame_id"])), path)
+    with pytest.raises(ExportDataError, match="no photo .* that a recipe names"):
+        make_dataset(exported)
