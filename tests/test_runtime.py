@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
-FLOWS = sorted((Path(__file__).resolve().parents[1] / "flows").glob("*/flow.py"))
+ROOT = Path(__file__).resolve().parents[1]
+FLOWS = sorted((ROOT / "flows").glob("*/flow.py")) + [ROOT / "flows" / "pipeline.py", ROOT / "flows" / "deploy.py",
+                                                      ROOT / "cc_model" / "train.py"]
 
 
-@pytest.mark.parametrize("path", FLOWS, ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("path", FLOWS, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_configure_runs_before_prefect_is_imported(path):
     body = ast.parse(path.read_text(encoding="utf-8")).body
     configured = None
@@ -20,6 +22,6 @@ def test_configure_runs_before_prefect_is_imported(path):
         names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
             [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
         if any(name.split(".")[0] == "prefect" for name in names):
-            assert configured is not None, f"{path.parent.name}/flow.py imports prefect before flows.runtime.configure()"
+            assert configured is not None, f"{path} imports prefect before flows.runtime.configure()"
             return
     pytest.fail(f"{path} never imports prefect")

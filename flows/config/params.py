@@ -216,6 +216,27 @@ class ExportParams:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ScheduleParams:
+    """The scheduled Prefect deployment of the pipeline (``python -m flows.deploy``); no DVC stage reads it."""
+
+    name: str = "nightly"  # the deployment is pipeline/<name>
+    cron: str = "0 3 * * *"  # when it runs dvc repro (five-field cron)
+    timezone: str = "UTC"  # IANA name the cron is read in
+    targets: list[str] = field(default_factory=list)  # dvc repro targets (stage names); [] = every stage
+    paused: bool = False  # register the schedule paused (runs only when started by hand)
+
+    def __post_init__(self) -> None:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ParamsError(f"timezone: unknown time zone {self.timezone!r}") from None
+        if len(self.cron.split()) != 5:
+            raise ParamsError(f"cron: must have five fields (minute hour day month weekday), got {self.cron!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Params:
     """The whole of params.yaml."""
 
@@ -230,6 +251,7 @@ class Params:
     export: ExportParams = field(default_factory=ExportParams)
     model: ModelParams = field(default_factory=ModelParams)  # cc_model: backbones, MFI encoder, ablations
     train: TrainParams = field(default_factory=TrainParams)  # cc_model: objective, loss weights, dropout
+    schedule: ScheduleParams = field(default_factory=ScheduleParams)  # the scheduled deployment (flows.deploy)
 
     def __post_init__(self) -> None:
         if self.export.placeholder_token != self.model.placeholder_token:

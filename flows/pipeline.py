@@ -1,0 +1,87 @@
+"""The ``pipeline`` Prefect flow: ``dvc repro`` of the project, as a scheduled deployment runs it.
+
+DVC stays the judge of what is stale (and records dvc.lock); each stage it runs is its own
+Prefect flow run, reported to the same server because the stage processes inherit
+``PREFECT_API_URL``. The flow streams DVC's output into its log, lists the stages that ran,
+and publishes the pipeline's accounting (flows.summary) as a markdown artifact.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+
+from flows.runtime import configure
+
+configure()
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+from flows.config.params import load_params  # noqa: E402
+from flows.summary import dvc_changed_stages, summary_lines  # noqa: E402
+
+RAN = re.compile(r"^Running stage '([^']+)'")
+
+
+class DvcReproError(RuntimeError):
+    """``dvc repro`` exited non-zero; the message ends with its last lines."""
+
+
+def stage_env() -> dict[str, str]:
+    """The environment for dvc: this interpreter's bin first, since stage commands call ``python``."""
+    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+@task(cache_policy=NO_CACHE)
+def dvc_repro(targets: list[str], project: str) -> list[str]:
+    """Run ``dvc repro [targets]`` in ``project``; the stages it ran, in order."""
+    logger = get_run_logger()
+    command = [sys.executable, "-m", "dvc", "repro", *targets]
+    logger.info("%s (in %s)", " ".join(command[1:]), project)
+    ran, tail = [], deque(maxlen=40)
+    with subprocess.Popen(command, cwd=project, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, bufsize=1) as proc:
+        for line in proc.stdout:
+            line = line.rstrip()
+            tail.append(line)
+            logger.info("dvc: %s", line)
+            if match := RAN.match(line):
+                ran.append(match.group(1))
+    if proc.returncode != 0:
+        raise DvcReproError(f"dvc repro exited with {proc.returncode}; last lines:\n" + "\n".join(tail))
+    return ran
+
+
+@task(cache_policy=NO_CACHE)
+def publish_summary(params_path: str, project: str, ran: list[str]) -> str:
+    """The accounting of flows.summary as a markdown artifact (key ``pipeline-summary``)."""
+    params = load_params(Path(project) / params_path)
+    cwd = os.getcwd()
+    os.chdir(project)  # params hold paths relative to the project
+    try:
+        lines = summary_lines(params, dvc_changed_stages())
+    finally:
+        os.chdir(cwd)
+    stages = ", ".join(ran) if ran else "none (everything was up to date)"
+    markdown = f"# Pipeline run\n\nStages run: {stages}\n\n```\n" + "\n".join(lines) + "\n```\n"
+    create_markdown_artifact(markdown=markdown, key="pipeline-summary", description="dvc repro: accounting")
+    return markdown
+
+
+@flow(name="pipeline")
+def pipeline_flow(targets: list[str] | None = None, params_path: str = "params.yaml", project: str = ".") -> dict:
+    """``dvc repro [targets]`` in ``project``, then the accounting as an artifact."""
+    project = str(Path(project).resolve())
+    ran = dvc_repro(list(targets or []), project)
+    publish_summary(params_path, project, ran)
+    get_run_logger().info("pipeline: stages run: %s", ran or "none")
+    return {"stages_run": ran}
+
+
+__all__ = ["DvcReproError", "pipeline_flow", "stage_env"]

@@ -1,0 +1,128 @@
+"""The scheduled deployment (flows.deploy) and the pipeline flow (flows.pipeline) on a real Prefect server.
+
+The served process registers pipeline/<name> with its cron schedule, and a run of it runs
+``dvc repro`` in a small DVC project; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.config.params import ScheduleParams
+from flows.config.typed import ParamsError
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE = "python -c \"import pathlib; pathlib.Path('out.txt').write_text('made')\""
+
+
+def test_deployment_carries_the_schedule_and_parameters(tmp_path):
+    from flows.deploy import build_deployment
+
+    schedule = ScheduleParams(name="hourly", cron="15 * * * *", timezone="Europe/Paris", targets=["filter"])
+    deployment = build_deployment(schedule, params_path="p.yaml", project=tmp_path)
+    assert deployment.name == "hourly"
+    (cron,) = deployment.schedules
+    assert cron.schedule.cron == "15 * * * *" and cron.schedule.timezone == "Europe/Paris"
+    assert deployment.parameters == {"targets": ["filter"], "params_path": "p.yaml", "project": str(tmp_path)}
+    assert deployment.concurrency_limit == 1  # two dvc repro in one project would collide
+
+
+def test_bad_schedules_fail_naming_the_key():
+    from flows.deploy import build_deployment
+
+    with pytest.raises(ParamsError, match="timezone: unknown time zone 'Mars/Base'"):
+        ScheduleParams(timezone="Mars/Base")
+    with pytest.raises(ParamsError, match="cron: must have five fields"):
+        ScheduleParams(cron="daily")
+    with pytest.raises(ParamsError, match="schedule.cron: Invalid cron string"):
+        build_deployment(ScheduleParams(cron="61 * * * *"))
+
+
+def test_serving_needs_a_server(tmp_path):
+    (tmp_path / "params.yaml").write_text("schedule:\n  name: nightly\n")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    proc = subprocess.run([sys.executable, "-m", "flows.deploy", "params.yaml"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env=dict(env, PYTHONPATH=str(ROOT), PREFECT_HOME=str(tmp_path / "h")))
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: a schedule needs a Prefect server")
+
+
+def dvc_project(path: Path) -> Path:
+    """A git + DVC project with one stage that writes out.txt, and a schedule section."""
+    path.mkdir()
+    (path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"make": {"cmd": STAGE, "outs": ["out.txt"]}}}))
+    (path / "params.yaml").write_text(yaml.safe_dump({"schedule": {"name": "test-nightly", "cron": "0 3 * * *"}}))
+    for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(command, cwd=path, check=True, capture_output=True)
+    return path
+
+
+async def wait_for_deployment(name: str, timeout: float):
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout
+    async with get_client() as client:
+        while True:
+            try:
+                return await client.read_deployment_by_name(name)
+            except Exception:  # not registered yet
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(1.0)
+
+
+def test_served_deployment_runs_dvc_repro(prefect_harness, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL
+
+    project = dvc_project(tmp_path / "project")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PREFECT_API_URL=PREFECT_API_URL.value(),
+               PREFECT_HOME=str(tmp_path / "prefect-home"),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "flows.deploy", "params.yaml"], cwd=project, env=env,
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deployment = asyncio.run(wait_for_deployment("pipeline/test-nightly", timeout=120))
+        assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
+        assert deployment.parameters["project"] == str(project.resolve())
+
+        run = run_deployment("pipeline/test-nightly", timeout=240, poll_interval=1, as_subflow=False)
+        assert run.state.is_completed(), (run.state, (tmp_path / "serve.log").read_text()[-3000:])
+        assert (project / "out.txt").read_text() == "made"  # dvc ran the stage
+        assert (project / "dvc.lock").is_file()
+
+        async def summary_artifact():
+            async with get_client() as client:
+                return await client.read_latest_artifacts()
+
+        artifacts = [a for a in asyncio.run(summary_artifact()) if a.key == "pipeline-summary"]
+        assert artifacts and "Stages run: make" in artifacts[0].data
+
+        again = run_deployment("pipeline/test-nightly", timeout=240, poll_interval=1, as_subflow=False)
+        assert again.state.is_completed()
+        artifacts = [a for a in asyncio.run(summary_artifact()) if a.key == "pipeline-summary"]
+        assert "Stages run: none (everything was up to date)" in artifacts[0].data  # DVC judged, not the schedule
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+
+
+def test_a_failing_stage_fails_the_pipeline_run_with_dvcs_last_lines(prefect_harness, tmp_path):
+    from flows.pipeline import DvcReproError, pipeline_flow
+
+    project = dvc_project(tmp_path / "project")
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"make": {
+        "cmd": "python -c \"import sys; print('stage says no'); sys.exit(3)\"", "outs": ["out.txt"]}}}))
+    with pytest.raises(DvcReproError, match="(?s)dvc repro exited with [1-9].*stage says no"):
+        pipeline_flow(project=str(project))
