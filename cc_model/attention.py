@@ -64,13 +64,20 @@ class AttentionCapture:
         self._maps: dict[int, CapturedMaps] = {}
         self._columns: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def grid(self, num_queries: int) -> tuple[int, int] | None:
-        """(h, w) of a layer with this many queries if it is captured, else None."""
+    def layer_grid(self, num_queries: int) -> tuple[tuple[int, int], int] | None:
+        """((h, w), downsampling factor) of a layer with this many queries; None if it is no grid of the latent."""
         lh, lw = self.latent_size
         factor = round(math.sqrt(lh * lw / num_queries))
-        if factor < self.min_downsample or (lh // factor) * (lw // factor) != num_queries:
+        if factor < 1 or (lh // factor) * (lw // factor) != num_queries:
             return None
-        return lh // factor, lw // factor
+        return (lh // factor, lw // factor), factor
+
+    def grid(self, num_queries: int) -> tuple[int, int] | None:
+        """(h, w) of a layer with this many queries if it is captured, else None."""
+        found = self.layer_grid(num_queries)
+        if found is None or found[1] < self.min_downsample:
+            return None
+        return found[0]
 
     def placeholder_columns(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(index, weight), each (B, J): the placeholder's positions and weights, J = most occurrences.
@@ -93,12 +100,66 @@ class AttentionCapture:
         return [self._maps[a] for a in sorted(self._maps)]
 
 
+class SubjectLocation(AttentionCapture):
+    """Timestep-specific subject location, at inference (DESIGN.md section 2).
+
+    ``mask`` (B, H, W) in [0, 1] at the latent size is the subject location found at the previous
+    denoising step (None at the first step). Every cross-attention layer scales, per query
+    position, the visual attention probabilities and the placeholder's text attention
+    probability by the mask resized to its grid (nearest), so the subject's tokens only act
+    inside the subject; the text probabilities are not renormalised. As an AttentionCapture it
+    records the layers' *unmasked* maps (layers at or below ``min_downsample``), from which
+    :meth:`next_mask` forms this step's A_g for the next step: the region can grow as well as shrink.
+    """
+
+    def __init__(self, *, placeholder_weights: torch.Tensor, latent_size: tuple[int, int], min_downsample: int = 1,
+                 mask: torch.Tensor | None = None):
+        super().__init__(placeholder_weights=placeholder_weights, latent_size=latent_size,
+                         min_downsample=min_downsample)
+        self.mask = mask
+        self._keep: dict[tuple[int, int], torch.Tensor] = {}
+
+    def keep(self, num_queries: int) -> torch.Tensor | None:
+        """(B, N) the mask at a layer's grid, flattened like its queries; None when there is no mask."""
+        if self.mask is None:
+            return None
+        found = self.layer_grid(num_queries)
+        if found is None:
+            raise ValueError(f"a cross-attention layer with {num_queries} queries is no grid of {self.latent_size}")
+        h, w = found[0]
+        if (h, w) not in self._keep:
+            resized = F.interpolate(self.mask[:, None].float(), size=(h, w), mode="nearest")
+            self._keep[h, w] = resized.reshape(self.mask.shape[0], h * w)
+        return self._keep[h, w]
+
+    def average_map(self) -> torch.Tensor:
+        """A_g (B, H, W) at the latent size: the mean of every recorded layer's max-normalised visual map
+        (the mean over its m tokens) and placeholder map, resized bilinearly, then max-normalised."""
+        maps = []
+        for layer in self.maps:
+            for part in (layer.visual.float().mean(dim=1) if layer.visual is not None else None,
+                         layer.text.float() if layer.text is not None else None):
+                if part is not None:
+                    part = part / part.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
+                    maps.append(F.interpolate(part[:, None], size=self.latent_size, mode="bilinear",
+                                              align_corners=False)[:, 0])
+        if not maps:
+            raise ValueError("subject location: no attention maps recorded (check model.loc_min_downsample)")
+        a_g = torch.stack(maps).mean(dim=0)
+        return a_g / a_g.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
+
+    def next_mask(self, threshold: float) -> torch.Tensor:
+        """The binary (B, H, W) location for the next step: A_g at or above ``threshold``."""
+        return (self.average_map() >= threshold).float()
+
+
 class DecoupledConditioning(NamedTuple):
     """What the cross-attention layers receive as ``encoder_hidden_states``."""
 
     text: torch.Tensor  # (B, l, S, D_text) one text encoding per layer, or (B, S, D_text) shared
     visual: torch.Tensor | None = None  # (B, m, D_cross) visual tokens f^_v; None: text only
     capture: AttentionCapture | None = None  # collect maps for the localisation loss
+    location: SubjectLocation | None = None  # inference: mask the subject's attention, record maps for the next step
 
 
 class VisualKV(nn.Module):
@@ -189,24 +250,38 @@ class DecoupledCrossAttnProcessor(nn.Module):
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        grid = cond.capture.grid(num_queries) if cond.capture is not None else None
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)  # (B, h, N, d)
+        capture = cond.capture if cond.capture is not None else cond.location
+        grid = capture.grid(num_queries) if capture is not None else None
+        keep = cond.location.keep(num_queries) if cond.location is not None else None  # (B, N) or None
+        if keep is None:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)  # (B, h, N, d)
+        else:  # subject location: the placeholder's probability scaled by the mask, explicitly
+            probs = attention_probabilities(query, key, attn.scale, attention_mask)  # (B, h, N, S)
+            index, weight = cond.location.placeholder_columns()
+            placeholder = torch.zeros_like(cond.location.placeholder_weights, dtype=probs.dtype)
+            placeholder.scatter_(1, index, (weight != 0).to(probs.dtype))  # (B, S) 1 at the placeholder
+            factor = 1 - placeholder[:, None, None, :] * (1 - keep[:, None, :, None].to(probs.dtype))
+            out = torch.matmul((probs * factor).to(value.dtype), value)
         text_map = visual_map = None
         if grid is not None:  # maps for the localisation loss, beside (not instead of) the fused kernel
-            index, weight = cond.capture.placeholder_columns()
+            index, weight = capture.placeholder_columns()
             text_map = placeholder_probability(query, key, attn.scale, index, weight, attention_mask)  # (B, N)
 
         if cond.visual is not None and (self.gamma != 0 or grid is not None):
             v_key = _heads(self.cc_visual_kv.to_k(cond.visual), attn.heads)  # (B, h, m, d)
             if self.gamma != 0:
                 v_value = _heads(self.cc_visual_kv.to_v(cond.visual), attn.heads)
-                out = out + self.gamma * F.scaled_dot_product_attention(query, v_key, v_value)
+                if keep is None:
+                    out = out + self.gamma * F.scaled_dot_product_attention(query, v_key, v_value)
+                else:  # the visual tokens act only inside the subject
+                    v_probs = attention_probabilities(query, v_key, attn.scale) * keep[:, None, :, None]
+                    out = out + self.gamma * torch.matmul(v_probs.to(v_value.dtype), v_value)
             if grid is not None:
                 visual_map = attention_probabilities(query, v_key, attn.scale).mean(dim=1)  # (B, N, m)
 
         if grid is not None:
             h, w = grid
-            cond.capture.record(
+            capture.record(
                 CapturedMaps(
                     layer_index=self.layer_index,
                     height=h,
@@ -272,6 +347,7 @@ __all__ = [
     "CapturedMaps",
     "DecoupledConditioning",
     "DecoupledCrossAttnProcessor",
+    "SubjectLocation",
     "attention_probabilities",
     "cross_attention_layer_names",
     "install_decoupled_attention",

@@ -216,3 +216,55 @@ def test_execution_order_with_two_attentions_per_block():
     with torch.no_grad():
         unet(torch.randn(1, 4, 8, 8), torch.tensor([10]), encoder_hidden_states=torch.randn(1, T, D))
     assert called == list(range(len(names)))
+
+
+def test_subject_location_masks_the_placeholder_and_visual_attention(unets):
+    from cc_model.attention import SubjectLocation
+
+    _, unet, names, _ = unets
+    attn = unet.get_submodule(names[0].removesuffix(".processor"))
+    attn.processor.gamma = 0.7
+    side = unet.config.sample_size  # the first cross-attention layer runs at the latent size
+    hidden = torch.randn(B, side * side, attn.to_q.in_features)
+    text, visual = torch.randn(B, T, D), torch.randn(B, 4, D)
+    weights = torch.zeros(B, T)
+    weights[:, 5] = 1.0
+
+    def run(mask):
+        location = SubjectLocation(placeholder_weights=weights, latent_size=(side, side), mask=mask)
+        with torch.no_grad():
+            return attn.processor(attn, hidden, encoder_hidden_states=DecoupledConditioning(text, visual, None, location))
+
+    with torch.no_grad():
+        plain = attn.processor(attn, hidden, encoder_hidden_states=DecoupledConditioning(text, visual))
+    torch.testing.assert_close(run(None), plain)
+    torch.testing.assert_close(run(torch.ones(B, side, side)), plain, rtol=1e-5, atol=1e-6)  # explicit path = SDPA
+
+    mask = (torch.rand(B, side, side) > 0.5).float()
+    heads = attn.heads
+    split = lambda x: x.view(B, -1, heads, x.shape[-1] // heads).transpose(1, 2)  # noqa: E731
+    with torch.no_grad():
+        q = split(attn.to_q(hidden))
+        probs = (q @ split(attn.to_k(text)).transpose(-1, -2) * attn.scale).softmax(-1)  # (B, h, N, T)
+        keep = mask.reshape(B, 1, -1)  # (B, 1, N)
+        probs[..., 5] = probs[..., 5] * keep  # the placeholder's column, masked per query
+        out = probs @ split(attn.to_v(text))
+        kv = attn.processor.cc_visual_kv
+        v_probs = (q @ split(kv.to_k(visual)).transpose(-1, -2) * attn.scale).softmax(-1) * keep[..., None]
+        out = out + 0.7 * (v_probs @ split(kv.to_v(visual)))
+        expected = attn.to_out[0](out.transpose(1, 2).reshape(B, -1, heads * out.shape[-1]))
+    torch.testing.assert_close(run(mask), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_subject_location_next_mask_comes_from_the_recorded_maps():
+    from cc_model.attention import CapturedMaps, SubjectLocation
+
+    location = SubjectLocation(placeholder_weights=torch.ones(1, 3) / 3, latent_size=(8, 8))
+    text = torch.full((1, 4, 4), 0.01)
+    text[0, 1:3, 1:3] = 0.5  # the placeholder attends to the centre of a 4x4 layer
+    visual = torch.full((1, 2, 4, 4), 0.1)
+    visual[0, :, 1:3, 1:3] = 0.9
+    location.record(CapturedMaps(layer_index=0, height=4, width=4, text=text, visual=visual))
+    mask = location.next_mask(0.5)
+    assert mask.shape == (1, 8, 8) and set(mask.unique().tolist()) == {0.0, 1.0}
+    assert mask[0, 3:5, 3:5].eq(1).all() and mask[0, 0].eq(0).all() and mask[0, :, 0].eq(0).all()
