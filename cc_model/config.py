@@ -141,6 +141,23 @@ class TrainParams:
             raise ParamsError(f"lr: must be > 0, got {self.lr!r}")
 
 
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """Generation (cc_model.inference): DDIM sampling with classifier-free guidance."""
+
+    steps: int = 50  # DDIM denoising steps
+    guidance_scale: float = 7.5  # classifier-free guidance against the empty caption and no image
+    subject_location: bool = True  # timestep-specific subject location (DESIGN.md section 2)
+    location_threshold: float = 0.5  # A_g (max-normalised) at or above this is the subject's location
+    seed: int = 0  # seeds the initial latents
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "steps")
+        at_least(self, 0.0, "guidance_scale")
+        if not 0.0 < self.location_threshold <= 1.0:
+            raise ParamsError(f"location_threshold: must be in (0.0, 1.0], got {self.location_threshold!r}")
+
+
 def default_image_layers(num_hidden_layers: int, k: int) -> list[int]:
     """K hidden-state indices, evenly spaced, coarse to fine, the last one the penultimate layer.
 
