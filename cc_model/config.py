@@ -158,6 +158,25 @@ class SamplingParams:
             raise ParamsError(f"location_threshold: must be in (0.0, 1.0], got {self.location_threshold!r}")
 
 
+@dataclass(frozen=True, kw_only=True)
+class EvaluateParams:
+    """DreamBench evaluation of the trained checkpoint (stage ``evaluate``; DESIGN.md section 2)."""
+
+    out_dir: str = "data/evaluate"  # metrics.json, scores.parquet, grid.png
+    profile: Literal["tiny", "real"] = "tiny"  # metric models: tiny = random small CLIP and DINO (scores meaningless)
+    clip_model: str = "ViT-B-32"  # open_clip model of CLIP-T and CLIP-I (profile real)
+    clip_pretrained: str = "openai"  # its open_clip tag, or a local checkpoint file
+    dino_path: str = "facebook/dino-vits16"  # DINO-I's ViT: a local transformers folder or a repo id in the HF cache
+    images_per_prompt: int = 4  # generated images per (subject, prompt)
+    batch_size: int = 8  # images generated per call
+    segment_subjects: bool = True  # CLIP-I / DINO-I on subjects cut out by SAM (segment.sam_*); False: whole images
+    live_classes: list[str] = field(default_factory=lambda: ["cat", "dog"])  # classes that take the live prompts
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "images_per_prompt", "batch_size")
+
+
 def default_image_layers(num_hidden_layers: int, k: int) -> list[int]:
     """K hidden-state indices, evenly spaced, coarse to fine, the last one the penultimate layer.
 

@@ -181,9 +181,26 @@ BACKGROUNDS = _schema(
     ],
 )
 
+EVALUATION = _schema(
+    "evaluation",
+    [
+        ("subject", pa.string(), False, "DreamBench subject (its folder name)"),
+        ("class_name", pa.string(), False, "the subject's class word"),
+        ("kind", pa.string(), False, "reconstruction (the training caption) or editing (a DreamBench prompt)"),
+        ("category", pa.string(), False, "reconstruction, or the editing prompt's: scene, accessorisation, style, shape"),
+        ("prompt", pa.string(), False, "the prompt as generated from, with the placeholder word"),
+        ("sample", pa.int32(), False, "index of the image among those of this subject and prompt"),
+        ("seed", pa.int64(), False, "seed of the image's initial latents"),
+        ("clip_t", pa.float32(), False, "CLIP cosine of the image and the prompt without the placeholder word"),
+        ("clip_i", pa.float32(), False, "CLIP cosine of the (segmented) subject and the subject's photos, mean over photos"),
+        ("dino_i", pa.float32(), False, "DINO cosine of the (segmented) subject and the subject's photos, mean over photos"),
+        ("image_jpeg", pa.binary(), False, "the generated image, JPEG"),
+    ],
+)
+
 ALL_TABLES = {"frames": FRAMES, "rejects": REJECTS, "masks": MASKS, "pairs": PAIRS, "neighbours": NEIGHBOURS,
               "hard_negatives": HARD_NEGATIVES, "near_duplicates": NEAR_DUPLICATES,
-              "export": EXPORT, "backgrounds": BACKGROUNDS}
+              "export": EXPORT, "backgrounds": BACKGROUNDS, "evaluation": EVALUATION}
 
 
 def column_docs(schema: pa.Schema) -> dict[str, str]:

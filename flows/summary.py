@@ -22,7 +22,7 @@ def _load(path: Path) -> dict | None:
 
 OUTPUTS = {"filter": "frames.parquet", "segment": "masks.parquet", "embed": "embeddings.parquet",
            "pairs": "pairs.parquet", "similarity": "neighbours.parquet", "export": "backgrounds.parquet",
-           "train": "checkpoint/cc_adapter.safetensors"}
+           "train": "checkpoint/cc_adapter.safetensors", "evaluate": "scores.parquet"}
 STALE = "  [out of date: run dvc repro]"
 
 
@@ -56,7 +56,8 @@ def summary_lines(params: Params, changed: set[str] | None = None) -> list[str]:
                 lines.append(f"{'':<14}{reason}: {count}")
     stages = {"segment": ("masks", "rejected"), "embed": ("count", "rejected"), "pairs": ("pairs_total",),
               "similarity": ("frames", "subjects", "near_duplicate_subject_pairs"),
-              "export": (), "train": ("steps", "samples")}
+              "export": (), "train": ("steps", "samples"),
+              "evaluate": ("images", "CT", "R-CI", "E-CI", "R-DI", "E-DI", "random_weights")}
     for stage, keys in stages.items():
         out_dir = Path(getattr(params, stage).out_dir)
         stats = _load(out_dir / "stats.json")

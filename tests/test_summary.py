@@ -38,3 +38,13 @@ def test_summary_shows_the_training_run(tmp_path):
                                                      "loss_last_steps": {"ldm": 1.1, "total": 2.1}}))
     lines = summary_lines(Params(train=TrainParams(out_dir=str(tmp_path))))
     assert "train: steps=20, samples=160, loss over the last steps: total=2.1" in lines
+
+
+def test_summary_shows_the_evaluation(tmp_path):
+    from cc_model.config import EvaluateParams
+
+    (tmp_path / "scores.parquet").write_bytes(b"")
+    (tmp_path / "stats.json").write_text(json.dumps({"images": 104, "CT": 0.31, "R-CI": 0.9, "E-CI": 0.8,
+                                                     "R-DI": 0.7, "E-DI": 0.6, "random_weights": False}))
+    lines = summary_lines(Params(evaluate=EvaluateParams(out_dir=str(tmp_path))))
+    assert "evaluate: images=104, CT=0.31, R-CI=0.9, E-CI=0.8, R-DI=0.7, E-DI=0.6, random_weights=False" in lines

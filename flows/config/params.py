@@ -13,7 +13,7 @@ from typing import Literal
 
 import yaml
 
-from cc_model.config import ModelParams, SamplingParams, TrainParams
+from cc_model.config import EvaluateParams, ModelParams, SamplingParams, TrainParams
 from flows.config.typed import ParamsError, at_least, between, from_mapping, not_above
 
 DEFAULT_PARAMS = Path("params.yaml")
@@ -251,7 +251,8 @@ class Params:
     export: ExportParams = field(default_factory=ExportParams)
     model: ModelParams = field(default_factory=ModelParams)  # cc_model: backbones, MFI encoder, ablations
     train: TrainParams = field(default_factory=TrainParams)  # cc_model: objective, loss weights, dropout
-    sampling: SamplingParams = field(default_factory=SamplingParams)  # cc_model: generation (cc_model.generate)
+    sampling: SamplingParams = field(default_factory=SamplingParams)  # cc_model: generation (cc_model.inference)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)  # cc_model: DreamBench scores (stage evaluate)
     schedule: ScheduleParams = field(default_factory=ScheduleParams)  # the scheduled deployment (flows.deploy)
 
     def __post_init__(self) -> None:

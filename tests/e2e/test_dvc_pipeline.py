@@ -201,3 +201,12 @@ def test_train_stage_leaves_a_loadable_checkpoint_and_its_curve(project):
     assert set(model.trainable_state_dict()) == set(model.trainable_named_parameters())
     curve = (out / "loss.csv").read_text().splitlines()
     assert len(curve) == 1 + params["train"]["max_steps"] and curve[0].startswith("step,")
+
+
+def test_evaluate_scores_every_dreambench_prompt(project):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    stats = json.loads((project / params["evaluate"]["out_dir"] / "stats.json").read_text())
+    per_subject = 1 + 25  # the reconstruction prompt and DreamBench's 25 prompts of its kind
+    expected = SMALL_SAMPLE["n_dreambench_subjects"] * per_subject * params["evaluate"]["images_per_prompt"]
+    assert stats["images"] == expected and stats["subjects"] == SMALL_SAMPLE["n_dreambench_subjects"]
+    assert stats["random_weights"] is True and -1 <= stats["CT"] <= 1 and set(stats["by_category"]) >= {"scene"}
