@@ -19,8 +19,10 @@ One sample is one row of ``<export>/<split>/part-*.parquet``, a reference frame 
 the rows' appearance embeddings ``[references; positives]`` from ``embeddings.parquet``.
 
 Rows are read one Parquet row group at a time (the export writes groups of 64 rows) through a
-small per-process cache; :class:`GroupedShuffleSampler` shuffles within windows of row groups, so
-each group is read about once per epoch instead of once per row.
+per-process cache. :class:`SubjectBatchSampler` forms the batches: never two samples of one
+subject, nor of two near-duplicate subjects (CSCL and MACL take every other sample as a
+negative), dealt from windows of row groups so that the cache, which holds more groups than a
+window, reads each group about once per window per DataLoader worker.
 """
 
 from __future__ import annotations
@@ -40,10 +42,10 @@ from PIL import Image
 from cc_model.splus import tokenize_captions
 from flows.embed.preprocess import decode_rle, segment_subject
 from flows.pairs.augment import Recipe, apply_recipe
-from flows.schemas import BACKGROUNDS, EXPORT
+from flows.schemas import BACKGROUNDS, EXPORT, NEAR_DUPLICATES
 from flows.tables import TableReadError, fixed_size_list_to_numpy, open_table
 
-INDEX_COLUMNS = ["sample_id", "frame_id", "positive_frame_id", "aug_crop", "aug_scale", "aug_flip", "aug_background",
+INDEX_COLUMNS = ["sample_id", "subject_id", "frame_id", "positive_frame_id", "aug_crop", "aug_scale", "aug_flip", "aug_background",
                  "aug_seed", "caption", "placeholder_index", "embedding_id", "positive_embedding_id"]
 PIXEL_COLUMNS = ["image_jpeg", "width", "height", "mask_rle"]
 
@@ -111,20 +113,30 @@ def positions(values: pa.Array | pa.ChunkedArray, keys: pa.Array | pa.ChunkedArr
     return pc.index_in(values, value_set=keys).fill_null(-1).to_numpy().astype(np.int64)
 
 
-def read_embeddings(path: Path, ids: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
-    """The rows of the embeddings table named by ``ids``, streamed: an (n, D) float16 matrix and its ids."""
-    wanted = pc.unique(ids)
-    keys, vectors = [], []
-    for batch in open_table(path).iter_batches(columns=["frame_id", "embedding"], batch_size=65_536):
-        batch = batch.filter(pc.is_in(batch.column("frame_id"), value_set=wanted))
-        keys.append(batch.column("frame_id"))
-        vectors.append(fixed_size_list_to_numpy(batch.column("embedding")).astype(np.float16))
-    keys = pa.chunked_array(keys, pa.string()).combine_chunks()
-    if len(pc.unique(keys)) < len(wanted):
-        missing = pc.filter(wanted, pc.invert(pc.is_in(wanted, value_set=keys))).to_pylist()
+def read_embeddings(path: Path, ids: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """The embeddings of ``ids``: an (n, D) float16 matrix of the distinct rows wanted, and each id's row in it.
+
+    The id column is read once and matched in one pass; the vectors stream into a preallocated
+    matrix, so memory peaks at the result plus one batch.
+    """
+    file = open_table(path)
+    keys = file.read(columns=["frame_id"])["frame_id"]
+    table_rows = positions(ids, keys)  # each id's row in the embeddings table, -1 if absent
+    if (table_rows < 0).any():
+        missing = pc.filter(ids, pa.array(table_rows < 0)).unique().to_pylist()
         raise ExportDataError(f"{path}: no embedding for {len(missing)} of the shards' frames, e.g. {missing[0]}; "
                               f"the shards and the embeddings are from different runs (dvc repro export)")
-    return np.concatenate(vectors), keys
+    wanted = np.unique(table_rows)  # sorted table rows to keep
+    dim = file.schema_arrow.field("embedding").type.list_size
+    matrix = np.empty((len(wanted), dim), dtype=np.float16)
+    start = 0
+    for batch in file.iter_batches(columns=["embedding"], batch_size=65_536):
+        lo, hi = np.searchsorted(wanted, [start, start + batch.num_rows])
+        if hi > lo:
+            vectors = fixed_size_list_to_numpy(batch.column("embedding"))
+            matrix[lo:hi] = vectors[wanted[lo:hi] - start]
+        start += batch.num_rows
+    return matrix, np.searchsorted(wanted, table_rows)
 
 
 def subject_bbox(mask: np.ndarray) -> tuple[float, float, float, float]:
@@ -157,7 +169,7 @@ class ExportDataset(torch.utils.data.Dataset):
 
     def __init__(self, export_dir: str | Path, split: str, *, embeddings: str | Path, tokenizer,
                  placeholder_id: int, pixel_size: int, image_size: int, background_rgb: Sequence[int],
-                 cache_groups: int = 4):
+                 cache_groups: int = 32):
         export_dir = Path(export_dir)
         files = sorted((export_dir / split).glob("part-*.parquet"))
         if not files:
@@ -187,8 +199,11 @@ class ExportDataset(torch.utils.data.Dataset):
                                       f"rerun the export stage")
         ids = pa.chunked_array([*self.index["embedding_id"].chunks, *self.index["positive_embedding_id"].chunks],
                                pa.string())
-        self.embeddings, keys = read_embeddings(Path(embeddings), ids)
-        self.embedding_rows = positions(ids, keys).reshape(2, -1)  # (2, n): references, positives
+        self.embeddings, rows = read_embeddings(Path(embeddings), ids)
+        self.embedding_rows = rows.reshape(2, -1)  # (2, n): references, positives
+        encoded = pc.dictionary_encode(self.index["subject_id"]).combine_chunks()
+        self.subject_names = encoded.dictionary  # subject code -> subject_id
+        self.subjects = encoded.indices.to_numpy().astype(np.int64)  # (n,) each row's subject code
         self.placeholder_index = self.index["placeholder_index"].to_numpy().astype(np.int64)
         self.tokenizer, self.placeholder_id = tokenizer, placeholder_id
         self.pixel_size, self.image_size = pixel_size, image_size
@@ -198,7 +213,7 @@ class ExportDataset(torch.utils.data.Dataset):
         return len(self.index)
 
     def row_groups(self) -> list[range]:
-        """The sample indices of each row group, in order (what GroupedShuffleSampler shuffles)."""
+        """The sample indices of each row group, in order (what SubjectBatchSampler deals from)."""
         starts = self.rows.starts
         return [range(int(starts[g]), int(starts[g + 1])) for g in range(len(starts) - 1)]
 
@@ -263,35 +278,95 @@ class ExportDataset(torch.utils.data.Dataset):
         return batch
 
 
-class GroupedShuffleSampler(torch.utils.data.Sampler[int]):
-    """A shuffle with locality: row groups in random order, rows shuffled within windows of groups.
+def near_duplicate_conflicts(path: str | Path, subject_names: pa.Array) -> dict[int, set[int]]:
+    """Subject code -> codes of the subjects the similarity stage flagged as its near-duplicates."""
+    table = open_table(path, NEAR_DUPLICATES).read(columns=["subject_a", "subject_b"])
+    a, b = positions(table["subject_a"], subject_names), positions(table["subject_b"], subject_names)
+    conflicts: dict[int, set[int]] = {}
+    for x, y in zip(a.tolist(), b.tolist()):
+        if x >= 0 and y >= 0:  # pairs with a subject of the other split cannot meet in a batch
+            conflicts.setdefault(x, set()).add(y)
+            conflicts.setdefault(y, set()).add(x)
+    return conflicts
 
-    Deterministic in (seed, epoch); ``start`` skips that many samples of the epoch (resuming).
+
+class SubjectBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Batches in which every sample is of a different subject, and no two are near-duplicates.
+
+    CSCL and MACL take every other sample of a batch as a negative, so another view of the same
+    object, or a near-duplicate subject (similarity stage), must not be in it. Row groups come in
+    random order, in windows of ``window_groups`` (locality for the row-group cache); within a
+    window the subjects' rows are interleaved (shuffled subjects, shuffled rows) and dealt into
+    batches; a row that conflicts with the batch being filled waits for the next one. Rows still
+    waiting at the end of an epoch are left out of that epoch (like ``drop_last``; logged).
+    Deterministic in (seed, epoch); ``set_epoch(epoch, start)`` skips ``start`` batches (resume).
     """
 
-    def __init__(self, groups: list[range], *, seed: int, window_groups: int = 8):
-        self.groups, self.seed, self.window_groups = groups, seed, window_groups
+    def __init__(self, groups: list[range], subjects: np.ndarray, *, batch_size: int, seed: int,
+                 conflicts: dict[int, set[int]] | None = None, window_groups: int = 16):
+        distinct = len(np.unique(subjects))
+        if distinct < batch_size:
+            raise ExportDataError(f"the train split has {distinct} subjects, fewer than train.batch_size "
+                                  f"({batch_size}): a batch needs one sample of each of {batch_size} subjects")
+        self.groups, self.subjects, self.conflicts = groups, subjects, conflicts or {}
+        self.batch_size, self.seed, self.window_groups = batch_size, seed, window_groups
         self.epoch, self.start = 0, 0
+        self._cached: tuple[int, list[list[int]]] | None = None
+        self.left_out = 0  # rows of the current epoch in no batch
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
-    def order(self) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        shuffled = [self.groups[g] for g in rng.permutation(len(self.groups))]
-        out = []
-        for w in range(0, len(shuffled), self.window_groups):
-            window = np.concatenate([np.asarray(r, dtype=np.int64) for r in shuffled[w : w + self.window_groups]])
-            out.append(rng.permutation(window))
-        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+    def _stream(self, rng: np.random.Generator) -> Iterator[int]:
+        order = rng.permutation(len(self.groups))
+        for w in range(0, len(order), self.window_groups):
+            rows = np.concatenate([np.asarray(self.groups[g], dtype=np.int64)
+                                   for g in order[w : w + self.window_groups]])
+            rows = rows[rng.permutation(len(rows))]
+            by_subject: dict[int, list[int]] = {}
+            for row in rows.tolist():
+                by_subject.setdefault(int(self.subjects[row]), []).append(row)
+            lists = list(by_subject.values())  # subjects in order of first appearance: shuffled
+            for depth in range(max(len(x) for x in lists)):  # round robin: one row of each subject per pass
+                for rows_of_subject in lists:
+                    if depth < len(rows_of_subject):
+                        yield rows_of_subject[depth]
 
-    def __iter__(self) -> Iterator[int]:
-        yield from (int(i) for i in self.order()[self.start :])
+    def batches(self) -> list[list[int]]:
+        if self._cached is not None and self._cached[0] == self.epoch:
+            return self._cached[1]
+        rng = np.random.default_rng([self.seed, self.epoch])
+        out: list[list[int]] = []
+        waiting: list[int] = []
+        current: list[int] = []
+        blocked: set[int] = set()
+
+        def fits(row: int) -> bool:
+            subject = int(self.subjects[row])
+            if subject in blocked:
+                return False
+            current.append(row)
+            blocked.add(subject)
+            blocked.update(self.conflicts.get(subject, ()))
+            return True
+
+        for row in self._stream(rng):
+            if not fits(row):
+                waiting.append(row)
+            while len(current) == self.batch_size:  # a full batch: start the next with the waiting rows
+                out.append(current[:])
+                current.clear()
+                blocked.clear()
+                waiting = [r for r in waiting if not (len(current) < self.batch_size and fits(r))]
+        self.left_out = len(waiting) + len(current)
+        self._cached = (self.epoch, out)
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.batches()[self.start :]
 
     def __len__(self) -> int:
-        return sum(len(r) for r in self.groups) - self.start
-
-
+        return len(self.batches()) - self.start
 
 
 def pixel_size(model) -> int:
@@ -300,7 +375,7 @@ def pixel_size(model) -> int:
 
 
 def dataset_for(model, export_dir: str | Path, split: str, *, embeddings: str | Path,
-                background_rgb: Sequence[int], cache_groups: int = 4) -> ExportDataset:
+                background_rgb: Sequence[int], cache_groups: int = 32) -> ExportDataset:
     """An ExportDataset sized and tokenized for ``model`` (a CustomContrastModel)."""
     return ExportDataset(export_dir, split, embeddings=embeddings, tokenizer=model.tokenizer,
                          placeholder_id=model.text.placeholder_id, pixel_size=pixel_size(model),
@@ -308,5 +383,5 @@ def dataset_for(model, export_dir: str | Path, split: str, *, embeddings: str | 
                          cache_groups=cache_groups)
 
 
-__all__ = ["ExportDataError", "ExportDataset", "GroupedShuffleSampler", "RowGroups", "dataset_for", "pixel_size",
-           "read_embeddings", "subject_bbox", "target_view", "to_tensor"]
+__all__ = ["ExportDataError", "ExportDataset", "RowGroups", "SubjectBatchSampler", "dataset_for",
+           "near_duplicate_conflicts", "pixel_size", "read_embeddings", "subject_bbox", "target_view", "to_tensor"]

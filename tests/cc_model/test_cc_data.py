@@ -15,8 +15,8 @@ from cc_model.backbones import clip_tokenizer_from_open_clip
 from cc_model.data import (
     ExportDataError,
     ExportDataset,
-    GroupedShuffleSampler,
     RowGroups,
+    SubjectBatchSampler,
     subject_bbox,
     target_view,
     to_tensor,
@@ -119,21 +119,46 @@ def test_target_view_keeps_the_subject_of_a_wide_image():
     assert np.asarray(square)[square_mask][:, 0].min() > 200  # the subject's pixels are under its mask
 
 
-def test_sampler_is_a_deterministic_local_shuffle():
-    groups = [range(0, 64), range(64, 128), range(128, 150), range(150, 214)]
-    sampler = GroupedShuffleSampler(groups, seed=3, window_groups=2)
+def sampler_case(**kwargs):
+    """8 row groups of 16 rows; 12 subjects of 6 to 16 rows, spread over the groups."""
+    rng = np.random.default_rng(0)
+    subjects = np.repeat(np.arange(12), rng.integers(6, 17, size=12))
+    subjects = subjects[: 8 * 16] if len(subjects) >= 128 else np.resize(subjects, 128)
+    groups = [range(16 * g, 16 * (g + 1)) for g in range(8)]
+    return SubjectBatchSampler(groups, subjects, **{"batch_size": 4, "seed": 3, "window_groups": 2, **kwargs}), subjects
+
+
+def test_batches_hold_distinct_subjects_and_no_near_duplicates():
+    conflicts = {0: {1}, 1: {0}, 5: {7}, 7: {5}}
+    sampler, subjects = sampler_case(conflicts=conflicts)
+    batches = list(sampler)
+    assert batches and all(len(b) == 4 for b in batches)
+    seen = [i for b in batches for i in b]
+    assert len(seen) == len(set(seen)) and len(seen) + sampler.left_out == len(subjects)  # nothing counted twice
+    assert sampler.left_out < len(subjects) // 4
+    for batch in batches:
+        codes = [int(subjects[i]) for i in batch]
+        assert len(set(codes)) == 4  # another view of the same subject is no negative
+        assert not any(b in conflicts.get(a, ()) for a in codes for b in codes)
+
+
+def test_batch_order_is_deterministic_local_and_resumable():
+    sampler, _ = sampler_case()
     first = list(sampler)
-    assert sorted(first) == list(range(214)) and first != list(range(214))
-    assert list(GroupedShuffleSampler(groups, seed=3, window_groups=2)) == first
+    assert list(sampler_case()[0]) == first
     sampler.set_epoch(1)
-    assert sorted(sampler) == list(range(214)) and list(sampler) != first
-    sampler.set_epoch(0, start=50)
-    assert list(sampler) == first[50:] and len(sampler) == 164
-    group_of = {i: g for g, r in enumerate(groups) for i in r}
-    window = {group_of[i] for i in first[:64]}
-    assert len(window) <= 2  # the first 64 samples come from one window of two row groups
-    members = [i for i in first if group_of[i] == group_of[first[0]]]
-    assert members != sorted(members)  # rows are shuffled within the window, not only the groups
+    assert list(sampler) != first
+    sampler.set_epoch(0, start=5)
+    assert list(sampler) == first[5:] and len(sampler) == len(first) - 5
+    mixed = SubjectBatchSampler([range(16 * g, 16 * (g + 1)) for g in range(8)], np.arange(128) % 12,
+                                batch_size=4, seed=3, window_groups=2)
+    window = {i // 16 for b in list(mixed)[:4] for i in b}
+    assert len(window) == 2  # with enough subjects per window, its batches stay in its two row groups
+
+
+def test_too_few_subjects_for_a_batch_fail_clearly():
+    with pytest.raises(ExportDataError, match="3 subjects, fewer than train.batch_size \\(4\\)"):
+        SubjectBatchSampler([range(6)], np.array([0, 0, 1, 1, 2, 2]), batch_size=4, seed=0)
 
 
 def test_row_groups_read_across_groups_and_pickle_without_handles(exported):
@@ -187,3 +212,16 @@ def test_shards_that_lost_a_positive_or_a_background_are_refused(exported):
         pq.write_table(table.filter(pc.is_null(table["positive_frame_id"])), path)
     with pytest.raises(ExportDataError, match="no photo .* that a recipe names"):
         make_dataset(exported)
+
+
+def test_reference_target_and_mask_come_from_the_reference_row(exported):
+    dataset, rows = make_dataset(exported), rows_of(exported)
+    for i in (0, len(rows) - 1):
+        image, mask = decoded(rows[i])
+        item = dataset[i]
+        x_hat = segment_subject(image, mask, subject_bbox(mask), BACKGROUND)
+        torch.testing.assert_close(item["reference"], to_tensor(x_hat.resize((24, 24), Image.BICUBIC)))
+        target, target_mask = target_view(image, mask, 32)
+        torch.testing.assert_close(item["target"], to_tensor(target) * 2 - 1)
+        assert torch.equal(item["mask"][0], torch.from_numpy(target_mask.astype(np.float32)))
+        assert target_mask.any() and not target_mask.all()  # the subject, not the frame
