@@ -64,6 +64,7 @@ class Backbones:
     tokenizer: CLIPTokenizer
     image_encoder: CLIPVisionModel
     profile: str  # "tiny", "sd15" or "sd15-random"
+    files: tuple[Path, ...] = ()  # the weight files read (sd15): what a training state was made with
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -246,6 +247,8 @@ def load_sd15_backbones(params: BackboneParams) -> Backbones:
         tokenizer=tokenizer,
         image_encoder=CLIPVisionModel.from_pretrained(image_dir, **kw),
         profile="sd15",
+        files=tuple(sorted({sd_root / f for f in sd_files if (sd_root / f).is_file()}))
+        + (image_dir / "model.safetensors",),
     )
     match_text_encoder_length(backbones.tokenizer, backbones.text_encoder, str(sd_root / "tokenizer"))
     return freeze(backbones)

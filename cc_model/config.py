@@ -129,10 +129,13 @@ class TrainParams:
     loss: LossParams = field(default_factory=LossParams)
     dropout: ConditioningDropoutParams = field(default_factory=ConditioningDropoutParams)
     # The train stage (python -m cc_model.train): where it writes, and how it runs.
-    out_dir: str = "data/train"  # checkpoint/, metrics.json, loss.csv; .work/ holds the state to resume from
+    out_dir: str = "data/train"  # checkpoint/, stats.json, loss.csv; .work/ holds the state to resume from
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU when present (bf16 frozen weights there)
     num_workers: int = 2  # DataLoader processes decoding the shards (0: in the training process)
     save_every: int = 1000  # steps between saved training states (a killed run resumes from the last)
+    # Batches never hold two samples of one subject (CSCL/MACL take every other sample as a
+    # negative); with this, nor two subjects the similarity stage flagged as near-duplicates.
+    avoid_near_duplicates: bool = True
 
     def __post_init__(self) -> None:
         at_least(self, 1, "batch_size", "max_steps", "save_every")

@@ -25,6 +25,7 @@ import logging
 import math
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 from flows.runtime import configure
 
@@ -36,9 +37,10 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from cc_model.backbones import clip_pixels, load_backbones  # noqa: E402
 from cc_model.checkpoint import save_trainable  # noqa: E402
-from cc_model.data import ExportDataError, GroupedShuffleSampler, dataset_for  # noqa: E402
+from cc_model.data import ExportDataError, SubjectBatchSampler, dataset_for, near_duplicate_conflicts  # noqa: E402
 from cc_model.model import CustomContrastModel, TrainBatch, cast_frozen, diffusion_inputs  # noqa: E402
 from flows.config.params import Params, load_params  # noqa: E402
+from flows.errors import UserFacingError  # noqa: E402
 from flows.progress import Progress  # noqa: E402
 from flows.resume import file_identity, library_versions  # noqa: E402
 from flows.tables import write_stats  # noqa: E402
@@ -47,9 +49,14 @@ STATE_NAME = "state.pt"
 LAST_STEPS = 10  # stats.json averages each loss term over this many final steps
 # Train params that change how a run executes, not what it computes: left out of the resume key.
 RUN_ONLY = ("max_steps", "save_every", "num_workers", "out_dir", "device")
-CODE = (Path(__file__).parent, Path(__file__).parents[1] / "flows" / "embed" / "preprocess.py",
-        Path(__file__).parents[1] / "flows" / "pairs" / "augment.py")
+FLOWS = Path(__file__).parents[1] / "flows"
+CODE = (Path(__file__).parent, FLOWS / "embed" / "preprocess.py", FLOWS / "pairs" / "augment.py", FLOWS / "tables.py",
+        FLOWS / "schemas.py")
 logger = logging.getLogger("flows.train")
+
+
+class TrainStateError(UserFacingError, ValueError):
+    """A saved training state that the params cannot continue."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -57,10 +64,11 @@ def resolve_device(device: str) -> torch.device:
                         "cpu" if device == "auto" else device)
 
 
-def state_key(params: Params, *, export_dir: Path, embeddings: Path, device: torch.device) -> str:
+def state_key(params: Params, *, inputs: list[Path], device: torch.device) -> str:
     """What a saved state must have been made from to be continued (see the module docstring).
 
-    Shards, embeddings and model files are named by path, size and mtime (hashing them is slow).
+    ``inputs``: the files read (shards, embeddings, near-duplicates, backbone weights), named by
+    path, size and mtime (hashing hundreds of GB is slow); a folder stands for its Parquet files.
     """
     digest = hashlib.sha256()
     train = {k: v for k, v in dataclasses.asdict(params.train).items() if k not in RUN_ONLY}
@@ -68,8 +76,9 @@ def state_key(params: Params, *, export_dir: Path, embeddings: Path, device: tor
                               "background_rgb": params.embed.background_rgb, "device": device.type,
                               "libraries": library_versions("torch", "diffusers", "transformers")},
                              sort_keys=True, default=str).encode())
-    for path in [*sorted(export_dir.rglob("*.parquet")), embeddings]:
-        digest.update(f"{file_identity(path)}\n".encode())
+    for path in inputs:
+        for file in sorted(path.rglob("*.parquet")) if path.is_dir() else [path]:
+            digest.update(f"{file_identity(file)}\n".encode())
     for root in CODE:
         for source in sorted(root.rglob("*.py")) if root.is_dir() else [root]:
             digest.update(source.name.encode() + source.read_bytes())
@@ -93,6 +102,13 @@ def training_batch(model: CustomContrastModel, batch: dict[str, torch.Tensor], *
     )
 
 
+class Resumed(NamedTuple):
+    step: int  # optimizer steps done
+    epoch: int  # the epoch the next batch comes from
+    position: int  # batches of that epoch already used
+    history: list[dict[str, float]]  # every step's loss terms
+
+
 class TrainingState:
     """``.work/state.pt``: everything a run needs to continue; read with ``weights_only=True`` (no pickled code)."""
 
@@ -100,14 +116,14 @@ class TrainingState:
         self.path, self.key = work_dir / STATE_NAME, key
 
     def load(self, model: CustomContrastModel, optimizer: torch.optim.Optimizer,
-             generator: torch.Generator) -> tuple[int, list[dict[str, float]]]:
-        """Restore a matching state; (steps done, loss history), or (0, []) when there is none to continue."""
+             generator: torch.Generator) -> Resumed:
+        """Restore a matching state, or start at step 0 when there is none to continue."""
         if not self.path.is_file():
-            return 0, []
+            return Resumed(0, 0, 0, [])
         state = torch.load(self.path, map_location="cpu", weights_only=True)
         if state.get("key") != self.key:
             logger.info("train: %s was made from other data, params or code; starting afresh", self.path)
-            return 0, []
+            return Resumed(0, 0, 0, [])
         trainable = model.trainable_named_parameters()
         with torch.no_grad():
             for name, value in state["trainable"].items():
@@ -116,15 +132,17 @@ class TrainingState:
         generator.set_state(state["generator"])
         history = [dict(zip(state["terms"], row)) for row in state["history"].tolist()]
         logger.info("train: continuing from step %d (%s)", state["step"], self.path)
-        return int(state["step"]), history
+        return Resumed(int(state["step"]), int(state["epoch"]), int(state["position"]), history)
 
     def save(self, model: CustomContrastModel, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-             step: int, history: list[dict[str, float]]) -> None:
-        terms = list(history[0]) if history else []
+             at: Resumed) -> None:
+        terms = list(at.history[0]) if at.history else []
         state = {
-            "key": self.key, "step": step, "generator": generator.get_state(), "optimizer": optimizer.state_dict(),
+            "key": self.key, "step": at.step, "epoch": at.epoch, "position": at.position,
+            "generator": generator.get_state(), "optimizer": optimizer.state_dict(),
             "trainable": {n: p.detach().cpu() for n, p in model.trainable_named_parameters().items()},
-            "terms": terms, "history": torch.tensor([[row[t] for t in terms] for row in history], dtype=torch.float64),
+            "terms": terms,
+            "history": torch.tensor([[row[t] for t in terms] for row in at.history], dtype=torch.float64),
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{STATE_NAME}.tmp")
@@ -145,38 +163,44 @@ def write_loss_csv(path: Path, history: list[dict[str, float]]) -> None:
     os.replace(tmp, path)
 
 
-def train_model(params: Params, *, export_dir: Path, embeddings: Path) -> dict:
+def train_model(params: Params, *, export_dir: Path, embeddings: Path, near_duplicates: Path) -> dict:
     """Train for ``train.max_steps`` steps in all (continuing a matching saved state); returns the stats."""
     config = params.train
     out_dir = Path(config.out_dir)
     device = resolve_device(config.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(config.seed)  # the MFI encoder's initial weights
-    model = CustomContrastModel(backbones=load_backbones(params.model.backbone), params=params.model, train=config)
+    backbones = load_backbones(params.model.backbone)
+    model = CustomContrastModel(backbones=backbones, params=params.model, train=config)
     model.to(device)
     if dtype != torch.float32:
         cast_frozen(model, dtype)  # trainable weights stay float32 under autocast
     dataset = dataset_for(model, export_dir, "train", embeddings=embeddings, background_rgb=params.embed.background_rgb)
-    steps_per_epoch = len(dataset) // config.batch_size
-    if steps_per_epoch == 0:
-        raise ExportDataError(f"{export_dir / 'train'}: {len(dataset)} samples, fewer than train.batch_size "
-                              f"({config.batch_size})")
-    sampler = GroupedShuffleSampler(dataset.row_groups(), seed=config.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, sampler=sampler,
-                                         collate_fn=dataset.collate, num_workers=config.num_workers,
-                                         drop_last=True, pin_memory=device.type == "cuda")
+    conflicts = near_duplicate_conflicts(near_duplicates, dataset.subject_names) if config.avoid_near_duplicates else {}
+    sampler = SubjectBatchSampler(dataset.row_groups(), dataset.subjects, batch_size=config.batch_size,
+                                  seed=config.seed, conflicts=conflicts)
+    # DataLoader workers are forked: they share the index and the embeddings instead of copying them
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=dataset.collate,
+                                         num_workers=config.num_workers, pin_memory=device.type == "cuda")
     optimizer = torch.optim.AdamW(list(model.trainable_named_parameters().values()), lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
-    state = TrainingState(out_dir / ".work", state_key(params, export_dir=export_dir, embeddings=embeddings,
-                                                       device=device))
-    step, history = state.load(model, optimizer, generator)
+    inputs = [export_dir, embeddings, *([near_duplicates] if config.avoid_near_duplicates else []), *backbones.files]
+    state = TrainingState(out_dir / ".work", state_key(params, inputs=inputs, device=device))
+    at = state.load(model, optimizer, generator)
+    if at.step > config.max_steps:
+        raise TrainStateError(f"train.max_steps is {config.max_steps} but the saved state {state.path} has done "
+                              f"{at.step} steps; raise train.max_steps, or delete {state.path.parent} to start afresh")
+    step, epoch, position, history = at
     start_step = step
     progress = Progress("train", max(config.max_steps - step, 0), unit="steps")
     autocast = torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
     model.train()
     while step < config.max_steps:
-        epoch, within = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch, start=within * config.batch_size)  # a resumed run skips what it has seen
+        sampler.set_epoch(epoch, start=position)  # a resumed run skips the batches it has used
+        if position == 0 and len(sampler) == 0:
+            raise ExportDataError(f"{export_dir / 'train'}: no batch of {config.batch_size} samples of different "
+                                  f"subjects, none near-duplicates of another, can be formed (train.batch_size, "
+                                  f"train.avoid_near_duplicates)")
         for batch in loader:
             with autocast:
                 terms = model(training_batch(model, batch, device=device, dtype=dtype, generator=generator),
@@ -188,18 +212,22 @@ def train_model(params: Params, *, export_dir: Path, embeddings: Path) -> dict:
             terms["total"].backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
+            step, position = step + 1, position + 1
             history.append(values)
             progress.update()
             if step % config.save_every == 0 or step == config.max_steps:
-                state.save(model, optimizer, generator, step, history)
+                state.save(model, optimizer, generator, Resumed(step, epoch, position, history))
             if step >= config.max_steps:
                 break
+        else:  # the epoch is used up
+            if sampler.left_out:
+                logger.info("train: epoch %d left out %d samples that fitted no batch", epoch, sampler.left_out)
+            epoch, position = epoch + 1, 0
     seconds = progress.close()
     save_trainable(model, out_dir / "checkpoint")
     write_loss_csv(out_dir / "loss.csv", history)
     last = history[-LAST_STEPS:]
-    stats = {"steps": step, "samples": step * config.batch_size, "train_samples": len(dataset),
+    stats = {"steps": step, "samples": step * config.batch_size, "train_samples": len(dataset), "epochs": epoch,
              "loss_last_steps": {name: round(sum(r[name] for r in last) / len(last), 6) for name in last[0]}
              if last else {}}
     timing = {"device": str(device), "seconds": round(seconds, 3), "steps_this_run": step - start_step,
@@ -211,7 +239,8 @@ def train_model(params: Params, *, export_dir: Path, embeddings: Path) -> dict:
 @task(cache_policy=NO_CACHE)
 def train_task(params: Params) -> dict:
     return train_model(params, export_dir=Path(params.export.out_dir),
-                       embeddings=Path(params.embed.out_dir) / "embeddings.parquet")
+                       embeddings=Path(params.embed.out_dir) / "embeddings.parquet",
+                       near_duplicates=Path(params.similarity.out_dir) / "near_duplicates.parquet")
 
 
 @flow(name="train")

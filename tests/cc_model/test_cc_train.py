@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cc_model.checkpoint import load_model
+from cc_model.data import ExportDataError
 from cc_model.config import TrainParams
 from cc_model.train import STATE_NAME, train_model
 from flows.config.params import Params
@@ -17,8 +18,10 @@ from conftest import params_for
 
 def train(exported, out_dir, **options) -> dict:
     params = Params(model=params_for(), train=TrainParams(**{"batch_size": 2, "num_workers": 0,
+                                                             "avoid_near_duplicates": False,
                                                              "out_dir": str(out_dir), **options}))
-    return train_model(params, export_dir=exported / "export", embeddings=exported / "embeddings.parquet")
+    return train_model(params, export_dir=exported / "export", embeddings=exported / "embeddings.parquet",
+                       near_duplicates=exported / "near_duplicates.parquet")
 
 
 def weights(out_dir) -> dict[str, torch.Tensor]:
@@ -40,45 +43,91 @@ def test_writes_a_loadable_checkpoint_stats_and_the_loss_curve(exported, tmp_pat
 
 
 def test_a_killed_run_resumes_to_the_unbroken_runs_weights(exported, tmp_path, monkeypatch):
-    train(exported, tmp_path / "unbroken", max_steps=4, save_every=2)
+    # 24 steps of batch 2 over the fixture's 32 samples cross an epoch boundary on both sides of the kill
+    unbroken = train(exported, tmp_path / "unbroken", max_steps=24, save_every=6)
+    assert unbroken["epochs"] >= 1
     expected, expected_loss = weights(tmp_path / "unbroken"), (tmp_path / "unbroken" / "loss.csv").read_text()
 
     real_step, calls = torch.optim.AdamW.step, []
 
-    def dies_at_step_3(self, *args, **kwargs):
+    def dies_at_step_19(self, *args, **kwargs):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 19:
             raise KeyboardInterrupt("killed")
         return real_step(self, *args, **kwargs)
 
-    monkeypatch.setattr(torch.optim.AdamW, "step", dies_at_step_3)
+    monkeypatch.setattr(torch.optim.AdamW, "step", dies_at_step_19)
     with pytest.raises(KeyboardInterrupt):
-        train(exported, tmp_path / "broken", max_steps=4, save_every=2)
+        train(exported, tmp_path / "broken", max_steps=24, save_every=6)
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     assert (tmp_path / "broken" / ".work" / STATE_NAME).is_file()
     assert not (tmp_path / "broken" / "checkpoint").exists()
-    stats = train(exported, tmp_path / "broken", max_steps=4, save_every=2)
-    assert stats["started_at_step"] == 2 and stats["steps"] == 4
+    stats = train(exported, tmp_path / "broken", max_steps=24, save_every=6)
+    assert stats["started_at_step"] == 18 and stats["steps"] == 24
     resumed = weights(tmp_path / "broken")
     for name, value in expected.items():
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=0)
     assert (tmp_path / "broken" / "loss.csv").read_text() == expected_loss
 
-    train(exported, tmp_path / "longer", max_steps=2, save_every=2)  # a finished run, then more steps
-    stats = train(exported, tmp_path / "longer", max_steps=4, save_every=2)
-    assert stats["started_at_step"] == 2
+    train(exported, tmp_path / "longer", max_steps=20, save_every=6)  # a finished run, then more steps
+    stats = train(exported, tmp_path / "longer", max_steps=24, save_every=6)
+    assert stats["started_at_step"] == 20
     for name, value in expected.items():
         torch.testing.assert_close(weights(tmp_path / "longer")[name], value, rtol=0, atol=0)
 
 
-def test_a_state_from_other_params_is_not_continued(exported, tmp_path):
+def test_a_state_from_other_params_or_shards_is_not_continued(exported, tmp_path):
+    import os
+
     train(exported, tmp_path / "run", max_steps=2)
     assert train(exported, tmp_path / "run", max_steps=2, lr=1e-4)["started_at_step"] == 0
     assert train(exported, tmp_path / "run", max_steps=3, lr=1e-4, num_workers=1)["started_at_step"] == 2
+    shard = sorted((exported / "export" / "train").glob("*.parquet"))[0]
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))  # a rewritten shard
+    assert train(exported, tmp_path / "run", max_steps=3, lr=1e-4)["started_at_step"] == 0
 
 
-def test_more_batch_than_samples_fails_in_one_line(exported, tmp_path):
-    from cc_model.data import ExportDataError
+def test_fewer_steps_than_the_saved_state_is_refused(exported, tmp_path):
+    from cc_model.train import TrainStateError
 
+    train(exported, tmp_path / "run", max_steps=3)
+    with pytest.raises(TrainStateError, match="train.max_steps is 2 but the saved state .* has done 3 steps"):
+        train(exported, tmp_path / "run", max_steps=2)
+
+
+def test_near_duplicate_subjects_never_share_a_batch(exported, tmp_path):
+    from flows.schemas import NEAR_DUPLICATES
+    from flows.tables import iter_rows, write_table
+    from flows.schemas import EXPORT
+
+    subjects = sorted({r["subject_id"] for p in (exported / "export" / "train").glob("*.parquet")
+                       for r in iter_rows(p, EXPORT)})
+    pairs = [{"subject_a": a, "subject_b": b, "r": 0.99} for i, a in enumerate(subjects) for b in subjects[i + 1:]]
+    write_table(exported / "near_duplicates.parquet", NEAR_DUPLICATES, pairs)  # every pair: no batch of 2 exists
+    with pytest.raises(ExportDataError, match="no batch of 2 samples of different subjects"):
+        train(exported, tmp_path / "run", max_steps=1, avoid_near_duplicates=True)
+    assert train(exported, tmp_path / "run", max_steps=1)["steps"] == 1  # without the flags it trains
+
+
+def test_more_batch_than_subjects_fails_in_one_line(exported, tmp_path):
     with pytest.raises(ExportDataError, match="fewer than train.batch_size"):
         train(exported, tmp_path / "run", max_steps=1, batch_size=10_000)
+
+
+def test_training_batch_fields(exported, make_model):
+    from cc_model.backbones import clip_pixels
+    from cc_model.data import dataset_for
+    from cc_model.train import training_batch
+
+    model = make_model(params=params_for())
+    dataset = dataset_for(model, exported / "export", "train", embeddings=exported / "embeddings.parquet",
+                          background_rgb=(124, 116, 104))
+    raw = dataset.collate([dataset[0], dataset[5]])
+    batch = training_batch(model, raw, device=torch.device("cpu"), dtype=torch.float32,
+                           generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(batch.reference_pixels, clip_pixels(raw["reference"], 32))
+    torch.testing.assert_close(batch.positive_pixels, clip_pixels(raw["positive"], 32))
+    assert torch.equal(batch.masks, raw["mask"]) and torch.equal(batch.input_ids, raw["input_ids"])
+    assert torch.equal(batch.appearance_sim, raw["appearance_sim"])
+    assert batch.noisy_latents.shape == batch.target.shape == (2, 4, 16, 16)
+    assert batch.timesteps.dtype == torch.long and 0 <= int(batch.timesteps.min()) <= int(batch.timesteps.max()) < 1000
