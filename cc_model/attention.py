@@ -49,6 +49,13 @@ class CapturedMaps:
     visual: torch.Tensor | None  # (B, m, h, w) probability of each visual token
 
 
+def normalise_map(maps: torch.Tensor) -> torch.Tensor:
+    """Divide each spatial map by its maximum, so maps lie in [0, 1] like the mask. Applied to each
+    visual token's map before averaging: the m maps themselves would average to the constant 1/m
+    (each query's probabilities sum to 1 over the m tokens)."""
+    return maps / maps.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
+
+
 class AttentionCapture:
     """Collects the maps the localisation loss needs, only in layers at or below a resolution.
 
@@ -133,14 +140,14 @@ class SubjectLocation(AttentionCapture):
         return self._keep[h, w]
 
     def average_map(self) -> torch.Tensor:
-        """A_g (B, H, W) at the latent size: the mean of every recorded layer's max-normalised visual map
-        (the mean over its m tokens) and placeholder map, resized bilinearly, then max-normalised."""
+        """A_g (B, H, W) at the latent size, as the localisation loss forms it: per layer, the visual map
+        (the mean of its m max-normalised token maps) and the max-normalised placeholder map; all
+        resized bilinearly, averaged, then max-normalised."""
         maps = []
         for layer in self.maps:
-            for part in (layer.visual.float().mean(dim=1) if layer.visual is not None else None,
-                         layer.text.float() if layer.text is not None else None):
+            for part in (normalise_map(layer.visual.float()).mean(dim=1) if layer.visual is not None else None,
+                         normalise_map(layer.text.float()) if layer.text is not None else None):
                 if part is not None:
-                    part = part / part.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
                     maps.append(F.interpolate(part[:, None], size=self.latent_size, mode="bilinear",
                                               align_corners=False)[:, 0])
         if not maps:
@@ -149,8 +156,18 @@ class SubjectLocation(AttentionCapture):
         return a_g / a_g.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
 
     def next_mask(self, threshold: float) -> torch.Tensor:
-        """The binary (B, H, W) location for the next step: A_g at or above ``threshold``."""
-        return (self.average_map() >= threshold).float()
+        """The binary (B, H, W) location for the next step: A_g, rescaled to [0, 1] between its minimum
+        and maximum, at or above ``threshold``; all ones where A_g is flat (no location to confine to).
+
+        The rescaling matters: each query's visual probabilities sum to 1 over the m tokens, so the
+        visual maps add a nearly constant share to A_g, and a threshold on max-normalised A_g alone
+        would pass everywhere.
+        """
+        a_g = self.average_map()
+        low = a_g.amin(dim=(-2, -1), keepdim=True)
+        span = a_g.amax(dim=(-2, -1), keepdim=True) - low
+        scaled = torch.where(span > 1e-6, (a_g - low) / span.clamp_min(1e-6), torch.ones_like(a_g))
+        return (scaled >= threshold).float()
 
 
 class DecoupledConditioning(NamedTuple):
@@ -351,6 +368,7 @@ __all__ = [
     "attention_probabilities",
     "cross_attention_layer_names",
     "install_decoupled_attention",
+    "normalise_map",
     "placeholder_probability",
     "set_gamma",
 ]

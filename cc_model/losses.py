@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cc_model.attention import CapturedMaps
+from cc_model.attention import CapturedMaps, normalise_map
 
 
 def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -93,12 +93,6 @@ class MACLLoss(nn.Module):
         return {"macl": _reduce(per_layer.sum(dim=0), self.reduction)}
 
 
-def _normalise_map(maps: torch.Tensor) -> torch.Tensor:
-    """Divide each spatial map by its maximum, so maps lie in [0, 1] like the mask. Without this the
-    m visual maps would average to the constant 1/m (each query's probabilities sum to 1 over m)."""
-    return maps / maps.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
-
-
 class LocalisationLoss(nn.Module):
     """FastComposer's localisation loss on the averaged attention map A_g (Sec. 3.4).
 
@@ -120,9 +114,9 @@ class LocalisationLoss(nn.Module):
         by_grid: dict[tuple[int, int], list[torch.Tensor]] = defaultdict(list)
         for layer in maps:
             if layer.visual is not None:
-                by_grid[layer.height, layer.width].append(_normalise_map(layer.visual.float()).mean(dim=1))
+                by_grid[layer.height, layer.width].append(normalise_map(layer.visual.float()).mean(dim=1))
             if layer.text is not None:
-                by_grid[layer.height, layer.width].append(_normalise_map(layer.text.float()))
+                by_grid[layer.height, layer.width].append(normalise_map(layer.text.float()))
         weight = torch.ones(mask.shape[0], device=mask.device) if sample_weight is None else sample_weight.float()
         losses = []
         for (h, w), layer_maps in sorted(by_grid.items()):

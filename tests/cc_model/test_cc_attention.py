@@ -262,9 +262,19 @@ def test_subject_location_next_mask_comes_from_the_recorded_maps():
     location = SubjectLocation(placeholder_weights=torch.ones(1, 3) / 3, latent_size=(8, 8))
     text = torch.full((1, 4, 4), 0.01)
     text[0, 1:3, 1:3] = 0.5  # the placeholder attends to the centre of a 4x4 layer
-    visual = torch.full((1, 2, 4, 4), 0.1)
-    visual[0, :, 1:3, 1:3] = 0.9
+    logits = torch.zeros(1, 4, 4, 4)  # 4 visual tokens; token 0 wins at the centre queries
+    logits[0, 0, 1:3, 1:3] = 3.0
+    visual = logits.softmax(dim=1)  # as recorded: each query's probabilities over the m tokens sum to 1
     location.record(CapturedMaps(layer_index=0, height=4, width=4, text=text, visual=visual))
     mask = location.next_mask(0.5)
     assert mask.shape == (1, 8, 8) and set(mask.unique().tolist()) == {0.0, 1.0}
     assert mask[0, 3:5, 3:5].eq(1).all() and mask[0, 0].eq(0).all() and mask[0, :, 0].eq(0).all()
+
+
+def test_a_flat_average_map_confines_nothing():
+    from cc_model.attention import CapturedMaps, SubjectLocation
+
+    location = SubjectLocation(placeholder_weights=torch.ones(1, 3) / 3, latent_size=(8, 8))
+    location.record(CapturedMaps(layer_index=0, height=4, width=4, text=torch.full((1, 4, 4), 0.2),
+                                 visual=torch.full((1, 4, 4, 4), 0.25)))
+    assert location.next_mask(0.5).eq(1).all()
