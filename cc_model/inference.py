@@ -43,14 +43,23 @@ def generate(model: CustomContrastModel, reference_pixels: torch.Tensor, prompts
     if len(prompts) != reference_pixels.shape[0]:
         raise ValueError(f"{len(prompts)} prompts for {reference_pixels.shape[0]} reference images")
     model.eval()
+    device, dtype = reference_pixels.device, model.unet.dtype
+    # frozen weights cast to bf16 (cast_frozen) beside float32 trainable ones need autocast
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        return _generate(model, reference_pixels, prompts, params=params, latents=latents)
+
+
+def _generate(model: CustomContrastModel, reference_pixels: torch.Tensor, prompts: list[str], *,
+              params: SamplingParams, latents: torch.Tensor | None) -> Generated:
     device, dtype, b = reference_pixels.device, model.unet.dtype, len(prompts)
-    scheduler = DDIMScheduler.from_config(model.scheduler.config)
+    # SD1.5 trains without sample clipping; a scheduler config that omits the key would default to True
+    scheduler = DDIMScheduler.from_config(model.scheduler.config, clip_sample=False)
     scheduler.set_timesteps(params.steps, device=device)
     size = model.unet.config.sample_size
     if latents is None:
         generator = torch.Generator().manual_seed(params.seed)
         latents = torch.randn((b, model.unet.config.in_channels, size, size), generator=generator)
-    latents = latents.to(device, dtype) * scheduler.init_noise_sigma
+    latents = latents.to(device, torch.float32) * scheduler.init_noise_sigma  # the DDIM updates stay float32
 
     input_ids = model.tokenize(prompts).to(device)  # (B, T)
     empty_ids = model.empty_ids.to(device).expand(b, -1)
@@ -80,8 +89,8 @@ def generate(model: CustomContrastModel, reference_pixels: torch.Tensor, prompts
         conditioning = DecoupledConditioning(text=torch.cat([uncond, text]), visual=torch.cat([torch.zeros_like(visual),
                                                                                                visual]),
                                              location=location)
-        noise = model.unet(torch.cat([latents, latents]), t, encoder_hidden_states=conditioning).sample
-        noise_uncond, noise_cond = noise.chunk(2)
+        noise = model.unet(torch.cat([latents, latents]).to(dtype), t, encoder_hidden_states=conditioning).sample
+        noise_uncond, noise_cond = noise.float().chunk(2)
         noise = noise_uncond + params.guidance_scale * (noise_cond - noise_uncond)
         latents = scheduler.step(noise, t, latents).prev_sample
         if location is not None:

@@ -54,7 +54,7 @@ def test_subject_location_is_carried_from_step_to_step(make_model, monkeypatch):
 
     monkeypatch.setattr(SubjectLocation, "__init__", spy)
     prompts = ["a photo of sks cup", "a photo of a cup"]  # the second has no placeholder
-    out = generate(model, references(model), prompts, params=SamplingParams(steps=STEPS, location_threshold=0.97),
+    out = generate(model, references(model), prompts, params=SamplingParams(steps=STEPS),  # threshold 0.5
                    latents=start_latents(model))
     assert out.images.shape == (2, 3, 32, 32) and 0 <= out.images.min() <= out.images.max() <= 1
     side = model.unet.config.sample_size
@@ -80,3 +80,29 @@ def test_same_seed_same_images_and_prompts_must_match_references(make_model):
     assert not torch.equal(one, other.images)
     with pytest.raises(ValueError, match="3 prompts for 2 reference images"):
         generate(model, references(model), ["a", "b", "c"], params=params)
+
+
+def test_unconditional_half_and_per_step_timesteps(make_model, monkeypatch):
+    from diffusers import DDIMScheduler
+
+    model = make_model()
+    seen_t, seen_cond = [], []
+    real_mfi, real_unet = model.mfi.forward, model.unet.forward
+    monkeypatch.setattr(model.mfi, "forward", lambda f, t, f_t=None: seen_t.append(t.clone()) or real_mfi(f, t, f_t))
+
+    def unet(sample, t, encoder_hidden_states=None, **kw):
+        seen_cond.append(encoder_hidden_states)
+        return real_unet(sample, t, encoder_hidden_states=encoder_hidden_states, **kw)
+
+    monkeypatch.setattr(model.unet, "forward", unet)
+    generate(model, references(model), ["a photo of sks cup", "sks dog"], params=SamplingParams(steps=STEPS),
+             latents=start_latents(model))
+    scheduler = DDIMScheduler.from_config(model.scheduler.config)
+    scheduler.set_timesteps(STEPS)
+    assert [int(t[0]) for t in seen_t] == scheduler.timesteps.tolist()  # the textual Q-former sees each step's t
+    assert all(bool((t == t[0]).all()) for t in seen_t)
+    empty = model.text.encode(model.empty_ids.expand(2, -1))
+    for cond in seen_cond:  # [unconditional; conditional]
+        assert cond.visual[:2].abs().max() == 0 and cond.visual[2:].abs().max() > 0  # no image in the first half
+        torch.testing.assert_close(cond.text[:2], empty[:, None].expand_as(cond.text[:2]))  # the empty caption
+        assert not torch.allclose(cond.text[2:], cond.text[:2])
