@@ -18,10 +18,15 @@ from safetensors.torch import load_file, save_file
 
 from cc_model.config import ModelParams
 from flows.config.typed import from_mapping, to_mapping
+from flows.errors import UserFacingError
 
 WEIGHTS_NAME = "cc_adapter.safetensors"
 CONFIG_NAME = "cc_adapter_config.json"
 FORMAT_VERSION = 1
+
+
+class CheckpointNotFoundError(UserFacingError, FileNotFoundError):
+    """A checkpoint folder without the files save_trainable writes."""
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -55,7 +60,8 @@ def read_checkpoint(directory: str | Path) -> tuple[ModelParams, dict, dict[str,
     directory = Path(directory)
     for name in (WEIGHTS_NAME, CONFIG_NAME):
         if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory / name}: missing (not a cc_model checkpoint folder)")
+            raise CheckpointNotFoundError(f"{directory / name}: missing (not a cc_model checkpoint folder; the train "
+                                          f"stage writes one: dvc repro train)")
     config = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
     if config.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{directory / CONFIG_NAME}: format_version {config.get('format_version')!r} unsupported")
@@ -121,4 +127,4 @@ def load_model(directory: str | Path, backbones=None):
     return model
 
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_model", "load_trainable", "read_checkpoint", "save_trainable"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "CheckpointNotFoundError", "load_model", "load_trainable", "read_checkpoint", "save_trainable"]

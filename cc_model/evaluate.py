@@ -40,7 +40,7 @@ from PIL import Image  # noqa: E402
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from cc_model.backbones import clip_pixels  # noqa: E402
+from cc_model.backbones import clip_pixels, load_backbones  # noqa: E402
 from cc_model.checkpoint import load_model  # noqa: E402
 from cc_model.data import subject_bbox, to_tensor  # noqa: E402
 from cc_model.dreambench import Subject, read_dreambench  # noqa: E402
@@ -79,7 +79,7 @@ class SubjectCutter:
 
     def cut(self, images: list[Image.Image]) -> list[Image.Image]:
         if self.runner is None:
-            return images
+            return [self.square(image) for image in images]
         prompts = []
         for image in images:
             w, h = image.size
@@ -89,9 +89,15 @@ class SubjectCutter:
         out = []
         for image, masks in zip(images, self.runner.segment(prompts)):
             mask = masks.masks[:, :, 0].astype(bool)
-            # an empty mask (possible with random weights) leaves the whole photo
-            out.append(segment_subject(image, mask, subject_bbox(mask), self.background) if mask.any() else image)
+            # an empty mask (possible with random weights) leaves the whole photo, padded square
+            out.append(segment_subject(image, mask, subject_bbox(mask), self.background) if mask.any()
+                       else self.square(image))
         return out
+
+    def square(self, image: Image.Image) -> Image.Image:
+        """The whole photo on a square of the background colour (the model's inputs are squares, not squashed)."""
+        mask = np.ones((image.height, image.width), dtype=bool)
+        return segment_subject(image, mask, (0.0, 0.0, float(image.width), float(image.height)), self.background)
 
 
 def plan_jobs(subjects: list[Subject], bench, params: Params) -> list[Job]:
@@ -147,13 +153,14 @@ def evaluate_checkpoint(params: Params, *, checkpoint: Path) -> dict:
     out_dir = Path(config.out_dir)
     device = resolve_device(config.device)
     bench = read_dreambench(params.sources.dreambench_root, live_classes=config.live_classes)
-    model = load_model(checkpoint).to(device)
+    metric = load_metric_models(config, device)  # first: a missing DINO or CLIP fails before minutes of loading
+    # this machine's backbone paths (params), not the ones stored in a checkpoint trained elsewhere
+    model = load_model(checkpoint, backbones=load_backbones(params.model.backbone)).to(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype != torch.float32:
         cast_frozen(model, dtype)
     runner = SamRunner(sam_for_params(params.segment), device) if config.segment_subjects else None
     cutter = SubjectCutter(runner, params.embed.background_rgb)
-    metric = load_metric_models(config, device)
 
     subjects = list(bench.subjects)
     photos = {s.name: [Image.open(p).convert("RGB") for p in s.images] for s in subjects}
@@ -174,9 +181,7 @@ def evaluate_checkpoint(params: Params, *, checkpoint: Path) -> dict:
             latents = torch.stack([torch.randn(model.unet.config.in_channels, latent, latent,
                                                generator=torch.Generator().manual_seed(job.seed)) for job in batch])
             references = torch.stack([conditioning[job.subject.name] for job in batch]).to(device, dtype)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                out = generate(model, references, [job.prompt for job in batch], params=params.sampling,
-                               latents=latents)
+            out = generate(model, references, [job.prompt for job in batch], params=params.sampling, latents=latents)
             images = [Image.fromarray((im.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
                       for im in out.images]
             cut = cutter.cut(images)
@@ -199,7 +204,9 @@ def evaluate_checkpoint(params: Params, *, checkpoint: Path) -> dict:
     seconds = progress.close()
     if firsts:
         _grid(firsts).save(out_dir / "grid.png")
-    metrics = summarise(rows) | {"random_weights": model.profile == "tiny" or metric.random_weights}
+    random = model.profile != "sd15" or metric.random_weights or (runner is not None and runner.random_weights)
+    segmentation = "SAM, prompted with a box around the whole image" if runner is not None else "none (whole images)"
+    metrics = summarise(rows) | {"random_weights": random, "subject_segmentation": segmentation}
     if metrics["random_weights"]:
         log.warning("evaluate: random weights (model or metric models): the scores are meaningless")
     return write_stats(out_dir, metrics, timing={"seconds": round(seconds, 3), "device": str(device),

@@ -77,7 +77,7 @@ def test_every_subject_and_prompt_is_generated_and_scored(evaluated):
     for r in table:
         assert -1 <= r["clip_t"] <= 1 and -1 <= r["clip_i"] <= 1 and -1 <= r["dino_i"] <= 1
         assert Image.open(__import__("io").BytesIO(r["image_jpeg"])).size == (32, 32)
-    assert metrics["random_weights"] is True
+    assert metrics["random_weights"] is True and metrics["subject_segmentation"].startswith("SAM")
     assert json.loads((out / "stats.json").read_text())["CT"] == metrics["CT"]
     assert Image.open(out / "grid.png").size[1] >= 32
 
