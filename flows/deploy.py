@@ -9,13 +9,18 @@ would collide on DVC's lock.
 
 A schedule needs a server that outlives this process (``prefect server start``); the
 project's default ephemeral server runs no schedules, so the command refuses to start without
-``PREFECT_API_URL``.
+``PREFECT_API_URL``. If the server goes away, Prefect's runner stops after a few failed polls;
+this command then serves again every 30 s until the server is back (a run in flight when the
+server went down fails: its stages report to the server). The project is the folder of the
+params.yaml given, which must hold dvc.yaml.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from flows.runtime import configure
@@ -29,6 +34,9 @@ from flows.config.params import ScheduleParams, load_params  # noqa: E402
 from flows.config.typed import ParamsError  # noqa: E402
 from flows.errors import UserFacingError  # noqa: E402
 from flows.pipeline import pipeline_flow  # noqa: E402
+
+
+log = logging.getLogger("flows.deploy")
 
 
 class NoServerError(UserFacingError, RuntimeError):
@@ -54,13 +62,48 @@ def build_deployment(schedule: ScheduleParams, *, params_path: str = "params.yam
     )
 
 
+class NotAProjectError(UserFacingError, ValueError):
+    """A params file that is not the params.yaml beside a dvc.yaml."""
+
+
+def project_of(params_path: str | Path) -> Path:
+    """The DVC project a params file belongs to: its folder, which must hold dvc.yaml.
+
+    ``dvc repro`` reads ``params.yaml`` beside ``dvc.yaml``, so only that file can drive a run.
+    """
+    path = Path(params_path).resolve()
+    if path.name != "params.yaml":
+        raise NotAProjectError(f"{params_path}: dvc repro reads the params.yaml beside dvc.yaml; "
+                               f"pass that file (or a path to it)")
+    if not (path.parent / "dvc.yaml").is_file():
+        raise NotAProjectError(f"{path.parent}: no dvc.yaml; pass the params.yaml of the DVC project to schedule")
+    return path.parent
+
+
+def serve_until_stopped(deployment, *, retry_s: float = 30.0, attempts: int | None = None) -> None:
+    """``serve`` the deployment; when it stops on an error (the server went away: Prefect's runner
+    gives up after a few failed polls), log it and serve again after ``retry_s``. Ctrl-C stops it."""
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            serve(deployment)
+            return
+        except Exception as exc:  # noqa: BLE001 - any failure of the runner: keep the schedule alive
+            if attempts is not None and attempt >= attempts:
+                raise
+            log.warning("deploy: serving stopped (%s: %s); serving again in %.0f s", type(exc).__name__, exc, retry_s)
+            time.sleep(retry_s)
+
+
 def main(argv: list[str]) -> None:
     params_path = argv[0] if argv else "params.yaml"
     if not os.environ.get("PREFECT_API_URL"):
         raise NoServerError("a schedule needs a Prefect server: run `prefect server start`, then set "
                             "PREFECT_API_URL=http://127.0.0.1:4200/api and run this again")
-    schedule = load_params(params_path).schedule
-    serve(build_deployment(schedule, params_path=params_path, project=Path.cwd()))
+    project = project_of(params_path)
+    schedule = load_params(project / "params.yaml").schedule
+    serve_until_stopped(build_deployment(schedule, params_path="params.yaml", project=project))
 
 
 if __name__ == "__main__":
@@ -69,4 +112,4 @@ if __name__ == "__main__":
     run_stage(lambda path: main([path]), sys.argv[1:])
 
 
-__all__ = ["NoServerError", "build_deployment", "main"]
+__all__ = ["NoServerError", "NotAProjectError", "build_deployment", "main", "project_of", "serve_until_stopped"]

@@ -20,7 +20,8 @@ from flows.config.params import ScheduleParams
 from flows.config.typed import ParamsError
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGE = "python -c \"import pathlib; pathlib.Path('out.txt').write_text('made')\""
+# the stage's `python` must be this interpreter even when PATH does not lead to it (flows.pipeline.stage_env)
+STAGE = "python -c \"import pathlib, sys; pathlib.Path('out.txt').write_text(sys.executable)\""
 
 
 def test_deployment_carries_the_schedule_and_parameters(tmp_path):
@@ -86,8 +87,7 @@ def test_served_deployment_runs_dvc_repro(prefect_harness, tmp_path):
 
     project = dvc_project(tmp_path / "project")
     env = dict(os.environ, PYTHONPATH=str(ROOT), PREFECT_API_URL=PREFECT_API_URL.value(),
-               PREFECT_HOME=str(tmp_path / "prefect-home"),
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+               PREFECT_HOME=str(tmp_path / "prefect-home"), PATH="/usr/bin:/bin")  # no venv on PATH
     log = open(tmp_path / "serve.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "flows.deploy", "params.yaml"], cwd=project, env=env,
                               stdout=log, stderr=subprocess.STDOUT)
@@ -98,7 +98,7 @@ def test_served_deployment_runs_dvc_repro(prefect_harness, tmp_path):
 
         run = run_deployment("pipeline/test-nightly", timeout=240, poll_interval=1, as_subflow=False)
         assert run.state.is_completed(), (run.state, (tmp_path / "serve.log").read_text()[-3000:])
-        assert (project / "out.txt").read_text() == "made"  # dvc ran the stage
+        assert (project / "out.txt").read_text() == sys.executable  # dvc ran the stage, with our python
         assert (project / "dvc.lock").is_file()
 
         async def summary_artifact():
@@ -126,3 +126,34 @@ def test_a_failing_stage_fails_the_pipeline_run_with_dvcs_last_lines(prefect_har
         "cmd": "python -c \"import sys; print('stage says no'); sys.exit(3)\"", "outs": ["out.txt"]}}}))
     with pytest.raises(DvcReproError, match="(?s)dvc repro exited with [1-9].*stage says no"):
         pipeline_flow(project=str(project))
+
+
+def test_the_project_is_the_params_files_dvc_folder(tmp_path):
+    from flows.deploy import NotAProjectError, project_of
+
+    project = dvc_project(tmp_path / "project")
+    assert project_of(project / "params.yaml") == project.resolve()
+    (project / "other.yaml").write_text("{}")
+    with pytest.raises(NotAProjectError, match="dvc repro reads the params.yaml beside dvc.yaml"):
+        project_of(project / "other.yaml")
+    (tmp_path / "params.yaml").write_text("{}")
+    with pytest.raises(NotAProjectError, match="no dvc.yaml"):
+        project_of(tmp_path / "params.yaml")
+
+
+def test_serving_resumes_after_the_server_goes_away(monkeypatch):
+    import flows.deploy as deploy
+
+    calls = []
+
+    def runner_that_loses_its_server_twice(deployment):
+        calls.append(deployment)
+        if len(calls) < 3:
+            raise RuntimeError("Service exceeded error threshold")
+
+    monkeypatch.setattr(deploy, "serve", runner_that_loses_its_server_twice)
+    deploy.serve_until_stopped("d", retry_s=0)
+    assert calls == ["d", "d", "d"]
+    calls.clear()
+    with pytest.raises(RuntimeError, match="threshold"):
+        deploy.serve_until_stopped("d", retry_s=0, attempts=2)
