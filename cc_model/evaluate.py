@@ -47,7 +47,7 @@ from cc_model.dreambench import Subject, read_dreambench  # noqa: E402
 from cc_model.inference import generate  # noqa: E402
 from cc_model.metrics import clip_image_embeddings, clip_text_embeddings, dino_embeddings, load_metric_models  # noqa: E402
 from cc_model.model import cast_frozen  # noqa: E402
-from cc_model.train import resolve_device  # noqa: E402
+from cc_model.training import resolve_device  # noqa: E402
 from flows.config.params import Params, load_params  # noqa: E402
 from flows.embed.preprocess import segment_subject  # noqa: E402
 from flows.progress import Progress  # noqa: E402

@@ -1,239 +1,19 @@
-"""The ``train`` stage: CustomContrast on the export stage's shards (``python -m cc_model.train [params.yaml]``).
-
-Writes under ``train.out_dir``:
-
-- ``checkpoint/``: the trainable weights and the resolved config (cc_model.checkpoint; load_model reads it);
-- ``stats.json`` (a DVC metric): steps, samples, and each loss term averaged over the last steps;
-- ``loss.csv`` (DVC plots): every step's loss terms; ``timing.json``: how long it took.
-
-Every ``train.save_every`` steps, and at the end, the training state (trainable weights, AdamW
-moments, the random generator, the step, the loss history) goes to ``.work/state.pt``. A run that
-finds a state made from the same shards, params (all but max_steps and how the run is executed),
-device type, library versions and code continues from it: a killed run loses at most
-``save_every`` steps, and raising ``train.max_steps`` continues a finished run. All random draws
-(dropout, timesteps, noise) come from one generator in the training process and the sample order
-from (seed, epoch), so a resumed run ends with the weights of an unbroken one.
-"""
+"""The ``train`` stage: ``python -m cc_model.train [params.yaml]`` runs :func:`cc_model.training.train_model`
+as a Prefect flow (what it writes, and how a killed run resumes, is documented there)."""
 
 from __future__ import annotations
 
-import csv
-import dataclasses
-import hashlib
-import json
-import logging
-import math
-import os
 from pathlib import Path
-from typing import NamedTuple
 
 from flows.runtime import configure
 
 configure()
 
-import torch  # noqa: E402
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from cc_model.backbones import clip_pixels, load_backbones  # noqa: E402
-from cc_model.checkpoint import save_trainable  # noqa: E402
-from cc_model.data import ExportDataError, SubjectBatchSampler, dataset_for, near_duplicate_conflicts  # noqa: E402
-from cc_model.model import CustomContrastModel, TrainBatch, cast_frozen, diffusion_inputs  # noqa: E402
+from cc_model.training import train_model  # noqa: E402
 from flows.config.params import Params, load_params  # noqa: E402
-from flows.errors import UserFacingError  # noqa: E402
-from flows.progress import Progress  # noqa: E402
-from flows.resume import file_identity, library_versions  # noqa: E402
-from flows.tables import write_stats  # noqa: E402
-
-STATE_NAME = "state.pt"
-LAST_STEPS = 10  # stats.json averages each loss term over this many final steps
-# Train params that change how a run executes, not what it computes: left out of the resume key.
-RUN_ONLY = ("max_steps", "save_every", "num_workers", "out_dir", "device")
-FLOWS = Path(__file__).parents[1] / "flows"
-CODE = (Path(__file__).parent, FLOWS / "embed" / "preprocess.py", FLOWS / "pairs" / "augment.py", FLOWS / "tables.py",
-        FLOWS / "schemas.py")
-logger = logging.getLogger("flows.train")
-
-
-class TrainStateError(UserFacingError, ValueError):
-    """A saved training state that the params cannot continue."""
-
-
-def resolve_device(device: str) -> torch.device:
-    return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                        "cpu" if device == "auto" else device)
-
-
-def state_key(params: Params, *, inputs: list[Path], device: torch.device) -> str:
-    """What a saved state must have been made from to be continued (see the module docstring).
-
-    ``inputs``: the files read (shards, embeddings, near-duplicates, backbone weights), named by
-    path, size and mtime (hashing hundreds of GB is slow); a folder stands for its Parquet files.
-    """
-    digest = hashlib.sha256()
-    train = {k: v for k, v in dataclasses.asdict(params.train).items() if k not in RUN_ONLY}
-    digest.update(json.dumps({"model": dataclasses.asdict(params.model), "train": train,
-                              "background_rgb": params.embed.background_rgb, "device": device.type,
-                              "libraries": library_versions("torch", "diffusers", "transformers")},
-                             sort_keys=True, default=str).encode())
-    for path in inputs:
-        for file in sorted(path.rglob("*.parquet")) if path.is_dir() else [path]:
-            digest.update(f"{file_identity(file)}\n".encode())
-    for root in CODE:
-        for source in sorted(root.rglob("*.py")) if root.is_dir() else [root]:
-            digest.update(source.name.encode() + source.read_bytes())
-    return digest.hexdigest()
-
-
-def training_batch(model: CustomContrastModel, batch: dict[str, torch.Tensor], *, device: torch.device,
-                   dtype: torch.dtype, generator: torch.Generator) -> TrainBatch:
-    """A loader batch (cc_model.data) -> the model's TrainBatch: VAE latents, noise, timesteps, CLIP pixels."""
-    size = model.image_encoder.config.image_size
-    noisy, timesteps, target = diffusion_inputs(model, batch["target"].to(device), generator=generator)
-    return TrainBatch(
-        reference_pixels=clip_pixels(batch["reference"].to(device), size).to(dtype),
-        input_ids=batch["input_ids"].to(device),
-        noisy_latents=noisy.to(dtype),
-        timesteps=timesteps,
-        target=target.to(dtype),
-        masks=batch["mask"].to(device, dtype),
-        positive_pixels=clip_pixels(batch["positive"].to(device), size).to(dtype),
-        appearance_sim=batch["appearance_sim"].to(device),
-    )
-
-
-class Resumed(NamedTuple):
-    step: int  # optimizer steps done
-    epoch: int  # the epoch the next batch comes from
-    position: int  # batches of that epoch already used
-    history: list[dict[str, float]]  # every step's loss terms
-
-
-class TrainingState:
-    """``.work/state.pt``: everything a run needs to continue; read with ``weights_only=True`` (no pickled code)."""
-
-    def __init__(self, work_dir: Path, key: str):
-        self.path, self.key = work_dir / STATE_NAME, key
-
-    def load(self, model: CustomContrastModel, optimizer: torch.optim.Optimizer,
-             generator: torch.Generator) -> Resumed:
-        """Restore a matching state, or start at step 0 when there is none to continue."""
-        if not self.path.is_file():
-            return Resumed(0, 0, 0, [])
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
-        if state.get("key") != self.key:
-            logger.info("train: %s was made from other data, params or code; starting afresh", self.path)
-            return Resumed(0, 0, 0, [])
-        trainable = model.trainable_named_parameters()
-        with torch.no_grad():
-            for name, value in state["trainable"].items():
-                trainable[name].copy_(value)
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        history = [dict(zip(state["terms"], row)) for row in state["history"].tolist()]
-        logger.info("train: continuing from step %d (%s)", state["step"], self.path)
-        return Resumed(int(state["step"]), int(state["epoch"]), int(state["position"]), history)
-
-    def save(self, model: CustomContrastModel, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-             at: Resumed) -> None:
-        terms = list(at.history[0]) if at.history else []
-        state = {
-            "key": self.key, "step": at.step, "epoch": at.epoch, "position": at.position,
-            "generator": generator.get_state(), "optimizer": optimizer.state_dict(),
-            "trainable": {n: p.detach().cpu() for n, p in model.trainable_named_parameters().items()},
-            "terms": terms,
-            "history": torch.tensor([[row[t] for t in terms] for row in at.history], dtype=torch.float64),
-        }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{STATE_NAME}.tmp")
-        torch.save(state, tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.path)  # a run killed while saving keeps the previous state
-
-
-def write_loss_csv(path: Path, history: list[dict[str, float]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        terms = list(history[0]) if history else []
-        writer.writerow(["step", *terms])
-        for step, row in enumerate(history, start=1):
-            writer.writerow([step, *(f"{row[t]:.6g}" for t in terms)])
-    os.replace(tmp, path)
-
-
-def train_model(params: Params, *, export_dir: Path, embeddings: Path, near_duplicates: Path) -> dict:
-    """Train for ``train.max_steps`` steps in all (continuing a matching saved state); returns the stats."""
-    config = params.train
-    out_dir = Path(config.out_dir)
-    device = resolve_device(config.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(config.seed)  # the MFI encoder's initial weights
-    backbones = load_backbones(params.model.backbone)
-    model = CustomContrastModel(backbones=backbones, params=params.model, train=config)
-    model.to(device)
-    if dtype != torch.float32:
-        cast_frozen(model, dtype)  # trainable weights stay float32 under autocast
-    dataset = dataset_for(model, export_dir, "train", embeddings=embeddings, background_rgb=params.embed.background_rgb)
-    conflicts = near_duplicate_conflicts(near_duplicates, dataset.subject_names) if config.avoid_near_duplicates else {}
-    sampler = SubjectBatchSampler(dataset.row_groups(), dataset.subjects, batch_size=config.batch_size,
-                                  seed=config.seed, conflicts=conflicts)
-    # DataLoader workers are forked: they share the index and the embeddings instead of copying them
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=dataset.collate,
-                                         num_workers=config.num_workers, pin_memory=device.type == "cuda")
-    optimizer = torch.optim.AdamW(list(model.trainable_named_parameters().values()), lr=config.lr)
-    generator = torch.Generator().manual_seed(config.seed)
-    inputs = [export_dir, embeddings, *([near_duplicates] if config.avoid_near_duplicates else []), *backbones.files]
-    state = TrainingState(out_dir / ".work", state_key(params, inputs=inputs, device=device))
-    at = state.load(model, optimizer, generator)
-    if at.step > config.max_steps:
-        raise TrainStateError(f"train.max_steps is {config.max_steps} but the saved state {state.path} has done "
-                              f"{at.step} steps; raise train.max_steps, or delete {state.path.parent} to start afresh")
-    step, epoch, position, history = at
-    start_step = step
-    progress = Progress("train", max(config.max_steps - step, 0), unit="steps")
-    autocast = torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
-    model.train()
-    while step < config.max_steps:
-        sampler.set_epoch(epoch, start=position)  # a resumed run skips the batches it has used
-        if position == 0 and len(sampler) == 0:
-            raise ExportDataError(f"{export_dir / 'train'}: no batch of {config.batch_size} samples of different "
-                                  f"subjects, none near-duplicates of another, can be formed (train.batch_size, "
-                                  f"train.avoid_near_duplicates)")
-        for batch in loader:
-            with autocast:
-                terms = model(training_batch(model, batch, device=device, dtype=dtype, generator=generator),
-                              generator=generator)
-            values = {name: float(value.detach()) for name, value in terms.items()}
-            if not math.isfinite(values["total"]):
-                raise FloatingPointError(f"train: loss terms {values} at step {step + 1}; the last saved state "
-                                         f"(every train.save_every steps) is {state.path}")
-            terms["total"].backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step, position = step + 1, position + 1
-            history.append(values)
-            progress.update()
-            if step % config.save_every == 0 or step == config.max_steps:
-                state.save(model, optimizer, generator, Resumed(step, epoch, position, history))
-            if step >= config.max_steps:
-                break
-        else:  # the epoch is used up
-            if sampler.left_out:
-                logger.info("train: epoch %d left out %d samples that fitted no batch", epoch, sampler.left_out)
-            epoch, position = epoch + 1, 0
-    seconds = progress.close()
-    save_trainable(model, out_dir / "checkpoint")
-    write_loss_csv(out_dir / "loss.csv", history)
-    last = history[-LAST_STEPS:]
-    stats = {"steps": step, "samples": step * config.batch_size, "train_samples": len(dataset), "epochs": epoch,
-             "loss_last_steps": {name: round(sum(r[name] for r in last) / len(last), 6) for name in last[0]}
-             if last else {}}
-    timing = {"device": str(device), "seconds": round(seconds, 3), "steps_this_run": step - start_step,
-              "samples_per_s": round((step - start_step) * config.batch_size / max(seconds, 1e-9), 2),
-              "started_at_step": start_step}
-    return write_stats(out_dir, stats, timing=timing)
 
 
 @task(cache_policy=NO_CACHE)
@@ -261,4 +41,4 @@ if __name__ == "__main__":
     run_stage(main)
 
 
-__all__ = ["TrainingState", "state_key", "train_flow", "train_model", "training_batch"]
+__all__ = ["train_flow", "train_task"]

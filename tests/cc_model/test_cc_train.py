@@ -10,7 +10,7 @@ import torch
 from cc_model.checkpoint import load_model
 from cc_model.data import ExportDataError
 from cc_model.config import TrainParams
-from cc_model.train import STATE_NAME, train_model
+from cc_model.training import STATE_NAME, train_model
 from flows.config.params import Params
 
 from conftest import params_for
@@ -88,7 +88,7 @@ def test_a_state_from_other_params_or_shards_is_not_continued(exported, tmp_path
 
 
 def test_fewer_steps_than_the_saved_state_is_refused(exported, tmp_path):
-    from cc_model.train import TrainStateError
+    from cc_model.training import TrainStateError
 
     train(exported, tmp_path / "run", max_steps=3)
     with pytest.raises(TrainStateError, match="train.max_steps is 2 but the saved state .* has done 3 steps"):
@@ -117,7 +117,7 @@ def test_more_batch_than_subjects_fails_in_one_line(exported, tmp_path):
 def test_training_batch_fields(exported, make_model):
     from cc_model.backbones import clip_pixels
     from cc_model.data import dataset_for
-    from cc_model.train import training_batch
+    from cc_model.training import training_batch
 
     model = make_model(params=params_for())
     dataset = dataset_for(model, exported / "export", "train", embeddings=exported / "embeddings.parquet",
