@@ -10,9 +10,11 @@
 #     -d .gpuwheels open_clip_torch==3.3.0 ftfy wcwidth pycocotools==2.0.11 diffusers==0.42.1 \
 #     segment-anything==1.0 faiss-cpu
 #
-# Device tool call:  command "bash benchmarks/gpu_checks.sh", carry [".gpuwheels"], timeout_s 600.
+# Device tool call:  command "bash benchmarks/gpu_checks.sh", timeout_s 600, carry [".gpuwheels",
+#   "data/export", "data/embed/embeddings.parquet", "data/similarity/near_duplicates.parquet"]
+#   (the last three, 16 MB after make repro, feed cuda_smoke; it fails without them, the rest runs).
 # Results: $OUT/NAME.out (each benchmark's stdout), $OUT/results.jsonl (exit code and seconds per
-# check) and $OUT/log.txt (stderr, versions). At most 8 files come back: keep it at 5 checks.
+# check) and $OUT/log.txt (stderr, versions). At most 8 files come back: keep it at 6 checks.
 #
 # CPU smoke test of this script (tiny sizes, the local venv, no wheels):
 #   GPU_CHECKS_SMOKE=1 OUT=/tmp/gpu-checks bash benchmarks/gpu_checks.sh
@@ -85,7 +87,7 @@ check() {  # check NAME SECONDS SCRIPT ARGS...: stdout to $OUT/NAME.out, stderr 
     echo "=== $name: exit $rc after $((SECONDS - start)) s" >>"$LOG"
 }
 
-# Limits (seconds) sum to 620; the deadline cuts the last, least important check instead of the
+# Limits (seconds) sum to 680; the deadline cuts the last, least important check instead of the
 # device tool's timeout. Call with timeout_s 600.
 # shellcheck disable=SC2086  # the argument strings are split on purpose
 {
@@ -95,5 +97,6 @@ check() {  # check NAME SECONDS SCRIPT ARGS...: stdout to $OUT/NAME.out, stderr 
     check segment 80 benchmarks/bench_segment.py --device "$DEVICE" $SEG
     check train_step_compiled 150 benchmarks/bench_train_step.py --device "$DEVICE" $TRAIN_COMPILED \
         --compile-text-encoder "$COMPILE"
+    check cuda_smoke 60 benchmarks/cuda_smoke.py --device "$DEVICE"  # bf16 train + generate, tiny models
 }
 for f in "$RESULTS" "$OUT"/*.out; do echo "--- $f"; cat "$f"; done
