@@ -56,6 +56,12 @@ def normalise_map(maps: torch.Tensor) -> torch.Tensor:
     return maps / maps.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
 
 
+def placeholder_weights(input_ids: torch.Tensor, placeholder_id: int) -> torch.Tensor:
+    """(B, S) ids -> (B, S) weights selecting the placeholder: 1/count at each occurrence, 0 elsewhere."""
+    weights = (input_ids == placeholder_id).float()
+    return weights / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
+
+
 class AttentionCapture:
     """Collects the maps the localisation loss needs, only in layers at or below a resolution.
 
@@ -369,6 +375,7 @@ __all__ = [
     "cross_attention_layer_names",
     "install_decoupled_attention",
     "normalise_map",
+    "placeholder_weights",
     "placeholder_probability",
     "set_gamma",
 ]

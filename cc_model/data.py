@@ -113,6 +113,11 @@ def positions(values: pa.Array | pa.ChunkedArray, keys: pa.Array | pa.ChunkedArr
     return pc.index_in(values, value_set=keys).fill_null(-1).to_numpy().astype(np.int64)
 
 
+def unresolved(values: pa.ChunkedArray, rows: np.ndarray) -> pa.ChunkedArray:
+    """The non-null ``values`` whose row (from :func:`positions`) was not found."""
+    return pc.filter(values, pa.array((rows < 0) & values.is_valid().to_numpy(False)))
+
+
 def read_embeddings(path: Path, ids: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     """The embeddings of ``ids``: an (n, D) float16 matrix of the distinct rows wanted, and each id's row in it.
 
@@ -182,7 +187,7 @@ class ExportDataset(torch.utils.data.Dataset):
         # Row numbers as arrays, not per-row Python objects: a split may hold millions of rows.
         positive = self.index["positive_frame_id"]
         self.positive_rows = positions(positive, self.index["frame_id"])  # -1: augmentation positive
-        dangling = pc.filter(positive, pa.array((self.positive_rows < 0) & positive.is_valid().to_numpy(False)))
+        dangling = unresolved(positive, self.positive_rows)
         if len(dangling):
             raise ExportDataError(f"{export_dir / split}: {len(dangling)} positives are not frames of the split, "
                                   f"e.g. {dangling[0].as_py()}; rerun the export stage")
@@ -193,7 +198,7 @@ class ExportDataset(torch.utils.data.Dataset):
             path = export_dir / "backgrounds.parquet"
             self.backgrounds = RowGroups([path], BACKGROUNDS, ["image_jpeg"], cache_groups=cache_groups)
             self.background_rows = positions(names, open_table(path, BACKGROUNDS).read(columns=["image_path"])[0])
-            missing = pc.filter(names, pa.array((self.background_rows < 0) & names.is_valid().to_numpy(False)))
+            missing = unresolved(names, self.background_rows)
             if len(missing):
                 raise ExportDataError(f"{path}: no photo {missing[0].as_py()!r} that a recipe names; "
                                       f"rerun the export stage")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDIMScheduler
 
-from cc_model.attention import DecoupledConditioning, SubjectLocation
+from cc_model.attention import DecoupledConditioning, SubjectLocation, placeholder_weights
 from cc_model.config import SamplingParams
 from cc_model.model import CustomContrastModel
 
@@ -28,11 +28,6 @@ from cc_model.model import CustomContrastModel
 class Generated:
     images: torch.Tensor  # (B, 3, H, W) in [0, 1]
     location: torch.Tensor | None  # (B, h, w) the last subject-location mask at latent size; None if off
-
-
-def _placeholder_weights(input_ids: torch.Tensor, placeholder_id: int) -> torch.Tensor:
-    weights = (input_ids == placeholder_id).float()
-    return weights / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
 
 
 @torch.no_grad()
@@ -83,7 +78,7 @@ def _generate(model: CustomContrastModel, reference_pixels: torch.Tensor, prompt
         location = None
         if locate:
             ones = torch.ones(b, size, size, device=device)
-            location = SubjectLocation(placeholder_weights=_placeholder_weights(both_ids, model.text.placeholder_id),
+            location = SubjectLocation(placeholder_weights=placeholder_weights(both_ids, model.text.placeholder_id),
                                        latent_size=(size, size), min_downsample=model.params.loc_min_downsample,
                                        mask=None if mask is None else torch.cat([ones, mask]))
         conditioning = DecoupledConditioning(text=torch.cat([uncond, text]), visual=torch.cat([torch.zeros_like(visual),

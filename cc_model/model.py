@@ -16,6 +16,7 @@ from cc_model.attention import (
     AttentionCapture,
     DecoupledConditioning,
     install_decoupled_attention,
+    placeholder_weights,
     set_gamma,
 )
 from cc_model.backbones import Backbones
@@ -184,9 +185,8 @@ class CustomContrastModel(nn.Module):
                 text = self.text.encode(input_ids)  # (B, T, D) shared by every layer
         capture = None
         if self.params.ablation.localisation:
-            weights = (input_ids == self.text.placeholder_id).float()  # (B, T)
             capture = AttentionCapture(
-                placeholder_weights=weights / weights.sum(dim=1, keepdim=True).clamp_min(1.0),
+                placeholder_weights=placeholder_weights(input_ids, self.text.placeholder_id),
                 latent_size=tuple(latent_size),
                 min_downsample=self.params.loc_min_downsample,
             )
