@@ -20,12 +20,17 @@ so an image does not depend on the batch it was generated in. Every image is sco
 Writes under ``evaluate.out_dir``: ``scores.parquet`` (one row per image, with the image),
 ``stats.json`` (a DVC metric: CT and E-CI/E-DI over the editing images, R-CI/R-DI over the reconstruction
 images, and per category), ``grid.png`` (the first image of each prompt of the first subject)
-and ``timing.json``.
+and ``timing.json``. Images are generated in pieces of 16 batches, each written to
+``.work/``; a run that fails keeps its finished pieces, and the rerun with the same checkpoint,
+DreamBench files, params, device type, libraries and code generates only the rest.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +59,8 @@ from flows.progress import Progress  # noqa: E402
 from flows.schemas import EVALUATION  # noqa: E402
 from flows.segment.sam_infer import ImagePrompts, SamRunner  # noqa: E402
 from flows.segment.sam_model import sam_for_params  # noqa: E402
-from flows.tables import TableWriter, write_stats  # noqa: E402
+from flows.resume import ResumableWork, file_identity, library_versions  # noqa: E402
+from flows.tables import TableWriter, concat_tables, iter_rows, write_stats  # noqa: E402
 
 log = logging.getLogger("flows.evaluate")
 BOX_MARGIN = 0.02  # SAM's box prompt: the whole image less this share on each side
@@ -148,69 +154,113 @@ def _grid(images: list[Image.Image], columns: int = 8) -> Image.Image:
     return grid
 
 
+PIECE_BATCHES = 16  # batches per resumable piece of the work
+
+
+def work_key(params: Params, *, checkpoint: Path, device: torch.device) -> str:
+    """What finished pieces of an interrupted run must have been made from to be kept."""
+    digest = hashlib.sha256()
+    what = {"evaluate": dataclasses.asdict(dataclasses.replace(params.evaluate, device="auto", out_dir="")),
+            "sampling": dataclasses.asdict(params.sampling), "backbone": dataclasses.asdict(params.model.backbone),
+            "placeholder": params.model.placeholder_token, "caption": params.export.caption_template,
+            "background": params.embed.background_rgb, "segment": dataclasses.asdict(params.segment),
+            "device": device.type, "libraries": library_versions("torch", "diffusers", "transformers", "open_clip_torch")}
+    digest.update(json.dumps(what, sort_keys=True, default=str).encode())
+    files = [*sorted(Path(checkpoint).glob("*")), *sorted(Path(params.sources.dreambench_root).rglob("*"))]
+    for path in files + sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(f"{file_identity(path)}\n".encode() if path.suffix != ".py" else path.read_bytes())
+    return digest.hexdigest()
+
+
+class Scorer:
+    """Generates a batch of jobs' images and scores them (see the module docstring)."""
+
+    def __init__(self, params: Params, *, checkpoint: Path, subjects: list[Subject], device: torch.device):
+        config = params.evaluate
+        self.params, self.device = params, device
+        self.metric = load_metric_models(config, device)  # first: a missing DINO or CLIP fails before minutes of loading
+        # this machine's backbone paths (params), not the ones stored in a checkpoint trained elsewhere
+        self.model = load_model(checkpoint, backbones=load_backbones(params.model.backbone)).to(device)
+        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        if self.dtype != torch.float32:
+            cast_frozen(self.model, self.dtype)
+        self.runner = SamRunner(sam_for_params(params.segment), device) if config.segment_subjects else None
+        self.cutter = SubjectCutter(self.runner, params.embed.background_rgb)
+        photos = {s.name: [Image.open(p).convert("RGB") for p in s.images] for s in subjects}
+        cut_photos = {name: self.cutter.cut(images) for name, images in photos.items()}
+        self.reference_clip = {name: clip_image_embeddings(self.metric, im) for name, im in cut_photos.items()}
+        self.reference_dino = {name: dino_embeddings(self.metric, im) for name, im in cut_photos.items()}
+        size = self.model.image_encoder.config.image_size
+        self.conditioning = {name: clip_pixels(to_tensor(im[0].resize((size, size), Image.BICUBIC))[None], size)[0]
+                             for name, im in cut_photos.items()}  # x^ of the first photo, as the model trained on
+
+    @property
+    def random_weights(self) -> bool:
+        return (self.model.profile != "sd15" or self.metric.random_weights
+                or (self.runner is not None and self.runner.random_weights))
+
+    def score(self, batch: list[Job]) -> list[dict]:
+        unet = self.model.unet.config
+        latents = torch.stack([torch.randn(unet.in_channels, unet.sample_size, unet.sample_size,
+                                           generator=torch.Generator().manual_seed(job.seed)) for job in batch])
+        references = torch.stack([self.conditioning[job.subject.name] for job in batch]).to(self.device, self.dtype)
+        out = generate(self.model, references, [job.prompt for job in batch], params=self.params.sampling,
+                       latents=latents)
+        images = [Image.fromarray((im.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
+                  for im in out.images]
+        cut = self.cutter.cut(images)
+        clip_i, dino_i = clip_image_embeddings(self.metric, cut), dino_embeddings(self.metric, cut)
+        clip_t = (clip_image_embeddings(self.metric, images) *
+                  clip_text_embeddings(self.metric, [job.clip_t_text for job in batch])).sum(dim=-1)
+        return [{"subject": job.subject.name, "class_name": job.subject.class_name, "kind": job.kind,
+                 "category": job.category, "prompt": job.prompt, "sample": job.sample, "seed": job.seed,
+                 "clip_t": float(clip_t[k]), "clip_i": float((self.reference_clip[job.subject.name] @ clip_i[k]).mean()),
+                 "dino_i": float((self.reference_dino[job.subject.name] @ dino_i[k]).mean()),
+                 "image_jpeg": _jpeg(image)} for k, (job, image) in enumerate(zip(batch, images))]
+
+
 def evaluate_checkpoint(params: Params, *, checkpoint: Path) -> dict:
+    """Generate and score every job; finished pieces of an interrupted run (same key) are kept in .work/."""
     config = params.evaluate
     out_dir = Path(config.out_dir)
     device = resolve_device(config.device)
     bench = read_dreambench(params.sources.dreambench_root, live_classes=config.live_classes)
-    metric = load_metric_models(config, device)  # first: a missing DINO or CLIP fails before minutes of loading
-    # this machine's backbone paths (params), not the ones stored in a checkpoint trained elsewhere
-    model = load_model(checkpoint, backbones=load_backbones(params.model.backbone)).to(device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype != torch.float32:
-        cast_frozen(model, dtype)
-    runner = SamRunner(sam_for_params(params.segment), device) if config.segment_subjects else None
-    cutter = SubjectCutter(runner, params.embed.background_rgb)
-
     subjects = list(bench.subjects)
-    photos = {s.name: [Image.open(p).convert("RGB") for p in s.images] for s in subjects}
-    cut_photos = {name: cutter.cut(images) for name, images in photos.items()}
-    reference_clip = {name: clip_image_embeddings(metric, images) for name, images in cut_photos.items()}
-    reference_dino = {name: dino_embeddings(metric, images) for name, images in cut_photos.items()}
-    size = model.image_encoder.config.image_size
-    conditioning = {name: clip_pixels(to_tensor(images[0].resize((size, size), Image.BICUBIC))[None], size)[0]
-                    for name, images in cut_photos.items()}  # x^ of the first photo, as the model trained on
-
+    scorer = Scorer(params, checkpoint=checkpoint, subjects=subjects, device=device)
     jobs = plan_jobs(subjects, bench, params)
-    progress = Progress("evaluate", len(jobs), unit="images")
-    rows, firsts = [], []
-    latent = model.unet.config.sample_size
-    with TableWriter(out_dir / "scores.parquet", EVALUATION, buffer_rows=256) as writer:
-        for start in range(0, len(jobs), config.batch_size):
-            batch = jobs[start:start + config.batch_size]
-            latents = torch.stack([torch.randn(model.unet.config.in_channels, latent, latent,
-                                               generator=torch.Generator().manual_seed(job.seed)) for job in batch])
-            references = torch.stack([conditioning[job.subject.name] for job in batch]).to(device, dtype)
-            out = generate(model, references, [job.prompt for job in batch], params=params.sampling, latents=latents)
-            images = [Image.fromarray((im.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
-                      for im in out.images]
-            cut = cutter.cut(images)
-            clip_i = clip_image_embeddings(metric, cut)
-            dino_i = dino_embeddings(metric, cut)
-            clip_t = (clip_image_embeddings(metric, images) *
-                      clip_text_embeddings(metric, [job.clip_t_text for job in batch])).sum(dim=-1)
-            for k, (job, image) in enumerate(zip(batch, images)):
-                row = {"subject": job.subject.name, "class_name": job.subject.class_name, "kind": job.kind,
-                       "category": job.category, "prompt": job.prompt, "sample": job.sample, "seed": job.seed,
-                       "clip_t": float(clip_t[k]),
-                       "clip_i": float((reference_clip[job.subject.name] @ clip_i[k]).mean()),
-                       "dino_i": float((reference_dino[job.subject.name] @ dino_i[k]).mean()),
-                       "image_jpeg": _jpeg(image)}
-                writer.write_row(row)
-                rows.append({n: v for n, v in row.items() if n != "image_jpeg"})
-                if job.subject is subjects[0] and job.sample == 0:
-                    firsts.append(image)
-            progress.update(len(batch))
+    size = config.batch_size * PIECE_BATCHES
+    pieces = [jobs[i:i + size] for i in range(0, len(jobs), size)]
+    work = ResumableWork(out_dir / ".work", work_key(params, checkpoint=checkpoint, device=device))
+    work.open()
+    kept = len(work.done_prefix("scores", limit=len(pieces)))
+    if kept:
+        log.info("evaluate: %d of %d pieces kept from an interrupted run", kept, len(pieces))
+    progress = Progress("evaluate", sum(len(p) for p in pieces[kept:]), unit="images")
+    parts = [work.folder / f"scores-{p:05d}.parquet" for p in range(len(pieces))]
+    for p in range(kept, len(pieces)):
+        with TableWriter(parts[p], EVALUATION, buffer_rows=256) as writer:
+            for start in range(0, len(pieces[p]), config.batch_size):
+                batch = pieces[p][start:start + config.batch_size]
+                writer.write_rows(scorer.score(batch))
+                progress.update(len(batch))
+        work.mark_done(f"scores-{p:05d}", {"rows": len(pieces[p])}, [parts[p]])
     seconds = progress.close()
+    concat_tables(parts, out_dir / "scores.parquet", EVALUATION)
+    rows = [r for part in parts for r in iter_rows(part, EVALUATION, columns=EVALUATION.names[:-1])]
+    firsts = [Image.open(io.BytesIO(r["image_jpeg"])).convert("RGB")
+              for r in iter_rows(out_dir / "scores.parquet", EVALUATION, columns=["subject", "sample", "image_jpeg"])
+              if r["subject"] == subjects[0].name and r["sample"] == 0]
     if firsts:
         _grid(firsts).save(out_dir / "grid.png")
-    random = model.profile != "sd15" or metric.random_weights or (runner is not None and runner.random_weights)
-    segmentation = "SAM, prompted with a box around the whole image" if runner is not None else "none (whole images)"
-    metrics = summarise(rows) | {"random_weights": random, "subject_segmentation": segmentation}
+    segmentation = "SAM, prompted with a box around the whole image" if scorer.runner else "none (whole images)"
+    metrics = summarise(rows) | {"random_weights": scorer.random_weights, "subject_segmentation": segmentation}
     if metrics["random_weights"]:
-        log.warning("evaluate: random weights (model or metric models): the scores are meaningless")
+        log.warning("evaluate: random weights (model, metric models or SAM): the scores are meaningless")
+    work.finish()
+    generated = sum(len(p) for p in pieces[kept:])
     return write_stats(out_dir, metrics, timing={"seconds": round(seconds, 3), "device": str(device),
-                                                 "images_per_s": round(len(jobs) / max(seconds, 1e-9), 3)})
+                                                 "images_generated": generated,
+                                                 "images_per_s": round(generated / max(seconds, 1e-9), 3)})
 
 
 @task(cache_policy=NO_CACHE)
@@ -236,4 +286,5 @@ if __name__ == "__main__":
     run_stage(main)
 
 
-__all__ = ["Job", "SubjectCutter", "evaluate_checkpoint", "evaluate_flow", "plan_jobs", "summarise"]
+__all__ = ["Job", "Scorer", "SubjectCutter", "evaluate_checkpoint", "evaluate_flow", "plan_jobs", "summarise",
+           "work_key"]

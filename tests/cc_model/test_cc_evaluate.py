@@ -89,3 +89,28 @@ def test_an_image_does_not_depend_on_its_batch(evaluated):
     assert [r["seed"] for r in a] == [r["seed"] for r in b]
     for x, y in zip(a, b):
         assert x["clip_i"] == pytest.approx(y["clip_i"], abs=1e-4) and x["clip_t"] == pytest.approx(y["clip_t"], abs=1e-4)
+
+
+def test_an_interrupted_evaluation_keeps_its_finished_pieces(evaluated, monkeypatch):
+    import cc_model.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "PIECE_BATCHES", 2)  # pieces of 2 batches of 2 images: 4 pieces for 13 images
+    _, clean = evaluated("clean", batch_size=2, segment_subjects=False, images_per_prompt=1)
+    real_score, calls, kill = evaluate.Scorer.score, [], [True]
+
+    def dies_in_the_third_piece(self, batch):
+        calls.append(len(batch))
+        if kill[0] and len(calls) == 5:
+            raise RuntimeError("killed")
+        return real_score(self, batch)
+
+    monkeypatch.setattr(evaluate.Scorer, "score", dies_in_the_third_piece)
+    with pytest.raises(RuntimeError, match="killed"):
+        evaluated("resumed", batch_size=2, segment_subjects=False, images_per_prompt=1)
+    calls.clear()
+    kill[0] = False
+    metrics, resumed = evaluated("resumed", batch_size=2, segment_subjects=False, images_per_prompt=1)
+    assert calls == [2, 2, 1]  # only the last two pieces: 8 of 13 images were kept
+    assert pq.read_table(resumed / "scores.parquet").to_pylist() == pq.read_table(clean / "scores.parquet").to_pylist()
+    assert json.loads((resumed / "timing.json").read_text())["images_generated"] == 5
+    assert not (resumed / ".work").exists()
