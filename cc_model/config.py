@@ -165,7 +165,7 @@ class SamplingParams:
 class EvaluateParams:
     """DreamBench evaluation of the trained checkpoint (stage ``evaluate``; DESIGN.md section 2)."""
 
-    out_dir: str = "data/evaluate"  # metrics.json, scores.parquet, grid.png
+    out_dir: str = "data/evaluate"  # stats.json, scores.parquet, grid.png; .work/ while it runs
     profile: Literal["tiny", "real"] = "tiny"  # metric models: tiny = random small CLIP and DINO (scores meaningless)
     clip_model: str = "ViT-B-32"  # open_clip model of CLIP-T and CLIP-I (profile real)
     clip_pretrained: str = "openai"  # its open_clip tag, or a local checkpoint file
