@@ -247,9 +247,13 @@ def evaluate_checkpoint(params: Params, *, checkpoint: Path) -> dict:
     seconds = progress.close()
     concat_tables(parts, out_dir / "scores.parquet", EVALUATION)
     rows = [r for part in parts for r in iter_rows(part, EVALUATION, columns=EVALUATION.names[:-1])]
-    firsts = [Image.open(io.BytesIO(r["image_jpeg"])).convert("RGB")
-              for r in iter_rows(out_dir / "scores.parquet", EVALUATION, columns=["subject", "sample", "image_jpeg"])
-              if r["subject"] == subjects[0].name and r["sample"] == 0]
+    firsts = []  # the first image of each prompt of the first subject, whose jobs come first
+    for r in iter_rows(out_dir / "scores.parquet", EVALUATION, columns=["subject", "sample", "image_jpeg"],
+                       batch_rows=256):
+        if r["subject"] != subjects[0].name:
+            break
+        if r["sample"] == 0:
+            firsts.append(Image.open(io.BytesIO(r["image_jpeg"])).convert("RGB"))
     if firsts:
         _grid(firsts).save(out_dir / "grid.png")
     segmentation = "SAM, prompted with a box around the whole image" if scorer.runner else "none (whole images)"
