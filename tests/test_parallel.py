@@ -48,8 +48,9 @@ def test_a_worker_error_is_raised_at_its_turn():
 def test_closing_a_partly_read_map_ends_its_workers():
     import multiprocessing
 
+    others = set(multiprocessing.active_children())  # e.g. the test session's Dask cluster
     results = ordered_map(_square_and_pid, ((i, i) for i in range(20)), workers=2)
     next(results)
-    assert len(multiprocessing.active_children()) == 2
+    assert len(set(multiprocessing.active_children()) - others) == 2
     results.close()  # what contextlib.closing does when the caller's loop raises
-    assert multiprocessing.active_children() == []
+    assert set(multiprocessing.active_children()) <= others

@@ -66,7 +66,7 @@ class IngestParams:
 
     out_dir: str = "data/ingest"  # frames.parquet, rejects.parquet
     frames_per_shard: int = 256  # work unit of one Prefect task
-    max_workers: int = 2  # parallel shard tasks (threads)
+    max_workers: int = 2  # shard tasks at once (threads; with cluster.address, shards in flight on the cluster)
     probe_side: int = 256  # longest side of the grayscale copy used for blur and phash
 
     def __post_init__(self) -> None:
@@ -216,6 +216,23 @@ class ExportParams:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ClusterParams:
+    """Where ingest's shard probing and export's image encoding run (flows/cluster.py).
+
+    No DVC stage lists it: the outputs are the same bytes wherever the work runs (tested).
+    """
+
+    address: str | None = None  # a running Dask scheduler, e.g. tcp://host:8786; null: this machine's processes
+    connect_timeout_s: float = 30.0  # how long to wait for the scheduler to answer
+
+    def __post_init__(self) -> None:
+        if self.address is not None and "://" not in self.address:
+            raise ParamsError(f"address: must be a scheduler address such as tcp://host:8786, or null; "
+                              f"got {self.address!r}")
+        at_least(self, 1, "connect_timeout_s")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ScheduleParams:
     """The scheduled Prefect deployment of the pipeline (``python -m flows.deploy``); no DVC stage reads it."""
 
@@ -254,6 +271,7 @@ class Params:
     sampling: SamplingParams = field(default_factory=SamplingParams)  # cc_model: generation (cc_model.inference)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)  # cc_model: DreamBench scores (stage evaluate)
     schedule: ScheduleParams = field(default_factory=ScheduleParams)  # the scheduled deployment (flows.deploy)
+    cluster: ClusterParams = field(default_factory=ClusterParams)  # a Dask cluster for ingest and export
 
     def __post_init__(self) -> None:
         if self.export.placeholder_token != self.model.placeholder_token:

@@ -1,0 +1,103 @@
+"""flows.cluster and flows.parallel.ordered_map on a real Dask cluster (scheduler and worker processes)."""
+
+import os
+import socket
+import sys
+import time
+from contextlib import closing
+
+import cloudpickle
+import pytest
+
+from flows.cluster import ClusterError, fingerprint, mismatches, work_pool
+from flows.config.params import ClusterParams
+from flows.config.typed import ParamsError
+from flows.parallel import ordered_map
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/
+
+
+def _square_and_pid(x: int) -> tuple[int, int]:
+    if x == 13:
+        raise ValueError("thirteen")
+    return x * x, os.getpid()
+
+
+def test_ordered_map_on_the_cluster_keeps_order_and_runs_on_its_workers(dask_cluster):
+    with work_pool(ClusterParams(address=dask_cluster.scheduler_address), local_workers=1) as pool:
+        assert pool.workers == 2 and pool.where == dask_cluster.scheduler_address
+        items = ((i, i) for i in range(40) if i != 13)
+        out = list(ordered_map(_square_and_pid, items, workers=pool.workers, executor=pool.executor))
+    assert [tag for tag, _ in out] == [i for i in range(40) if i != 13]
+    assert all(value == tag * tag for tag, (value, _) in out)
+    pids = {pid for _, (_, pid) in out}
+    assert os.getpid() not in pids and pids <= {w.pid for w in dask_cluster.workers.values()}
+
+
+def test_a_worker_error_is_raised_at_its_turn_and_the_rest_is_cancelled(dask_cluster):
+    seen = []
+    with work_pool(ClusterParams(address=dask_cluster.scheduler_address), local_workers=1) as pool:
+        with pytest.raises(ValueError, match="thirteen"):
+            for tag, _ in ordered_map(_square_and_pid, ((i, i) for i in range(30)), workers=pool.workers,
+                                      executor=pool.executor):
+                seen.append(tag)
+    assert seen == list(range(13))
+
+
+def test_the_input_is_pulled_only_as_results_are_taken(dask_cluster):
+    pulled = []
+
+    def items():
+        for i in range(100):
+            pulled.append(i)
+            yield i, i
+
+    with work_pool(ClusterParams(address=dask_cluster.scheduler_address), local_workers=1) as pool:
+        with closing(ordered_map(_square_and_pid, items(), workers=pool.workers, executor=pool.executor,
+                                 window=3)) as results:
+            next(results)
+            assert len(pulled) <= 3
+
+
+def test_local_params_keep_the_work_here():
+    with work_pool(ClusterParams(), local_workers=3) as pool:
+        assert pool.executor is None and pool.workers == 3 and pool.where == "this machine"
+    with work_pool(None, local_workers=1) as pool:
+        assert pool.executor is None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_no_scheduler_at_the_address_is_one_clear_error():
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    start = time.monotonic()
+    with pytest.raises(ClusterError, match=rf"cluster.address: no Dask scheduler answered at {address} within 1 s"):
+        with work_pool(ClusterParams(address=address, connect_timeout_s=1), local_workers=1):
+            pass
+    assert time.monotonic() - start < 30
+
+
+def test_workers_must_run_this_code_and_these_libraries():
+    here = fingerprint()
+    assert mismatches(here, {"tcp://a:1": here}) == []
+    other = {"flows": "0" * 64, "libraries": {**here["libraries"], "pillow": "1.0"}}
+    lines = mismatches(here, {"tcp://a:1": other})
+    assert lines == ["tcp://a:1: its flows/ code differs from this machine's",
+                     f"tcp://a:1: pillow 1.0, here {here['libraries']['pillow']}"]
+
+
+def test_the_cluster_workers_pass_the_check(dask_cluster):
+    from flows.cluster import check_workers, connect
+
+    with connect(dask_cluster.scheduler_address, timeout_s=10) as client:
+        assert check_workers(client) == 2
+
+
+@pytest.mark.parametrize("address", ["localhost:8786", ""])
+def test_an_address_without_a_scheme_is_refused(address):
+    with pytest.raises(ParamsError, match="address: must be a scheduler address such as tcp://host:8786"):
+        ClusterParams(address=address)
