@@ -85,10 +85,12 @@ def write_images(tables_dir, root):
         Image.fromarray(rng.integers(0, 255, (80, 100, 3), dtype=np.uint8)).save(path, quality=90)
 
 
-def export_tables(tables_dir, params, *, parallel=False):
+def export_tables(tables_dir, params, *, parallel=False, cluster=None, relative_roots=False):
     """Pairs, then the export stage, on the ``tables`` fixture; returns (stats, every exported row).
 
-    Runs in this process unless ``parallel`` (worker processes cost seconds to start).
+    Runs in this process unless ``parallel`` (worker processes cost seconds to start) or
+    ``cluster`` (flows.config.params.ClusterParams). ``relative_roots``: the source roots are given
+    relative to ``tables_dir``, which must then be the working folder.
     """
     import dataclasses
 
@@ -104,11 +106,12 @@ def export_tables(tables_dir, params, *, parallel=False):
     write_images(tables_dir, tables_dir / "oi")
     build_pairs(tables_dir / "frames.parquet", tables_dir / "masks.parquet", tables_dir / "embeddings.parquet",
                 tables_dir, PairsParams(min_angle_deg=60.0), SplitRule.from_params(params))
-    sources = SourcesParams(mvimgnet_root=str(tables_dir / "mv"), openimages_root=str(tables_dir / "oi"))
+    roots = ("mv", "oi") if relative_roots else (str(tables_dir / "mv"), str(tables_dir / "oi"))
+    sources = SourcesParams(mvimgnet_root=roots[0], openimages_root=roots[1])
     stats = export_shards(frames=tables_dir / "frames.parquet", masks=tables_dir / "masks.parquet",
                           embeddings=tables_dir / "embeddings.parquet", pairs=tables_dir / "pairs.parquet",
                           pair_rejects=tables_dir / "rejects.parquet", sources=sources, out_dir=tables_dir / "export",
-                          params=params)
+                          params=params, cluster=cluster)
     rows = [r for split in ("train", "heldout") for p in sorted((tables_dir / "export" / split).glob("*.parquet"))
             for r in iter_rows(p, EXPORT)]
     return stats, rows

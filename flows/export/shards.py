@@ -19,7 +19,8 @@ from pycocotools import mask as mask_utils
 
 from flows import ids
 from flows.accounting import AccountingError
-from flows.config.params import ExportParams, SourcesParams
+from flows.cluster import BYTE_LIBRARIES, Pool, absolute_sources, work_pool
+from flows.config.params import ClusterParams, ExportParams, SourcesParams
 from flows.pairs.join import SubjectFrame, iter_joined
 from flows.parallel import ordered_map
 from flows.progress import Progress
@@ -164,12 +165,13 @@ CHUNK_REFERENCES = 65_536  # reference frames per resumable chunk (minutes of a 
 
 def export_shards(*, frames: Path, masks: Path, embeddings: Path, pairs: Path, pair_rejects: Path,
                   sources: SourcesParams, out_dir: Path, params: ExportParams,
-                  chunk_references: int = CHUNK_REFERENCES) -> dict[str, Any]:
+                  chunk_references: int = CHUNK_REFERENCES, cluster: ClusterParams | None = None) -> dict[str, Any]:
     """Write ``out_dir/{train,heldout}/part-*.parquet``, ``backgrounds.parquet``, ``stats.json``.
 
     Every joined frame is a reference here or in the pairs stage's rejects (no positive);
     :class:`AccountingError` if not. Images are resized in ``params.workers`` processes, in
-    order, so the shards are the same for any number of workers.
+    order, so the shards are the same for any number of workers; with ``cluster.address`` they are
+    encoded on that Dask cluster's workers instead (flows.cluster), with the same result.
 
     The shards are written in chunks of about ``chunk_references`` references into a resumable
     work folder (flows.resume, ``out_dir/.work``); a chunk ends its shards (the last may be
@@ -180,10 +182,19 @@ def export_shards(*, frames: Path, masks: Path, embeddings: Path, pairs: Path, p
     rule = SplitRule.from_params(params)
     inputs = [frames, masks, embeddings, pairs, pair_rejects]
     work = ResumableWork(out_dir / ".work", work_key(inputs=inputs, code=["export", "pairs/join.py", "splits.py",
-                                                                        "parallel.py"], params={
+                                                                        "parallel.py", "cluster.py"], params={
         "export": dataclasses.replace(params, workers=1, out_dir=""), "sources": sources,
         "chunk_references": chunk_references,
-        "versions": library_versions("pillow", "numpy", "pycocotools", "open_clip_torch", "pyarrow")}))
+        "versions": library_versions(*BYTE_LIBRARIES)}))
+    with work_pool(cluster, local_workers=params.workers) as pool:
+        if pool.executor is not None:  # the workers run in other folders, maybe on other machines
+            sources = absolute_sources(sources)
+        return _export_in(work, pool, inputs, sources, rule, out_dir, params, chunk_references)
+
+
+def _export_in(work: ResumableWork, pool: Pool, inputs: list[Path], sources: SourcesParams, rule: SplitRule,
+               out_dir: Path, params: ExportParams, chunk_references: int) -> dict[str, Any]:
+    frames, masks, embeddings, pairs, pair_rejects = inputs
     work.open()
     finished = work.done_prefix("chunk")
     sinks = {split: ShardSink(work.folder / split, params.rows_per_shard,
@@ -194,7 +205,7 @@ def export_shards(*, frames: Path, masks: Path, embeddings: Path, pairs: Path, p
     progress = Progress("export", count_rows(pairs) - sum(record["samples"] for record in finished), unit="samples")
     current = None  # the chunk being written
     try:
-        with closing(ordered_map(encode_image, todo, workers=params.workers)) as encoded:
+        with closing(ordered_map(encode_image, todo, workers=pool.workers, executor=pool.executor)) as encoded:
             for (chunk, group, last), (jpeg, size, rles) in encoded:
                 current = chunk
                 for (frame, frame_pairs, split), mask_rle in zip(group, rles, strict=True):
@@ -220,7 +231,7 @@ def export_shards(*, frames: Path, masks: Path, embeddings: Path, pairs: Path, p
     shards = {split: [work.folder / split / name for record in finished for name in record["shards"][split]]
               for split in SPLITS}
     stats, backgrounds = _count_shards(shards)
-    _write_backgrounds(sorted(backgrounds), sources, out_dir / "backgrounds.parquet", params)
+    _write_backgrounds(sorted(backgrounds), sources, out_dir / "backgrounds.parquet", params, pool)
     stats["reference_frames"] = references.count
     for split in SPLITS:  # the finished shards replace the previous run's; a split without rows is an empty folder
         shutil.rmtree(out_dir / split, ignore_errors=True)
@@ -344,10 +355,11 @@ def _samples(frame: SubjectFrame, frame_pairs: list[dict], split: str, jpeg: byt
         }
 
 
-def _write_backgrounds(paths: list[str], sources: SourcesParams, target: Path, params: ExportParams) -> None:
+def _write_backgrounds(paths: list[str], sources: SourcesParams, target: Path, params: ExportParams,
+                       pool: Pool) -> None:
     work = ((path, ImageWork(path=str(image_file(sources, ids.OPENIMAGES, path)), side=params.image_side,
                              quality=params.jpeg_quality)) for path in paths)
     with TableWriter(target, BACKGROUNDS, buffer_rows=64) as writer, \
-            closing(ordered_map(encode_image, work, workers=params.workers)) as encoded:
+            closing(ordered_map(encode_image, work, workers=pool.workers, executor=pool.executor)) as encoded:
         for path, (jpeg, _, _) in encoded:
             writer.write_row({"image_path": path, "image_jpeg": jpeg})

@@ -1,12 +1,14 @@
 """Prefect flow of the ``ingest`` stage: plan shards, probe them in parallel tasks, merge.
 
 Tasks are thin wrappers around the plain functions in flows.ingest.*; they pass file
-paths, never tables.
+paths, never tables. With ``cluster.address`` each shard task sends its shard's probing to the
+Dask cluster and waits for it (flows.cluster); the task itself stays in this process.
 """
 
 from __future__ import annotations
 
 import shutil
+from concurrent.futures import Executor
 from pathlib import Path
 
 from flows.runtime import configure
@@ -17,7 +19,8 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
-from flows.config.params import IngestParams, SourcesParams, load_params  # noqa: E402
+from flows.cluster import Pool, absolute_sources, work_pool  # noqa: E402
+from flows.config.params import ClusterParams, IngestParams, SourcesParams, load_params  # noqa: E402
 from flows.accounting import frame_counts  # noqa: E402
 from flows.ingest import mvimgnet, openimages  # noqa: E402
 from flows.ingest.records import ShardOutput  # noqa: E402
@@ -38,8 +41,17 @@ def plan_source(source: str, sources: SourcesParams, frames_per_shard: int, work
 
 
 @task(cache_policy=NO_CACHE, task_run_name="ingest-{shard.name}")
-def ingest_shard(source: str, shard: Path, sources: SourcesParams, probe_side: int) -> ShardOutput:
+def ingest_shard(source: str, shard: Path, sources: SourcesParams, probe_side: int,
+                 executor: Executor | None = None) -> ShardOutput:
+    """Probe one shard here, or on the cluster behind ``executor``."""
     out = ShardOutput(frames=shard.with_suffix(".frames.parquet"), rejects=shard.with_suffix(".rejects.parquet"))
+    if executor is None:
+        return probe_shard(source, shard, sources, probe_side, out)
+    return executor.submit(probe_shard, source, shard, sources, probe_side, out).result()
+
+
+def probe_shard(source: str, shard: Path, sources: SourcesParams, probe_side: int, out: ShardOutput) -> ShardOutput:
+    """The work of one shard (module level: it travels to Dask workers by name)."""
     return SHARD_MODULES[source].ingest_shard(shard, sources, probe_side=probe_side, out=out)
 
 
@@ -81,10 +93,22 @@ def check_sources(summary: dict, sources: SourcesParams) -> list[str]:
     return warnings
 
 
-def run_ingest(sources: SourcesParams, ingest: IngestParams) -> dict:
+def run_ingest(sources: SourcesParams, ingest: IngestParams, cluster: ClusterParams | None = None) -> dict:
     """The flow body: usable inside any flow (the stage's, or a test's)."""
+    with work_pool(cluster, local_workers=ingest.max_workers) as pool:
+        return _ingest_on(pool, sources, ingest)
+
+
+def _ingest_on(pool: Pool, sources: SourcesParams, ingest: IngestParams) -> dict:
     logger = get_run_logger()
     out_dir = Path(ingest.out_dir)
+    if pool.executor is not None:  # shard files and data paths must mean the same on every worker
+        sources, out_dir = absolute_sources(sources), out_dir.resolve()
+        logger.info("ingest: probing on the Dask cluster at %s (%d worker threads), %d shard(s) in flight",
+                    pool.where, pool.workers, ingest.max_workers)
+        if ingest.max_workers < pool.workers:
+            logger.warning("ingest.max_workers (%d) is below the cluster's %d worker threads: raise it to use "
+                           "them all", ingest.max_workers, pool.workers)
     work_dir = out_dir / ".work"
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir(parents=True)
@@ -94,7 +118,7 @@ def run_ingest(sources: SourcesParams, ingest: IngestParams) -> dict:
         shards, extra_rejects = plan_source(source, sources, ingest.frames_per_shard, work_dir)
         reject_parts += extra_rejects
         logger.info("ingest %s: %d shard(s) of about %d frames", source, len(shards), ingest.frames_per_shard)
-        futures = [ingest_shard.submit(source, shard, sources, ingest.probe_side) for shard in shards]
+        futures = [ingest_shard.submit(source, shard, sources, ingest.probe_side, pool.executor) for shard in shards]
         for done, future in enumerate(futures, start=1):
             out = future.result()
             frame_parts.append(out.frames)
@@ -114,7 +138,7 @@ def run_ingest(sources: SourcesParams, ingest: IngestParams) -> dict:
 def ingest_flow(params_path: str = "params.yaml") -> dict:
     """Walk the sources and write data/ingest/{frames,rejects}.parquet and summary.json."""
     params = load_params(params_path)
-    return run_ingest(params.sources, params.ingest)
+    return run_ingest(params.sources, params.ingest, params.cluster)
 
 
 def main(params_path: str = "params.yaml") -> None:

@@ -16,8 +16,8 @@ from flows.tables import iter_rows
 from pipeline_tables import export_tables, write_images
 
 
-def export(tables, params, *, parallel=False):
-    return export_tables(tables, params, parallel=parallel)
+def export(tables, params, *, parallel=False, **kwargs):
+    return export_tables(tables, params, parallel=parallel, **kwargs)
 
 
 def test_one_row_per_pair_split_by_subject(tables):
@@ -132,6 +132,18 @@ def test_shards_are_the_same_for_any_number_of_workers(tables):
     assert one == two and len(one[1]) > 4
     backgrounds = list(iter_rows(tables / "export" / "backgrounds.parquet", BACKGROUNDS))
     assert backgrounds and all(row["image_jpeg"] for row in backgrounds)
+
+
+def test_shards_encoded_on_a_dask_cluster_equal_the_local_ones(tables, dask_cluster, monkeypatch):
+    from flows.config.params import ClusterParams
+
+    params = ExportParams(image_side=48, rows_per_shard=4, workers=1)
+    here = export(tables, params)
+    monkeypatch.chdir(tables)  # roots relative to here; the workers run in another folder
+    there = export(tables, params, cluster=ClusterParams(address=dask_cluster.scheduler_address),
+                   relative_roots=True)
+    assert here == there and len(here[1]) > 4
+    assert (tables / "export" / "backgrounds.parquet").is_file()
 
 
 def test_resized_jpeg_decodes_large_jpegs_at_a_reduced_scale(tmp_path, monkeypatch):
