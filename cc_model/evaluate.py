@@ -59,7 +59,7 @@ from flows.progress import Progress  # noqa: E402
 from flows.schemas import EVALUATION  # noqa: E402
 from flows.segment.sam_infer import ImagePrompts, SamRunner  # noqa: E402
 from flows.segment.sam_model import sam_for_params  # noqa: E402
-from flows.resume import ResumableWork, file_identity, library_versions  # noqa: E402
+from flows.resume import ResumableWork, device_identity, file_identity, library_versions  # noqa: E402
 from flows.tables import TableWriter, concat_tables, iter_rows, write_stats  # noqa: E402
 
 log = logging.getLogger("flows.evaluate")
@@ -164,7 +164,7 @@ def work_key(params: Params, *, checkpoint: Path, device: torch.device) -> str:
             "sampling": dataclasses.asdict(params.sampling), "backbone": dataclasses.asdict(params.model.backbone),
             "placeholder": params.model.placeholder_token, "caption": params.export.caption_template,
             "background": params.embed.background_rgb, "segment": dataclasses.asdict(params.segment),
-            "device": device.type, "libraries": library_versions("torch", "diffusers", "transformers", "open_clip_torch")}
+            "device": device_identity(device), "libraries": library_versions("torch", "diffusers", "transformers", "open_clip_torch")}
     digest.update(json.dumps(what, sort_keys=True, default=str).encode())
     files = [*sorted(Path(checkpoint).glob("*")), *sorted(Path(params.sources.dreambench_root).rglob("*"))]
     for path in files + sorted(Path(__file__).parent.glob("*.py")):

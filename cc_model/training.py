@@ -38,7 +38,7 @@ from cc_model.model import CustomContrastModel, TrainBatch, cast_frozen, diffusi
 from flows.config.params import Params
 from flows.errors import UserFacingError
 from flows.progress import Progress
-from flows.resume import file_identity, library_versions
+from flows.resume import device_identity, file_identity, library_versions
 from flows.tables import write_stats
 
 STATE_NAME = "state.pt"
@@ -69,7 +69,7 @@ def state_key(params: Params, *, inputs: list[Path], device: torch.device) -> st
     digest = hashlib.sha256()
     train = {k: v for k, v in dataclasses.asdict(params.train).items() if k not in RUN_ONLY}
     digest.update(json.dumps({"model": dataclasses.asdict(params.model), "train": train,
-                              "background_rgb": params.embed.background_rgb, "device": device.type,
+                              "background_rgb": params.embed.background_rgb, "device": device_identity(device),
                               "libraries": library_versions("torch", "diffusers", "transformers")},
                              sort_keys=True, default=str).encode())
     for path in inputs:

@@ -44,6 +44,20 @@ def file_identity(path: str | Path) -> str:
     return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
+def device_identity(device) -> str:
+    """The device type as keys hold it; on CUDA with the CUDA and cuDNN versions torch runs with.
+
+    Kernels, and with them the low bits of bf16 results, change with those libraries; the GPU
+    model is left out, so a run resumed on another card of the same software goes on.
+    """
+    kind = getattr(device, "type", str(device).split(":")[0])
+    if kind != "cuda":
+        return kind
+    import torch  # only stages that already hold a torch device get here
+
+    return f"cuda (CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()})"
+
+
 def library_versions(*names: str) -> dict[str, str]:
     found = {}
     for name in names:

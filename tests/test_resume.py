@@ -1,7 +1,7 @@
 import json
 
 from flows.config.params import SegmentParams
-from flows.resume import ResumableWork, file_identity, work_key
+from flows.resume import ResumableWork, device_identity, file_identity, work_key
 from flows.schemas import REJECTS
 from flows.tables import write_table
 
@@ -75,3 +75,15 @@ def test_a_missing_input_table_is_a_one_line_error(tmp_path):
 
     with pytest.raises(TableReadError, match=r"frames\.parquet: no such file; run the stage that writes it first"):
         work_key(inputs=[tmp_path / "frames.parquet"], params={}, code=[])
+
+
+def test_device_identity_names_the_cuda_libraries(monkeypatch):
+    import torch
+
+    assert device_identity(torch.device("cpu")) == "cpu" == device_identity("cpu")
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91000)
+    first = device_identity(torch.device("cuda", 1))
+    assert first == "cuda (CUDA 12.8, cuDNN 91000)"
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 92000)
+    assert device_identity(torch.device("cuda")) != first

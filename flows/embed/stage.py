@@ -43,7 +43,7 @@ from flows.embed.preprocess import (
 )
 from flows.schemas import REJECTS, embeddings_schema
 from flows.progress import Progress
-from flows.resume import ResumableWork, file_identity, library_versions, work_key
+from flows.resume import ResumableWork, device_identity, file_identity, library_versions, work_key
 from flows.tables import ROW_GROUP_ROWS, TableWriter, concat_tables, write_stats
 
 STAGE = "embed"
@@ -179,7 +179,7 @@ def _work_key(inputs: list[Path], params: EmbedParams, sources: SourcesParams, c
         model = f"{spec.model}:{spec.pretrained}:{file_identity(weights) if weights else 'random'}"
     return work_key(inputs=inputs, code=["embed"], params={
         "embed": dataclasses.replace(params, num_workers=0, out_dir=""), "sources": sources, "model": model,
-        "device": device.type, "part_rows": part_rows,
+        "device": device_identity(device), "part_rows": part_rows,
         "cpu_threads": _cpu_threads(params) if device.type == "cpu" else None,
         "versions": library_versions("torch", "torchvision", "open_clip_torch", "pillow", "numpy", "pycocotools")})
 

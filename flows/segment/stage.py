@@ -29,7 +29,7 @@ from flows.accounting import AccountingError
 from flows.config.params import FilterParams, SegmentParams, SourcesParams
 from flows.filtering.rules import Failure, box_shape, mask_connected, subject_area
 from flows.probe import measure_mask
-from flows.resume import ResumableWork, file_identity, library_versions, work_key
+from flows.resume import ResumableWork, device_identity, file_identity, library_versions, work_key
 from flows.schemas import FRAMES, MASKS, REJECTS
 from flows.segment.masks import encode_mask, encode_masks
 from flows.segment.sam_infer import ImageMasks, PendingBatch, SamRunner
@@ -67,11 +67,12 @@ def open_shards(filter_dir: Path, out_dir: Path, *, sources: SourcesParams, filt
     """The work folder (out_dir/.work) and its shards: planned now, or kept from a failed run of the same key.
 
     The key (flows.resume) holds what decides a shard's bytes: the frames table, the params,
-    the device type (bf16 autocast on CUDA, float32 elsewhere), the libraries, the checkpoint.
+    the device type (bf16 autocast on CUDA, float32 elsewhere; on CUDA its library versions), the
+    libraries, the checkpoint.
     """
     frames = filter_dir / "frames.parquet"
     key = work_key(inputs=[frames], code=["segment", "probe.py", "filtering/rules.py"], params={
-        "sources": sources, "filter": filtering, "segment": params, "device": torch.device(device).type,
+        "sources": sources, "filter": filtering, "segment": params, "device": device_identity(torch.device(device)),
         "versions": library_versions("torch", "segment-anything", "pillow", "numpy", "pycocotools",
                                      "opencv-python-headless"),
         "checkpoint": file_identity(params.sam_checkpoint) if params.sam_profile == "sam" else None})
