@@ -1,20 +1,20 @@
-"""Where a stage's CPU-heavy per-item work runs: processes on this machine, or a Dask cluster.
+"""Where a stage's heavy per-item work runs: this machine, or a Dask cluster.
 
 ``cluster.address`` in params.yaml names a running Dask scheduler (``tcp://host:8786``). Ingest's
-shard probing and export's image encoding then go to its workers; the stage's own process keeps
-the reading, ordering and writing, so the outputs are the same bytes wherever the work ran.
-``null`` keeps everything on this machine (``ingest.max_workers`` threads, ``export.workers``
-processes).
+shard probing, segment's SAM shards and export's image encoding then go to its workers; the
+stage's own process keeps the planning, reading, ordering and writing, so the outputs are the same
+bytes wherever the work ran. ``null`` keeps everything on this machine.
 
-What a cluster's workers need, checked when the stage connects (:func:`check_workers`):
+What a cluster needs, checked when the stage connects (:func:`check_workers`):
 
-- this project installed at the same code version (the ``flows`` sources hash the same) with the
-  same versions of the libraries that decide the bytes (Pillow, NumPy, pycocotools, PyArrow);
+- the scheduler and every worker run this project at the same code version (the ``flows``
+  sources hash the same) with the same versions of the libraries that decide the bytes
+  (:data:`BYTE_LIBRARIES`); the scheduler unpickles every task, so it imports our code too;
 - the data at the same absolute paths (a shared file system): work items carry absolute paths
   (:func:`absolute_sources`), never paths relative to the stage's working folder.
 
-No Prefect server is needed on the workers: the Prefect tasks stay in the stage's process and
-only plain functions travel to Dask.
+Work goes only to the workers checked at connect time. No Prefect server is needed on the
+workers: the Prefect tasks stay in the stage's process and only plain functions travel to Dask.
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import threading
 from collections.abc import Iterator
 from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flows.errors import UserFacingError
 from flows.resume import library_versions
@@ -36,8 +37,9 @@ if TYPE_CHECKING:
     from flows.config.params import ClusterParams, SourcesParams
 
 FLOWS = Path(__file__).resolve().parent
-# The libraries whose versions decide the bytes a worker returns (decoding, resizing, RLE, tables).
-BYTE_LIBRARIES = ("pillow", "numpy", "pycocotools", "pyarrow", "open_clip_torch")
+# The libraries whose versions decide the bytes a worker returns (decoding, resizing, RLE, tables, SAM).
+BYTE_LIBRARIES = ("pillow", "numpy", "pycocotools", "pyarrow", "open_clip_torch", "torch", "segment-anything",
+                  "opencv-python-headless")
 
 
 class ClusterError(UserFacingError, RuntimeError):
@@ -51,6 +53,8 @@ class Pool:
     executor: Executor | None
     workers: int  # how many items can run at once
     where: str  # for log lines: "this machine" or the scheduler's address
+    client: Any = None  # the distributed.Client behind ``executor``, if any (to ask every worker something)
+    checked: list[str] | None = None  # the workers ``executor`` sends work to
 
 
 def fingerprint() -> dict[str, object]:
@@ -75,35 +79,64 @@ def mismatches(local: dict[str, object], workers: dict[str, dict[str, object]]) 
     return lines
 
 
-def check_workers(client) -> int:
-    """Raise :class:`ClusterError` unless every worker matches this machine; return the worker threads."""
+def check_workers(client) -> dict[str, int]:
+    """Raise :class:`ClusterError` unless the scheduler and every worker match this machine.
+
+    Returns the checked workers' threads by address: work goes only to them (a worker that joins
+    later is not checked, so it gets none). The scheduler is checked too: it unpickles each task,
+    whose function it must be able to import.
+    """
     threads = client.nthreads()
     if not threads:
         raise ClusterError(f"cluster.address: the Dask scheduler at {client.scheduler.address} has no workers; "
                            f"start some (dask worker {client.scheduler.address})")
+    here = fingerprint()
     try:
-        theirs = client.run(fingerprint)
-    except (ModuleNotFoundError, ImportError) as exc:
-        raise ClusterError(f"cluster.address: the Dask workers cannot import this project ({exc}); "
-                           f"install it on every worker (pip install -e .)") from None
-    wrong = mismatches(fingerprint(), theirs)
+        on_scheduler = client.run_on_scheduler(fingerprint)
+    except Exception as exc:  # distributed re-raises the scheduler's error as a plain Exception
+        raise ClusterError(f"cluster.address: the Dask scheduler cannot run this project's code ({exc}); start "
+                           f"'dask scheduler' from this project's environment") from None
+    try:
+        theirs = client.run(fingerprint, workers=list(threads), on_error="return", wait=True)
+    except Exception as exc:
+        raise ClusterError(f"cluster.address: asking the Dask workers for their versions failed ({exc})") from None
+    failed = [f"{worker}: {answer!r}" for worker, answer in sorted(theirs.items()) if isinstance(answer, BaseException)]
+    if failed:
+        raise ClusterError("cluster.address: these Dask workers cannot run this project's code; install it on "
+                           f"every worker (pip install -e .): {'; '.join(failed)}")
+    wrong = mismatches(here, {"scheduler": on_scheduler, **theirs})
     if wrong:
-        raise ClusterError("cluster.address: these Dask workers would not return the same bytes as this machine "
+        raise ClusterError("cluster.address: these Dask processes would not return the same bytes as this machine "
                            f"(install this project's version on them): {'; '.join(wrong)}")
-    return sum(threads.values())
+    return {worker: threads[worker] for worker in theirs}
 
 
 @contextmanager
 def connect(address: str, *, timeout_s: float):
-    """A distributed Client of the scheduler at ``address``; :class:`ClusterError` if none answers."""
+    """A distributed Client of the scheduler at ``address``; :class:`ClusterError` if none answers in time.
+
+    The Client is made in a daemon thread with a hard deadline: a port that accepts the connection
+    but never answers (a stopped scheduler, another service) would otherwise block past the timeout.
+    """
     from distributed import Client
 
-    try:
-        client = Client(address, timeout=f"{timeout_s}s", set_as_default=False)
-    except (OSError, TimeoutError) as exc:
+    made: dict[str, object] = {}
+
+    def make() -> None:
+        try:
+            made["client"] = Client(address, timeout=f"{timeout_s}s", set_as_default=False)
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            made["error"] = exc
+
+    maker = threading.Thread(target=make, name="dask-connect", daemon=True)
+    maker.start()
+    maker.join(timeout_s + 5)
+    if "client" not in made:
+        reason = made.get("error") or f"no answer after {timeout_s + 5:g} s"
         raise ClusterError(f"cluster.address: no Dask scheduler answered at {address} within {timeout_s:g} s "
-                           f"({exc}); start one (dask scheduler), or set cluster.address: null to work "
-                           f"on this machine") from None
+                           f"({reason}); start one (dask scheduler), or set cluster.address: null to work "
+                           f"on this machine")
+    client = made["client"]
     try:
         yield client
     finally:
@@ -112,7 +145,7 @@ def connect(address: str, *, timeout_s: float):
 
 @contextmanager
 def work_pool(cluster: ClusterParams | None, *, local_workers: int) -> Iterator[Pool]:
-    """The :class:`Pool` for ``cluster``: a Dask executor over its workers, or ``local_workers`` here.
+    """The :class:`Pool` for ``cluster``: a Dask executor over its checked workers, or ``local_workers`` here.
 
     Here the executor is None: the caller keeps its own local way of running (a process pool made
     by flows.parallel.ordered_map, a thread pool of Prefect tasks).
@@ -122,11 +155,21 @@ def work_pool(cluster: ClusterParams | None, *, local_workers: int) -> Iterator[
         return
     with connect(cluster.address, timeout_s=cluster.connect_timeout_s) as client:
         threads = check_workers(client)
-        executor = client.get_executor(pure=False)
+        executor = client.get_executor(pure=False, workers=list(threads), allow_other_workers=False)
         try:
-            yield Pool(executor, threads, cluster.address)
+            yield Pool(executor, sum(threads.values()), cluster.address, client, list(threads))
         finally:
             executor.shutdown(wait=False)
+
+
+def same_everywhere(pool: Pool, fn, what: str) -> Any:
+    """``fn()``'s answer, which every worker of ``pool`` must give alike (:class:`ClusterError` if not)."""
+    answers = pool.client.run(fn, workers=pool.checked)
+    if len(set(map(repr, answers.values()))) > 1:
+        detail = "; ".join(f"{worker}: {answer}" for worker, answer in sorted(answers.items()))
+        raise ClusterError(f"cluster.address: the Dask workers differ in {what} ({detail}); "
+                           f"make them alike (one kind of device per cluster)")
+    return next(iter(answers.values()))
 
 
 def absolute_sources(sources: SourcesParams) -> SourcesParams:
@@ -138,4 +181,4 @@ def absolute_sources(sources: SourcesParams) -> SourcesParams:
 
 
 __all__ = ["ClusterError", "Pool", "absolute_sources", "check_workers", "connect", "fingerprint", "mismatches",
-           "work_pool"]
+           "same_everywhere", "work_pool"]

@@ -2,11 +2,9 @@
 
 import os
 import socket
-import sys
 import time
 from contextlib import closing
 
-import cloudpickle
 import pytest
 
 from flows.cluster import ClusterError, fingerprint, mismatches, work_pool
@@ -14,7 +12,8 @@ from flows.config.params import ClusterParams
 from flows.config.typed import ParamsError
 from flows.parallel import ordered_map
 
-cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/
+# Functions travel to the workers by reference: the local cluster's worker processes inherit this
+# process's sys.path, so they import this module as pytest did.
 
 
 def _square_and_pid(x: int) -> tuple[int, int]:
@@ -94,10 +93,51 @@ def test_the_cluster_workers_pass_the_check(dask_cluster):
     from flows.cluster import check_workers, connect
 
     with connect(dask_cluster.scheduler_address, timeout_s=10) as client:
-        assert check_workers(client) == 2
+        checked = check_workers(client)
+        assert set(checked) == set(client.nthreads()) and sorted(checked.values()) == [1, 1]
 
 
-@pytest.mark.parametrize("address", ["localhost:8786", ""])
-def test_an_address_without_a_scheme_is_refused(address):
+def test_workers_with_other_library_versions_are_refused_naming_them(dask_cluster, monkeypatch):
+    import flows.cluster
+
+    real = flows.cluster.library_versions
+    # Here (and in the in-process scheduler) pillow now reads 0.0; the workers still report the real one.
+    monkeypatch.setattr(flows.cluster, "library_versions", lambda *names: {**real(*names), "pillow": "0.0"})
+    with pytest.raises(ClusterError, match=r"would not return the same bytes.*tcp://127\.0\.0\.1:\d+: pillow "
+                                           r"\S+, here 0\.0"):
+        with work_pool(ClusterParams(address=dask_cluster.scheduler_address), local_workers=1):
+            pass
+
+
+def test_a_port_that_accepts_but_never_answers_fails_within_the_timeout():
+    with socket.socket() as silent:  # connections complete in the kernel's backlog; nothing ever replies
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        address = f"tcp://127.0.0.1:{silent.getsockname()[1]}"
+        start = time.monotonic()
+        with pytest.raises(ClusterError, match="no Dask scheduler answered"):
+            with work_pool(ClusterParams(address=address, connect_timeout_s=1), local_workers=1):
+                pass
+        assert time.monotonic() - start < 20
+
+
+@pytest.mark.parametrize("address", ["localhost:8786", "", "foo://h:1", "tcp://127.0.0.1"])
+def test_a_malformed_address_is_refused(address):
     with pytest.raises(ParamsError, match="address: must be a scheduler address such as tcp://host:8786"):
         ClusterParams(address=address)
+
+
+def test_a_worker_that_joins_after_the_check_gets_no_work():
+    import logging
+
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+                      silence_logs=logging.WARNING) as cluster:
+        first = {w.pid for w in cluster.workers.values()}
+        with work_pool(ClusterParams(address=cluster.scheduler_address), local_workers=1) as pool:
+            cluster.scale(2)
+            cluster.wait_for_workers(2, timeout=60)
+            out = list(ordered_map(_square_and_pid, ((i, i) for i in range(20) if i != 13), workers=2,
+                                   executor=pool.executor))
+        assert {pid for _, (_, pid) in out} == first  # the unchecked newcomer ran nothing

@@ -215,6 +215,23 @@ class ExportParams:
         between(self, 0.0, 1.0, "heldout_fraction", high_open=True)
 
 
+def _check_scheduler_address(address: str) -> None:
+    """A Dask address of a known protocol, with a port where the protocol needs one."""
+    message = f"address: must be a scheduler address such as tcp://host:8786, or null; got {address!r}"
+    if "://" not in address:
+        raise ParamsError(message)
+    from distributed.comm.addressing import parse_address, parse_host_port  # only when a cluster is named
+    from distributed.comm.registry import get_backend
+
+    try:
+        scheme, location = parse_address(address, strict=True)
+        get_backend(scheme)
+        if scheme in ("tcp", "tls"):
+            parse_host_port(location)
+    except ValueError as exc:
+        raise ParamsError(f"{message} ({exc})") from None
+
+
 @dataclass(frozen=True, kw_only=True)
 class ClusterParams:
     """Where ingest's shard probing and export's image encoding run (flows/cluster.py).
@@ -226,9 +243,8 @@ class ClusterParams:
     connect_timeout_s: float = 30.0  # how long to wait for the scheduler to answer
 
     def __post_init__(self) -> None:
-        if self.address is not None and "://" not in self.address:
-            raise ParamsError(f"address: must be a scheduler address such as tcp://host:8786, or null; "
-                              f"got {self.address!r}")
+        if self.address is not None:
+            _check_scheduler_address(self.address)
         at_least(self, 1, "connect_timeout_s")
 
 

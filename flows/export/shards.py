@@ -19,7 +19,7 @@ from pycocotools import mask as mask_utils
 
 from flows import ids
 from flows.accounting import AccountingError
-from flows.cluster import BYTE_LIBRARIES, Pool, absolute_sources, work_pool
+from flows.cluster import Pool, absolute_sources, work_pool
 from flows.config.params import ClusterParams, ExportParams, SourcesParams
 from flows.pairs.join import SubjectFrame, iter_joined
 from flows.parallel import ordered_map
@@ -185,7 +185,7 @@ def export_shards(*, frames: Path, masks: Path, embeddings: Path, pairs: Path, p
                                                                         "parallel.py", "cluster.py"], params={
         "export": dataclasses.replace(params, workers=1, out_dir=""), "sources": sources,
         "chunk_references": chunk_references,
-        "versions": library_versions(*BYTE_LIBRARIES)}))
+        "versions": library_versions("pillow", "numpy", "pycocotools", "open_clip_torch", "pyarrow")}))
     with work_pool(cluster, local_workers=params.workers) as pool:
         if pool.executor is not None:  # the workers run in other folders, maybe on other machines
             sources = absolute_sources(sources)
