@@ -5,10 +5,16 @@ present), built on the first shard that needs it. Inside a shard, loader threads
 device fed (see flows.segment.stage). Tasks pass file paths, never tables or tensors.
 A failed run keeps its finished shards in data/segment/.work; rerunning with the same
 inputs, params and code segments only the others (flows.resume).
+
+With ``cluster.address`` the shards go to the Dask cluster's workers instead, each worker with
+its own SAM on its own device (flows.cluster); this process plans, records and merges them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
 
 from flows.runtime import configure
@@ -18,7 +24,8 @@ configure()
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from flows.config.params import FilterParams, SegmentParams, SourcesParams, load_params  # noqa: E402
+from flows.cluster import Pool, absolute_sources, same_everywhere, work_pool  # noqa: E402
+from flows.config.params import ClusterParams, FilterParams, SegmentParams, SourcesParams, load_params  # noqa: E402
 from flows.progress import Progress  # noqa: E402
 from flows.resume import ResumableWork  # noqa: E402
 from flows.segment import stage  # noqa: E402
@@ -49,10 +56,20 @@ def merge_parts(outs: list[stage.ShardOutput], filter_dir: Path, out_dir: Path, 
 
 
 def run_segment(sources: SourcesParams, filtering: FilterParams, params: SegmentParams,
-                device: str | None = None) -> dict:
+                device: str | None = None, cluster: ClusterParams | None = None) -> dict:
     """The flow body: usable inside any flow (the stage's, or a test's)."""
+    with work_pool(cluster, local_workers=1) as pool:
+        return _segment_on(pool, sources, filtering, params, device)
+
+
+def _segment_on(pool: Pool, sources: SourcesParams, filtering: FilterParams, params: SegmentParams,
+                device: str | None) -> dict:
     logger = get_run_logger()
     filter_dir, out_dir = Path(filtering.out_dir), Path(params.out_dir)
+    if pool.executor is not None:  # the workers' device is the one that decides the masks' bytes
+        device, out_dir = same_everywhere(pool, stage.default_device, "device"), out_dir.resolve()
+        logger.info("segment: shards go to the Dask cluster at %s (%d worker threads, on %s)", pool.where,
+                    pool.workers, device)
     device = device or stage.default_device()
     work, shards = open_shards(filter_dir, out_dir, sources, filtering, params, device)
     finished = {shard.name: work.done(shard.name) for shard in shards}
@@ -67,12 +84,15 @@ def run_segment(sources: SourcesParams, filtering: FilterParams, params: Segment
     counters, models = {}, []
     todo = {shard.name: count_rows(shard) for shard in shards if not finished[shard.name]}
     progress = Progress("segment", sum(todo.values()), every_s=0)  # a line per shard this run segments
+    if pool.executor is not None:
+        finished |= _segment_on_cluster(pool, work, [s for s in shards if not finished[s.name]], sources, filtering,
+                                        params, progress, todo)
     for shard in shards:
         record = finished[shard.name] or segment_shard(shard, work, sources, params, filtering, runner)
         models.append(record["model"])
         for key, value in record["counters"].items():
             counters[key] = counters.get(key, 0) + value
-        if shard.name in todo:
+        if shard.name in todo and pool.executor is None:
             progress.update(todo[shard.name])
     progress.close()
     model = stage.first_model(models)
@@ -89,11 +109,40 @@ def run_segment(sources: SourcesParams, filtering: FilterParams, params: Segment
     return stats
 
 
+def _segment_on_cluster(pool: Pool, work: ResumableWork, shards: list[Path], sources: SourcesParams,
+                        filtering: FilterParams, params: SegmentParams, progress: Progress,
+                        rows: dict[str, int]) -> dict[str, dict]:
+    """Segment ``shards`` on the cluster; each is recorded done here as soon as it comes back, in any
+    order (a shard is minutes of SAM: a slow one must not hold the others' records back). Returns the records.
+    """
+    sources = absolute_sources(sources)
+    params = dataclasses.replace(params, sam_checkpoint=os.path.abspath(params.sam_checkpoint))
+    queue = iter(shards)
+    running: dict[Future, Path] = {}
+    records: dict[str, dict] = {}
+    try:
+        while True:
+            while len(running) <= pool.workers and (shard := next(queue, None)) is not None:  # one queued per worker
+                job = stage.ShardJob(shard, sources, params, filtering)
+                running[pool.executor.submit(stage.segment_shard_job, job)] = shard
+            if not running:
+                return records
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                shard = running.pop(future)
+                counters, model = future.result()
+                records[shard.name] = stage.mark_shard_done(work, shard, counters, model)
+                progress.update(rows[shard.name])
+    finally:
+        for future in running:  # a failed shard: the others stop (their finished records are kept)
+            future.cancel()
+
+
 @flow(name="segment")
 def segment_flow(params_path: str = "params.yaml") -> dict:
     """One subject mask per accepted frame: data/segment/{masks,rejects}.parquet and stats.json."""
     params = load_params(params_path)
-    return run_segment(params.sources, params.filter, params.segment)
+    return run_segment(params.sources, params.filter, params.segment, cluster=params.cluster)
 
 
 def main(params_path: str = "params.yaml") -> None:

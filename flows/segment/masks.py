@@ -23,7 +23,7 @@ def read_mask_file(path: Path, *, width: int, height: int) -> np.ndarray:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise UnreadableFile(reasons.MISSING_FILE, f"mask {path} does not exist") from None
+        raise UnreadableFile(reasons.MISSING_FILE, "mask file does not exist") from None  # the path column says which
     return decode_mask(data, width=width, height=height)
 
 

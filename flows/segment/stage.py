@@ -353,6 +353,32 @@ class LazyRunner:
         return self.runner
 
 
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard's work as it travels to a Dask worker (flows.cluster): absolute paths, plain params."""
+
+    shard: Path
+    sources: SourcesParams
+    params: SegmentParams
+    filtering: FilterParams
+
+
+_WORKER_RUNNERS: dict[tuple[str, str], LazyRunner] = {}  # per process: one SAM per (params, device)
+
+
+def segment_shard_job(job: ShardJob) -> tuple[dict[str, int], dict[str, Any] | None]:
+    """Segment ``job``'s shard in this process (a Dask worker) on its device; return (counters, model).
+
+    The worker keeps its SAM between shards, as the stage's own process does.
+    """
+    device = default_device()
+    key = (repr(job.params), device)
+    runner = _WORKER_RUNNERS.setdefault(key, LazyRunner(job.params, device))
+    counters = segment_shard(job.shard, shard_output(job.shard), sources=job.sources, params=job.params,
+                             filtering=job.filtering, runner=runner)
+    return counters, model_summary(runner.runner)
+
+
 def segment_frames(filter_dir: Path, out_dir: Path, *, sources: SourcesParams, params: SegmentParams,
                    runner: Callable[[], SamRunner], filtering: FilterParams | None = None,
                    workers: int | None = None, device: str | None = None) -> dict[str, Any]:

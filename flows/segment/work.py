@@ -97,7 +97,7 @@ def read_rgb(path: Path) -> np.ndarray:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise UnreadableFile(reasons.MISSING_FILE, f"image {path} does not exist") from None
+        raise UnreadableFile(reasons.MISSING_FILE, "image file does not exist") from None  # the path column says which
     if not data:
         raise UnreadableFile(reasons.EMPTY_FILE, "image is a zero-byte file")
     try:

@@ -29,3 +29,34 @@ def test_flow_writes_masks_rejects_and_stats(prefect_harness, segment_data, tmp_
         r["frame_id"] for r in segment_data.rows if r["frame_id"] not in segment_data.faults
         and r["frame_id"] in {m["frame_id"] for m in iter_rows(out / "masks.parquet", MASKS)}]
     assert (out / "stats.json").is_file() and not (out / ".work").exists()
+
+
+def test_shards_segmented_on_a_dask_cluster_equal_those_segmented_here(prefect_harness, segment_data, tmp_path,
+                                                                       monkeypatch, dask_cluster):
+    import json
+    import os
+
+    from flows.schemas import REJECTS
+    from flows.segment.flow import segment_flow
+
+    monkeypatch.chdir(tmp_path)  # every path relative to here; the workers run in another folder
+    rel = lambda path: os.path.relpath(path, tmp_path)  # noqa: E731
+    outputs = {}
+    for name, address in (("here", None), ("there", dask_cluster.scheduler_address)):
+        params = tmp_path / f"{name}.yaml"
+        params.write_text(yaml.safe_dump({
+            "sources": {"mvimgnet_root": rel(segment_data.sources.mvimgnet_root),
+                        "mvimgnet_mask_root": rel(segment_data.sources.mvimgnet_mask_root),
+                        "openimages_root": rel(segment_data.sources.openimages_root)},
+            "filter": {"out_dir": rel(segment_data.filtering.out_dir)},
+            "segment": {"out_dir": f"segment-{name}", "batch_images": 2, "frames_per_shard": 3},
+            "cluster": {"address": address},
+        }))
+        stats = segment_flow(str(params))
+        out = tmp_path / f"segment-{name}"
+        outputs[name] = (stats, list(iter_rows(out / "masks.parquet", MASKS)), list(iter_rows(out / "rejects.parquet", REJECTS)),
+                         json.loads((out / "stats.json").read_text()))
+        assert not (out / ".work").exists()
+    here, there = outputs["here"], outputs["there"]
+    assert here == there
+    assert here[0]["methods"].get("sam_box", 0) > 0 and len(here[1]) > 3  # SAM ran, on several shards
