@@ -121,21 +121,30 @@ def connect(address: str, *, timeout_s: float):
     from distributed import Client
 
     made: dict[str, object] = {}
+    gave_up = threading.Event()
 
     def make() -> None:
         try:
-            made["client"] = Client(address, timeout=f"{timeout_s}s", set_as_default=False)
+            client = Client(address, timeout=f"{timeout_s}s", set_as_default=False)
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
             made["error"] = exc
+            return
+        made["client"] = client
+        if gave_up.is_set():  # connected after the deadline: nobody will use it
+            client.close()
 
     maker = threading.Thread(target=make, name="dask-connect", daemon=True)
     maker.start()
     maker.join(timeout_s + 5)
+    gave_up.set()
     if "client" not in made:
-        reason = made.get("error") or f"no answer after {timeout_s + 5:g} s"
-        raise ClusterError(f"cluster.address: no Dask scheduler answered at {address} within {timeout_s:g} s "
-                           f"({reason}); start one (dask scheduler), or set cluster.address: null to work "
-                           f"on this machine")
+        error = made.get("error")
+        if error is None or isinstance(error, (OSError, TimeoutError)):
+            raise ClusterError(f"cluster.address: no Dask scheduler answered at {address} within {timeout_s:g} s "
+                               f"({error or f'no answer after {timeout_s + 5:g} s'}); start one (dask scheduler), "
+                               f"or set cluster.address: null to work on this machine")
+        raise ClusterError(f"cluster.address: cannot connect to the Dask scheduler at {address} "
+                           f"({type(error).__name__}: {error})")
     client = made["client"]
     try:
         yield client
@@ -156,10 +165,51 @@ def work_pool(cluster: ClusterParams | None, *, local_workers: int) -> Iterator[
     with connect(cluster.address, timeout_s=cluster.connect_timeout_s) as client:
         threads = check_workers(client)
         executor = client.get_executor(pure=False, workers=list(threads), allow_other_workers=False)
+        watch = _Watch(client, set(threads))
         try:
             yield Pool(executor, sum(threads.values()), cluster.address, client, list(threads))
+        except BaseException:
+            if watch.lost.is_set():
+                raise ClusterError(f"cluster.address: every Dask worker checked at the start ({', '.join(threads)}) "
+                                   f"is gone (a worker restarted by its nanny comes back unchecked); rerun the "
+                                   f"stage: finished pieces are kept") from None
+            raise
         finally:
-            executor.shutdown(wait=False)
+            watch.stop()  # first: after it, nothing closes the client behind this thread's back
+            if not watch.lost.is_set():  # else the client is closed, its tasks cancelled already
+                executor.shutdown(wait=False)
+
+
+class _Watch:
+    """Ends the work if no checked worker is left: their tasks could then only wait forever.
+
+    Work is pinned to the workers checked at connect time; when all of them are gone, the client is
+    closed, which cancels every pending task, and :func:`work_pool` turns that into a
+    :class:`ClusterError`.
+    """
+
+    EVERY_S = 2.0
+
+    def __init__(self, client, checked: set[str]):
+        self.client, self.checked = client, checked
+        self.lost, self._stop = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dask-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.EVERY_S):
+            try:
+                alive = set(self.client.nthreads())
+            except Exception:  # noqa: BLE001 - the scheduler itself is gone: the client's own errors say so
+                return
+            if not alive & self.checked:
+                self.lost.set()
+                self.client.close()
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def same_everywhere(pool: Pool, fn, what: str) -> Any:

@@ -141,3 +141,21 @@ def test_a_worker_that_joins_after_the_check_gets_no_work():
             out = list(ordered_map(_square_and_pid, ((i, i) for i in range(20) if i != 13), workers=2,
                                    executor=pool.executor))
         assert {pid for _, (_, pid) in out} == first  # the unchecked newcomer ran nothing
+
+
+def _die(_: int) -> None:
+    os._exit(1)  # the worker process dies; its nanny starts a new one at a new address
+
+
+def test_losing_every_checked_worker_ends_the_work_in_one_error_instead_of_waiting_forever():
+    import logging
+
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+                      silence_logs=logging.CRITICAL) as cluster:
+        start = time.monotonic()
+        with pytest.raises(ClusterError, match=r"every Dask worker checked at the start \(tcp://.*\) is gone"):
+            with work_pool(ClusterParams(address=cluster.scheduler_address), local_workers=1) as pool:
+                list(ordered_map(_die, [(0, 0)], workers=1, executor=pool.executor))
+        assert time.monotonic() - start < 60

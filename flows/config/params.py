@@ -227,7 +227,9 @@ def _check_scheduler_address(address: str) -> None:
         scheme, location = parse_address(address, strict=True)
         get_backend(scheme)
         if scheme in ("tcp", "tls"):
-            parse_host_port(location)
+            host, port = parse_host_port(location)
+            if not host or not 0 < port < 65536:
+                raise ValueError("needs a host and a port from 1 to 65535")
     except ValueError as exc:
         raise ParamsError(f"{message} ({exc})") from None
 
