@@ -35,8 +35,9 @@ from flows.segment.sam_model import RANDOM_WEIGHTS_WARNING, TINY_SEED  # noqa: E
 
 @task(cache_policy=NO_CACHE)
 def open_shards(filter_dir: Path, out_dir: Path, sources: SourcesParams, filtering: FilterParams,
-                params: SegmentParams, device: str) -> tuple[ResumableWork, list[Path]]:
-    return stage.open_shards(filter_dir, out_dir, sources=sources, filtering=filtering, params=params, device=device)
+                params: SegmentParams, device: str, device_id: str | None = None) -> tuple[ResumableWork, list[Path]]:
+    return stage.open_shards(filter_dir, out_dir, sources=sources, filtering=filtering, params=params, device=device,
+                             device_id=device_id)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="segment-{shard.name}")
@@ -57,7 +58,11 @@ def merge_parts(outs: list[stage.ShardOutput], filter_dir: Path, out_dir: Path, 
 
 def run_segment(sources: SourcesParams, filtering: FilterParams, params: SegmentParams,
                 device: str | None = None, cluster: ClusterParams | None = None) -> dict:
-    """The flow body: usable inside any flow (the stage's, or a test's)."""
+    """The flow body: usable inside any flow (the stage's, or a test's).
+
+    ``device``: where SAM runs here (default: the GPU when present); on a cluster each worker uses
+    its own, which must be the same kind on all of them.
+    """
     with work_pool(cluster, local_workers=1) as pool:
         return _segment_on(pool, sources, filtering, params, device)
 
@@ -66,12 +71,14 @@ def _segment_on(pool: Pool, sources: SourcesParams, filtering: FilterParams, par
                 device: str | None) -> dict:
     logger = get_run_logger()
     filter_dir, out_dir = Path(filtering.out_dir), Path(params.out_dir)
+    device_id = None
     if pool.executor is not None:  # the workers' device is the one that decides the masks' bytes
-        device, out_dir = same_everywhere(pool, stage.default_device, "device"), out_dir.resolve()
+        device_id, out_dir = same_everywhere(pool, stage.worker_device_id, "device"), out_dir.resolve()
+        device = device_id.split()[0]
         logger.info("segment: shards go to the Dask cluster at %s (%d worker threads, on %s)", pool.where,
-                    pool.workers, device)
+                    pool.workers, device_id)
     device = device or stage.default_device()
-    work, shards = open_shards(filter_dir, out_dir, sources, filtering, params, device)
+    work, shards = open_shards(filter_dir, out_dir, sources, filtering, params, device, device_id)
     finished = {shard.name: work.done(shard.name) for shard in shards}
     logger.info("segment: %d shard(s), mode %s, SAM profile %s on %s", len(shards), params.mode,
                 params.sam_profile, device)
@@ -128,11 +135,17 @@ def _segment_on_cluster(pool: Pool, work: ResumableWork, shards: list[Path], sou
             if not running:
                 return records
             done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
+            failed = None
+            for future in done:  # record every shard that finished before raising a failed one's error
                 shard = running.pop(future)
+                if future.exception() is not None:
+                    failed = failed or future
+                    continue
                 counters, model = future.result()
                 records[shard.name] = stage.mark_shard_done(work, shard, counters, model)
                 progress.update(rows[shard.name])
+            if failed is not None:
+                failed.result()
     finally:
         for future in running:  # a failed shard: the others stop (their finished records are kept)
             future.cancel()

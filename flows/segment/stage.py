@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -63,16 +64,17 @@ def default_workers() -> int:
 
 
 def open_shards(filter_dir: Path, out_dir: Path, *, sources: SourcesParams, filtering: FilterParams,
-                params: SegmentParams, device: str) -> tuple[ResumableWork, list[Path]]:
+                params: SegmentParams, device: str, device_id: str | None = None) -> tuple[ResumableWork, list[Path]]:
     """The work folder (out_dir/.work) and its shards: planned now, or kept from a failed run of the same key.
 
     The key (flows.resume) holds what decides a shard's bytes: the frames table, the params,
     the device type (bf16 autocast on CUDA, float32 elsewhere; on CUDA its library versions), the
-    libraries, the checkpoint.
+    libraries, the checkpoint. ``device_id``: that device as :func:`worker_device_id` gave it
+    where SAM runs (a cluster's workers), instead of ``device`` here.
     """
     frames = filter_dir / "frames.parquet"
     key = work_key(inputs=[frames], code=["segment", "probe.py", "filtering/rules.py"], params={
-        "sources": sources, "filter": filtering, "segment": params, "device": device_identity(torch.device(device)),
+        "sources": sources, "filter": filtering, "segment": params, "device": device_id or device_identity(torch.device(device)),
         "versions": library_versions("torch", "segment-anything", "pillow", "numpy", "pycocotools",
                                      "opencv-python-headless"),
         "checkpoint": file_identity(params.sam_checkpoint) if params.sam_profile == "sam" else None})
@@ -363,20 +365,44 @@ class ShardJob:
     filtering: FilterParams
 
 
-_WORKER_RUNNERS: dict[tuple[str, str], LazyRunner] = {}  # per process: one SAM per (params, device)
+_WORKER_LOCK = threading.Lock()  # one segment shard at a time per process: one SAM, one device
+_worker_runner: tuple[tuple, LazyRunner] | None = None  # this process's SAM, and what it was built from
+
+
+def worker_device_id() -> str:
+    """The device this process would run SAM on, as resume keys name it (asked of every cluster worker)."""
+    return device_identity(torch.device(default_device()))
+
+
+def _runner_for(params: SegmentParams, device: str) -> LazyRunner:
+    """This process's SAM for ``params``: the one built for an earlier shard if it is the same model
+    (profile, architecture, checkpoint file by path, size and mtime), else a new one in its place."""
+    global _worker_runner
+    model = (params.sam_profile, params.sam_model_type, device,
+             file_identity(params.sam_checkpoint) if params.sam_profile == "sam" else None)
+    if _worker_runner is None or _worker_runner[0] != model:
+        _worker_runner = None  # drop the old model before the new one loads
+        _worker_runner = (model, LazyRunner(params, device))
+    return _worker_runner[1]
 
 
 def segment_shard_job(job: ShardJob) -> tuple[dict[str, int], dict[str, Any] | None]:
     """Segment ``job``'s shard in this process (a Dask worker) on its device; return (counters, model).
 
-    The worker keeps its SAM between shards, as the stage's own process does.
+    The worker keeps its SAM between shards, as the stage's own process does, and runs one shard
+    at a time whatever its thread count. The model is reported only if this shard used it.
     """
-    device = default_device()
-    key = (repr(job.params), device)
-    runner = _WORKER_RUNNERS.setdefault(key, LazyRunner(job.params, device))
-    counters = segment_shard(job.shard, shard_output(job.shard), sources=job.sources, params=job.params,
-                             filtering=job.filtering, runner=runner)
-    return counters, model_summary(runner.runner)
+    with _WORKER_LOCK:
+        runner = _runner_for(job.params, default_device())
+        used: list[SamRunner] = []
+
+        def tracked() -> SamRunner:
+            used.append(runner())
+            return used[-1]
+
+        counters = segment_shard(job.shard, shard_output(job.shard), sources=job.sources, params=job.params,
+                                 filtering=job.filtering, runner=tracked)
+        return counters, model_summary(used[0]) if used else None
 
 
 def segment_frames(filter_dir: Path, out_dir: Path, *, sources: SourcesParams, params: SegmentParams,
