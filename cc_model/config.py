@@ -133,12 +133,16 @@ class TrainParams:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU when present (bf16 frozen weights there)
     num_workers: int = 2  # DataLoader processes decoding the shards (0: in the training process)
     save_every: int = 1000  # steps between saved training states (a killed run resumes from the last)
+    # Data-parallel processes (torch DDP): one per GPU on CUDA (gloo processes on a CPU). Each
+    # takes its own batch of batch_size samples, contrasted within itself; gradients are averaged,
+    # so a step sees batch_size * processes samples.
+    processes: int = 1
     # Batches never hold two samples of one subject (CSCL/MACL take every other sample as a
     # negative); with this, nor two subjects the similarity stage flagged as near-duplicates.
     avoid_near_duplicates: bool = True
 
     def __post_init__(self) -> None:
-        at_least(self, 1, "batch_size", "max_steps", "save_every")
+        at_least(self, 1, "batch_size", "max_steps", "save_every", "processes")
         at_least(self, 0, "num_workers")
         if not self.lr > 0:
             raise ParamsError(f"lr: must be > 0, got {self.lr!r}")

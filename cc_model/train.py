@@ -12,15 +12,15 @@ configure()
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from cc_model.training import train_model  # noqa: E402
+from cc_model.training import train_processes  # noqa: E402
 from flows.config.params import Params, load_params  # noqa: E402
 
 
 @task(cache_policy=NO_CACHE)
 def train_task(params: Params) -> dict:
-    return train_model(params, export_dir=Path(params.export.out_dir),
-                       embeddings=Path(params.embed.out_dir) / "embeddings.parquet",
-                       near_duplicates=Path(params.similarity.out_dir) / "near_duplicates.parquet")
+    return train_processes(params, export_dir=Path(params.export.out_dir),
+                           embeddings=Path(params.embed.out_dir) / "embeddings.parquet",
+                           near_duplicates=Path(params.similarity.out_dir) / "near_duplicates.parquet")
 
 
 @flow(name="train")

@@ -15,6 +15,12 @@ device type, library versions and code continues from it: a killed run loses at 
 (dropout, timesteps, noise) come from one generator in the training process and the batches
 from (seed, epoch) (cc_model.data.SubjectBatchSampler), so a resumed run ends with the weights of
 an unbroken one (bit-identical on the CPU).
+
+With ``train.processes`` > 1 the step is data-parallel (torch DDP, :func:`train_processes`): each
+process takes its own batch of the epoch's batches (batches r, r + P, ...), draws from its own
+generator, and contrasts within its own batch; DDP averages the gradients, so every process
+holds the same weights (checked at the end). Process 0 logs and writes; the saved state holds
+every process's generator.
 """
 
 from __future__ import annotations
@@ -26,10 +32,13 @@ import json
 import logging
 import math
 import os
+import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 
 from cc_model.backbones import clip_pixels, load_backbones
 from cc_model.checkpoint import save_trainable
@@ -49,6 +58,56 @@ FLOWS = Path(__file__).parents[1] / "flows"
 CODE = (Path(__file__).parent, FLOWS / "embed" / "preprocess.py", FLOWS / "pairs" / "augment.py", FLOWS / "tables.py",
         FLOWS / "schemas.py")
 logger = logging.getLogger("flows.train")
+RANK_SEED_STRIDE = 1_000_003  # process r's generator starts from seed + r * this (process 0: the seed itself)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the data-parallel training processes (world 1: no torch.distributed)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def current_ranks() -> Ranks:
+    if dist.is_available() and dist.is_initialized():
+        return Ranks(dist.get_rank(), dist.get_world_size())
+    return Ranks()
+
+
+class RankBatches(torch.utils.data.Sampler[list[int]]):
+    """One process's share of the epoch's batches: r, r + world, r + 2 world, ... (equal counts on all).
+
+    With one process, every batch. ``set_epoch(epoch, start)`` skips ``start`` of this share (resume).
+    """
+
+    def __init__(self, batches: SubjectBatchSampler, ranks: Ranks):
+        self.batches, self.ranks, self.start = batches, ranks, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.batches.set_epoch(epoch)
+        self.start = start
+
+    def mine(self) -> list[list[int]]:
+        every = self.batches.batches()
+        used = len(every) // self.ranks.world * self.ranks.world
+        return every[self.ranks.rank : used : self.ranks.world]
+
+    @property
+    def left_out(self) -> int:
+        """Rows of the epoch in no process's batch."""
+        every = self.batches.batches()
+        return self.batches.left_out + (len(every) % self.ranks.world) * self.batches.batch_size
+
+    def __iter__(self):
+        yield from self.mine()[self.start :]
+
+    def __len__(self) -> int:
+        return len(self.mine()) - self.start
 
 
 class TrainStateError(UserFacingError, ValueError):
@@ -108,8 +167,8 @@ class Resumed(NamedTuple):
 class TrainingState:
     """``.work/state.pt``: everything a run needs to continue; read with ``weights_only=True`` (no pickled code)."""
 
-    def __init__(self, work_dir: Path, key: str):
-        self.path, self.key = work_dir / STATE_NAME, key
+    def __init__(self, work_dir: Path, key: str, ranks: Ranks = Ranks()):
+        self.path, self.key, self.ranks = work_dir / STATE_NAME, key, ranks
 
     def load(self, model: CustomContrastModel, optimizer: torch.optim.Optimizer,
              generator: torch.Generator) -> Resumed:
@@ -125,17 +184,25 @@ class TrainingState:
             for name, value in state["trainable"].items():
                 trainable[name].copy_(value)
         optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
+        # clone: a row of the stacked states is a view at an offset, which set_state misreads (segfault)
+        generator.set_state(state["generators"][self.ranks.rank].clone() if self.ranks.world > 1 else state["generator"])
         history = [dict(zip(state["terms"], row)) for row in state["history"].tolist()]
         logger.info("train: continuing from step %d (%s)", state["step"], self.path)
         return Resumed(int(state["step"]), int(state["epoch"]), int(state["position"]), history)
 
     def save(self, model: CustomContrastModel, optimizer: torch.optim.Optimizer, generator: torch.Generator,
              at: Resumed) -> None:
+        generators = [generator.get_state()]
+        if self.ranks.world > 1:  # every process's draws continue where they were
+            generators = [None] * self.ranks.world
+            dist.all_gather_object(generators, generator.get_state())
+        if not self.ranks.main:
+            return
         terms = list(at.history[0]) if at.history else []
         state = {
             "key": self.key, "step": at.step, "epoch": at.epoch, "position": at.position,
-            "generator": generator.get_state(), "optimizer": optimizer.state_dict(),
+            "generator": generators[0], "optimizer": optimizer.state_dict(),
+            **({"generators": torch.stack(generators)} if self.ranks.world > 1 else {}),
             "trainable": {n: p.detach().cpu() for n, p in model.trainable_named_parameters().items()},
             "terms": terms,
             "history": torch.tensor([[row[t] for t in terms] for row in at.history], dtype=torch.float64),
@@ -163,7 +230,10 @@ def train_model(params: Params, *, export_dir: Path, embeddings: Path, near_dupl
     """Train for ``train.max_steps`` steps in all (continuing a matching saved state); returns the stats."""
     config = params.train
     out_dir = Path(config.out_dir)
+    ranks = current_ranks()
     device = resolve_device(config.device)
+    if device.type == "cuda" and ranks.world > 1:
+        device = torch.device("cuda", ranks.rank)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(config.seed)  # the MFI encoder's initial weights
     backbones = load_backbones(params.model.backbone)
@@ -173,22 +243,26 @@ def train_model(params: Params, *, export_dir: Path, embeddings: Path, near_dupl
         cast_frozen(model, dtype)  # trainable weights stay float32 under autocast
     dataset = dataset_for(model, export_dir, "train", embeddings=embeddings, background_rgb=params.embed.background_rgb)
     conflicts = near_duplicate_conflicts(near_duplicates, dataset.subject_names) if config.avoid_near_duplicates else {}
-    sampler = SubjectBatchSampler(dataset.row_groups(), dataset.subjects, batch_size=config.batch_size,
-                                  seed=config.seed, conflicts=conflicts)
+    sampler = RankBatches(SubjectBatchSampler(dataset.row_groups(), dataset.subjects, batch_size=config.batch_size,
+                                              seed=config.seed, conflicts=conflicts), ranks)
     # DataLoader workers are forked: they share the index and the embeddings instead of copying them
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=dataset.collate,
                                          num_workers=config.num_workers, pin_memory=device.type == "cuda")
     optimizer = torch.optim.AdamW(list(model.trainable_named_parameters().values()), lr=config.lr)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed + RANK_SEED_STRIDE * ranks.rank)
+    step_model = model if ranks.world == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False,
+        find_unused_parameters=True)  # a batch whose every row drops its image leaves the visual path out
     inputs = [export_dir, embeddings, *([near_duplicates] if config.avoid_near_duplicates else []), *backbones.files]
-    state = TrainingState(out_dir / ".work", state_key(params, inputs=inputs, device=device))
+    state = TrainingState(out_dir / ".work", state_key(params, inputs=inputs, device=device), ranks)
     at = state.load(model, optimizer, generator)
     if at.step > config.max_steps:
         raise TrainStateError(f"train.max_steps is {config.max_steps} but the saved state {state.path} has done "
                               f"{at.step} steps; raise train.max_steps, or delete {state.path.parent} to start afresh")
     step, epoch, position, history = at
     start_step = step
-    progress = Progress("train", max(config.max_steps - step, 0), unit="steps")
+    progress = Progress("train", max(config.max_steps - step, 0), unit="steps",
+                        every_s=15.0 if ranks.main else float("inf"))
     autocast = torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
     model.train()
     while step < config.max_steps:
@@ -199,9 +273,9 @@ def train_model(params: Params, *, export_dir: Path, embeddings: Path, near_dupl
                                   f"train.avoid_near_duplicates)")
         for batch in loader:
             with autocast:
-                terms = model(training_batch(model, batch, device=device, dtype=dtype, generator=generator),
-                              generator=generator)
-            values = {name: float(value.detach()) for name, value in terms.items()}
+                terms = step_model(training_batch(model, batch, device=device, dtype=dtype, generator=generator),
+                                   generator=generator)
+            values = _mean_over_ranks(terms, ranks)
             if not math.isfinite(values["total"]):
                 raise FloatingPointError(f"train: loss terms {values} at step {step + 1}; the last saved state "
                                          f"(every train.save_every steps) is {state.path}")
@@ -220,17 +294,97 @@ def train_model(params: Params, *, export_dir: Path, embeddings: Path, near_dupl
                 logger.info("train: epoch %d left out %d samples that fitted no batch", epoch, sampler.left_out)
             epoch, position = epoch + 1, 0
     seconds = progress.close()
+    _check_in_step(model, ranks)
+    if not ranks.main:
+        return {}
     save_trainable(model, out_dir / "checkpoint")
     write_loss_csv(out_dir / "loss.csv", history)
     last = history[-LAST_STEPS:]
-    stats = {"steps": step, "samples": step * config.batch_size, "train_samples": len(dataset), "epochs": epoch,
+    stats = {"steps": step, "samples": step * config.batch_size * ranks.world, "train_samples": len(dataset),
+             "epochs": epoch,
              "loss_last_steps": {name: round(sum(r[name] for r in last) / len(last), 6) for name in last[0]}
              if last else {}}
     timing = {"device": str(device), "seconds": round(seconds, 3), "steps_this_run": step - start_step,
-              "samples_per_s": round((step - start_step) * config.batch_size / max(seconds, 1e-9), 2),
+              "samples_per_s": round((step - start_step) * config.batch_size * ranks.world / max(seconds, 1e-9), 2),
+              "processes": ranks.world,
               "started_at_step": start_step}
     return write_stats(out_dir, stats, timing=timing)
 
 
-__all__ = ["Resumed", "TrainStateError", "TrainingState", "resolve_device", "state_key", "train_model",
-           "training_batch"]
+def _mean_over_ranks(terms: dict[str, torch.Tensor], ranks: Ranks) -> dict[str, float]:
+    """Each loss term as a float, averaged over the processes (the same history on every one)."""
+    if ranks.world == 1:
+        return {name: float(value.detach()) for name, value in terms.items()}
+    values = torch.stack([value.detach().float() for value in terms.values()]).double()
+    values = values.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(values)
+    return {name: float(v) / ranks.world for name, v in zip(terms, values.tolist())}
+
+
+def _check_in_step(model: CustomContrastModel, ranks: Ranks) -> None:
+    """Raise unless every process ends with the same trainable weights (DDP keeps them equal)."""
+    if ranks.world == 1:
+        return
+    digest = hashlib.sha256()
+    for name, value in sorted(model.trainable_named_parameters().items()):
+        digest.update(name.encode() + value.detach().float().cpu().numpy().tobytes())
+    digests = [None] * ranks.world
+    dist.all_gather_object(digests, digest.hexdigest())
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"train: the {ranks.world} processes ended with different weights ({digests}); "
+                           f"data-parallel training went wrong")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class TrainProcessError(UserFacingError, RuntimeError):
+    """A data-parallel training process stopped on an error the user fixes (its message, as it said it)."""
+
+
+def _process_main(rank: int, world: int, port: int, params: Params, paths: dict[str, Path], errors) -> None:
+    """One data-parallel training process (started by :func:`train_processes`); process 0 logs."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)-7s | %(name)s - %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("flows").setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    cuda = resolve_device(params.train.device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        train_model(params, **paths)
+    except UserFacingError as exc:  # the parent says it in one line
+        errors.put(str(exc))
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def train_processes(params: Params, *, export_dir: Path, embeddings: Path, near_duplicates: Path) -> dict:
+    """:func:`train_model` in ``train.processes`` data-parallel processes on this machine (one: here)."""
+    paths = {"export_dir": export_dir, "embeddings": embeddings, "near_duplicates": near_duplicates}
+    world = params.train.processes
+    if world == 1:
+        return train_model(params, **paths)
+    if resolve_device(params.train.device).type == "cuda" and torch.cuda.device_count() < world:
+        raise TrainStateError(f"train.processes is {world} but this machine has {torch.cuda.device_count()} "
+                              f"GPU(s): one process per GPU")
+    logger.info("train: %d data-parallel processes of %d samples each", world, params.train.batch_size)
+    errors = torch.multiprocessing.get_context("spawn").SimpleQueue()
+    try:
+        torch.multiprocessing.spawn(_process_main, args=(world, _free_port(), params, paths, errors), nprocs=world,
+                                    join=True)
+    except torch.multiprocessing.ProcessRaisedException:
+        if not errors.empty():
+            raise TrainProcessError(errors.get()) from None
+        raise
+    out_dir = Path(params.train.out_dir)
+    return {**json.loads((out_dir / "stats.json").read_text()), **json.loads((out_dir / "timing.json").read_text())}
+
+
+__all__ = ["Ranks", "RankBatches", "Resumed", "TrainProcessError", "TrainStateError", "TrainingState", "current_ranks", "resolve_device",
+           "state_key", "train_model", "train_processes", "training_batch"]
