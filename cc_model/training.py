@@ -194,8 +194,10 @@ class TrainingState:
              at: Resumed) -> None:
         generators = [generator.get_state()]
         if self.ranks.world > 1:  # every process's draws continue where they were
-            generators = [None] * self.ranks.world
-            dist.all_gather_object(generators, generator.get_state())
+            gathered = [None] * self.ranks.world
+            dist.all_gather_object(gathered, (generator.get_state(), weights_digest(model)))
+            generators = [state for state, _ in gathered]
+            _check_digests([digest for _, digest in gathered])  # never save one process's diverged weights
         if not self.ranks.main:
             return
         terms = list(at.history[0]) if at.history else []
@@ -268,6 +270,11 @@ def train_model(params: Params, *, export_dir: Path, embeddings: Path, near_dupl
     while step < config.max_steps:
         sampler.set_epoch(epoch, start=position)  # a resumed run skips the batches it has used
         if position == 0 and len(sampler) == 0:
+            if ranks.world > 1:
+                raise ExportDataError(f"{export_dir / 'train'}: fewer than train.processes ({ranks.world}) batches of "
+                                      f"{config.batch_size} samples of different subjects, none near-duplicates of "
+                                      f"another, can be formed (train.processes, train.batch_size, "
+                                      f"train.avoid_near_duplicates)")
             raise ExportDataError(f"{export_dir / 'train'}: no batch of {config.batch_size} samples of different "
                                   f"subjects, none near-duplicates of another, can be formed (train.batch_size, "
                                   f"train.avoid_near_duplicates)")
@@ -321,18 +328,27 @@ def _mean_over_ranks(terms: dict[str, torch.Tensor], ranks: Ranks) -> dict[str, 
     return {name: float(v) / ranks.world for name, v in zip(terms, values.tolist())}
 
 
-def _check_in_step(model: CustomContrastModel, ranks: Ranks) -> None:
-    """Raise unless every process ends with the same trainable weights (DDP keeps them equal)."""
-    if ranks.world == 1:
-        return
+def weights_digest(model: CustomContrastModel) -> str:
     digest = hashlib.sha256()
     for name, value in sorted(model.trainable_named_parameters().items()):
         digest.update(name.encode() + value.detach().float().cpu().numpy().tobytes())
-    digests = [None] * ranks.world
-    dist.all_gather_object(digests, digest.hexdigest())
+    return digest.hexdigest()
+
+
+def _check_digests(digests: list[str]) -> None:
     if len(set(digests)) > 1:
-        raise RuntimeError(f"train: the {ranks.world} processes ended with different weights ({digests}); "
-                           f"data-parallel training went wrong")
+        raise RuntimeError(f"train: the {len(digests)} processes hold different weights ({digests}); "
+                           f"data-parallel training went wrong, and nothing of this step was saved")
+
+
+def _check_in_step(model: CustomContrastModel, ranks: Ranks) -> None:
+    """Raise unless every process ends with the same trainable weights (DDP keeps them equal; every
+    saved state was checked the same way)."""
+    if ranks.world == 1:
+        return
+    digests = [None] * ranks.world
+    dist.all_gather_object(digests, weights_digest(model))
+    _check_digests(digests)
 
 
 def _free_port() -> int:
@@ -353,6 +369,8 @@ def _process_main(rank: int, world: int, port: int, params: Params, paths: dict[
     cuda = resolve_device(params.train.device).type == "cuda"
     if cuda:
         torch.cuda.set_device(rank)
+    else:  # the processes share the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     try:
@@ -378,7 +396,7 @@ def train_processes(params: Params, *, export_dir: Path, embeddings: Path, near_
     try:
         torch.multiprocessing.spawn(_process_main, args=(world, _free_port(), params, paths, errors), nprocs=world,
                                     join=True)
-    except torch.multiprocessing.ProcessRaisedException:
+    except (torch.multiprocessing.ProcessRaisedException, torch.multiprocessing.ProcessExitedException):
         if not errors.empty():
             raise TrainProcessError(errors.get()) from None
         raise
