@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -15,6 +13,7 @@ from cc_model.training import RankBatches, Ranks, TrainProcessError, train_proce
 from flows.config.params import Params
 
 from conftest import params_for
+from ddp_targets import save_with_weights_of_rank
 
 
 def train(exported, out_dir, **options) -> dict:
@@ -44,37 +43,11 @@ def test_an_error_to_fix_in_a_process_is_one_line(exported, tmp_path):
         train(exported, tmp_path / "run", max_steps=1, batch_size=1000)
 
 
-class _Weights(torch.nn.Module):
-    """The trainable side of a model, as TrainingState sees it."""
-
-    def __init__(self, value: float):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.full((3,), value))
-
-    def trainable_named_parameters(self):
-        return dict(self.named_parameters())
-
-
-def _save_with_weights_of_rank(rank: int, port: int, folder: str) -> None:
-    import torch.distributed as dist
-
-    from cc_model.training import Resumed, TrainingState
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        model = _Weights(float(rank))  # what a broken data-parallel step leaves: each process its own weights
-        optimizer = torch.optim.AdamW(model.parameters())
-        TrainingState(Path(folder), "key", Ranks(rank, 2)).save(model, optimizer, torch.Generator(),
-                                                                 Resumed(1, 0, 1, [{"total": 1.0}]))
-    finally:
-        dist.destroy_process_group()
-
-
 def test_diverged_processes_never_save_a_state_a_rerun_could_finish_from(tmp_path):
     from cc_model.training import _free_port
 
     with pytest.raises(torch.multiprocessing.ProcessRaisedException, match="hold different weights"):
-        torch.multiprocessing.spawn(_save_with_weights_of_rank, args=(_free_port(), str(tmp_path)), nprocs=2)
+        torch.multiprocessing.spawn(save_with_weights_of_rank, args=(_free_port(), str(tmp_path)), nprocs=2)
     assert not (tmp_path / "state.pt").exists()
 
 
