@@ -132,7 +132,7 @@ def test_a_worker_that_joins_after_the_check_gets_no_work():
 
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
                       silence_logs=logging.WARNING) as cluster:
         first = {w.pid for w in cluster.workers.values()}
         with work_pool(ClusterParams(address=cluster.scheduler_address), local_workers=1) as pool:
@@ -152,7 +152,7 @@ def test_losing_every_checked_worker_ends_the_work_in_one_error_instead_of_waiti
 
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
                       silence_logs=logging.CRITICAL) as cluster:
         start = time.monotonic()
         with pytest.raises(ClusterError, match=r"every Dask worker checked at the start \(tcp://.*\) is gone"):

@@ -73,7 +73,7 @@ def test_a_worker_of_several_threads_builds_one_sam_and_gives_the_same_masks(pre
 
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=1, threads_per_worker=3, processes=True, dashboard_address=None,
+    with LocalCluster(n_workers=1, threads_per_worker=3, processes=True, dashboard_address=":0",
                       silence_logs=logging.WARNING) as cluster:
         here, there = _here_and_there(segment_data, tmp_path, monkeypatch, cluster.scheduler_address)
     assert here == there
