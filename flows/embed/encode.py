@@ -37,28 +37,65 @@ def encode_pixels(model: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     return F.normalize(features.float(), dim=-1).to(torch.float16)
 
 
-def encode_batches(model: torch.nn.Module, batches: Iterable, device: torch.device, *,
+def encode_batches(model: torch.nn.Module, pieces: Iterable, device: torch.device, *, batch_rows: int,
                    on_device: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[EncodedBatch]:
-    """Encode DataLoader batches (index, pixels, reason, detail) in order.
+    """Encode DataLoader pieces (index, pixels, reason, detail) in order, ``batch_rows`` rows per forward.
+
+    The loader's workers each prepare a piece of a model batch (flows.embed.stage.WORKER_ROWS
+    rows), so the first batch is ready in a fraction of the time one worker would take for all
+    of it; the pieces are copied to the device as they come and joined there.
 
     ``on_device`` finishes the preprocessing on the device (the ``device`` half of
     flows.embed.preprocess.split_preprocess: uint8 -> normalised float).
 
-    Results are fetched one batch late: batch i+1 is queued on the GPU before batch i is
-    copied back, so the device never idles while the host waits for a copy.
+    Results are handed back one batch late, and the copy back of batch i is queued right after
+    its forward, before batch i+1's: waiting for it never waits for batch i+1, which computes
+    while the caller writes batch i and the loader's next pieces are fetched.
     """
-    pending = None
-    for indices, pixels, reasons, details in batches:
-        pixels = pixels.to(device, non_blocking=True)  # (B, 3, S, S)
-        if on_device is not None:
-            pixels = on_device(pixels)
-        embeddings = encode_pixels(model, pixels)
+    pending, parts, rows = None, [], 0
+    for piece in pieces:
+        parts.append(_to_device(piece, device))
+        rows += len(parts[-1][0])
+        if rows < batch_rows:
+            continue
+        current = _launch(model, parts, on_device)
+        parts, rows = [], 0
         if pending is not None:
             yield _fetch(*pending)
-        pending = (indices, embeddings, list(reasons), list(details))
+        pending = current
+    if parts:
+        current = _launch(model, parts, on_device)
+        if pending is not None:
+            yield _fetch(*pending)
+        pending = current
     if pending is not None:
         yield _fetch(*pending)
 
 
-def _fetch(indices: torch.Tensor, embeddings: torch.Tensor, reasons: list[str], details: list[str]) -> EncodedBatch:
-    return EncodedBatch(indices.numpy().astype(np.int64), embeddings.cpu().numpy(), reasons, details)
+def _to_device(piece, device: torch.device) -> tuple:
+    indices, pixels, reasons, details = piece
+    return indices, pixels.to(device, non_blocking=True), list(reasons), list(details)  # pixels (b, 3, S, S)
+
+
+def _launch(model: torch.nn.Module, parts: list[tuple], on_device) -> tuple:
+    """Queue one batch's forward and the copy of its embeddings to host memory; nothing waits here."""
+    indices = torch.cat([p[0] for p in parts])
+    pixels = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts])  # (B, 3, S, S)
+    if on_device is not None:
+        pixels = on_device(pixels)
+    embeddings = encode_pixels(model, pixels)  # (B, D) float16 on the device
+    done = None
+    if embeddings.is_cuda:
+        host = torch.empty(embeddings.shape, dtype=embeddings.dtype, pin_memory=True)
+        host.copy_(embeddings, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        embeddings = host
+    return (indices, embeddings, done, [r for p in parts for r in p[2]], [d for p in parts for d in p[3]])
+
+
+def _fetch(indices: torch.Tensor, embeddings: torch.Tensor, done, reasons: list[str],
+           details: list[str]) -> EncodedBatch:
+    if done is not None:
+        done.synchronize()  # this batch's copy only: the next batch's forward is queued behind it
+    return EncodedBatch(indices.numpy().astype(np.int64), embeddings.numpy(), reasons, details)

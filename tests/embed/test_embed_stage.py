@@ -172,6 +172,22 @@ def test_chunks_of_any_size_give_the_same_bytes(tmp_path, tiny_clip):
     assert outputs[0] == outputs[1] == outputs[2]
 
 
+def test_batches_cut_into_worker_pieces_give_the_same_bytes(tmp_path, tiny_clip, monkeypatch):
+    """Each batch reaches the loader's workers in pieces of WORKER_ROWS rows and is joined again before the
+    forward: the pieces (a batch of 5 in 2 + 2 + 1, or whole) change nothing in what is written."""
+    from flows.embed import stage
+
+    inputs = make_inputs(tmp_path / "in", n=12, unmasked=(3,), corrupt=(8,))
+    outputs = []
+    for rows in (2, 1000):
+        monkeypatch.setattr(stage, "WORKER_ROWS", rows)
+        out = tmp_path / f"pieces{rows}"
+        embed_frames(inputs.frames, inputs.masks, out, embed_params(out, num_workers=2, batch_size=5),
+                     inputs.sources, clip=tiny_clip)
+        outputs.append([(out / name).read_bytes() for name in ("embeddings.parquet", "rejects.parquet")])
+    assert outputs[0] == outputs[1]
+
+
 def test_masks_out_of_frames_order_fail_before_anything_is_written(tmp_path, tiny_clip):
     inputs = make_inputs(tmp_path / "in", n=6)  # masks reversed: fine within one chunk, not across
     out = tmp_path / "out"
