@@ -160,6 +160,23 @@ def test_rejects_rows_that_are_not_unit_vectors(bad, message):
         topk_cosine(bad, k=2, device="cpu")
 
 
+@pytest.mark.parametrize("on", ["numpy", "torch"])
+@pytest.mark.parametrize("value, message", [(2.0, "row 5 has norm 2"), (np.nan, "row 5 has norm nan")])
+def test_the_norm_check_names_the_first_bad_row_past_the_first_chunk(monkeypatch, on, value, message):
+    """The faiss path checks in numpy; the cuda path checks on the device after the upload (the same rule
+    and message; run here on CPU tensors). Chunks of 2 rows: row 5 is in the third."""
+    from flows.similarity import topk
+
+    monkeypatch.setattr(topk, "NORM_CHECK_ROWS", 2)
+    x = unit_rows(8, 4).astype(np.float16)
+    x[5] *= value
+    x[7] *= 3
+    check = topk._check_norms if on == "numpy" else (lambda a: topk._check_norms_torch(torch.from_numpy(a)))
+    with pytest.raises(ValueError, match=message):
+        check(x)
+    check(unit_rows(8, 4).astype(np.float16))  # fp16 rounding is within the tolerance
+
+
 def test_rejects_bad_arguments():
     x = unit_rows(5, 4)
     with pytest.raises(ValueError, match="k must be"):
