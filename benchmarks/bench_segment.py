@@ -120,8 +120,62 @@ def generate(root: Path, n_images: int, boxes_per_image: int, width: int, height
     write_table(root / "filter" / "rejects.parquet", REJECTS, [])
 
 
-def bench_stage(runner: SamRunner, root: Path, batch: int, workers: int | None) -> tuple[float, dict]:
-    """Seconds of one whole stage run over the data in ``root``, and its stats."""
+class Timeline:
+    """Where a stage run's time goes, batch by batch: marks around ``SamRunner.launch`` and its encoder.
+
+    On CUDA the marks are events on the stream, so ``gaps_s`` is the time the device waited for
+    the host between batches; on CPU they are host clock readings (everything is synchronous).
+    """
+
+    def __init__(self, runner: SamRunner):
+        self.runner, self.cuda = runner, runner.device.type == "cuda"
+        self.batches: list[list] = []  # per batch: [start, encoder done, launch done]
+        self.first_launch = self.last_return = None
+        self._embed, self._launch = runner.embed, runner.launch
+        runner.embed, runner.launch = self.embed, self.launch  # instance attributes shadow the methods
+
+    def close(self) -> None:
+        del self.runner.embed, self.runner.launch
+
+    def _mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _seconds(self, a, b) -> float:
+        return a.elapsed_time(b) / 1000 if self.cuda else b - a
+
+    def embed(self, resized):
+        out = self._embed(resized)
+        self.batches[-1].append(self._mark())
+        return out
+
+    def launch(self, images):
+        self.first_launch = self.first_launch or time.perf_counter()
+        self.batches.append([self._mark()])
+        pending = self._launch(images)
+        self.batches[-1].append(self._mark())
+        self.last_return = time.perf_counter()
+        return pending
+
+    def summary(self, start: float, end: float) -> dict:
+        _sync(self.runner.device)
+        b = self.batches
+        return {
+            "batches": len(b),
+            "encoder_s": round(sum(self._seconds(m[0], m[1]) for m in b), 3),
+            "decoder_and_post_s": round(sum(self._seconds(m[1], m[2]) for m in b), 3),
+            "device_waits_between_batches_s": round(sum(self._seconds(p[2], m[0]) for p, m in zip(b, b[1:])), 3),
+            "host_before_first_launch_s": round(self.first_launch - start, 3),
+            "host_after_last_launch_s": round(end - self.last_return, 3),
+        }
+
+
+def bench_stage(runner: SamRunner, root: Path, batch: int, workers: int | None,
+                timeline: Timeline | None = None) -> tuple[float, dict]:
+    """Seconds of one whole stage run over the data in ``root``, and its stats (with ``timeline``'s summary)."""
     sources = SourcesParams(openimages_root=str(root / "openimages"))
     params = SegmentParams(out_dir=str(root / "segment"), batch_images=batch, frames_per_shard=1_000_000)
     _sync(runner.device)
@@ -129,7 +183,10 @@ def bench_stage(runner: SamRunner, root: Path, batch: int, workers: int | None) 
     stats = stage.segment_frames(root / "filter", root / "segment", sources=sources, params=params,
                                  runner=lambda: runner, workers=workers)
     _sync(runner.device)
-    return time.perf_counter() - start, stats
+    end = time.perf_counter()
+    if timeline is not None:
+        stats = {**stats, "timeline": timeline.summary(start, end)}
+    return end - start, stats
 
 
 def main() -> None:
@@ -156,7 +213,11 @@ def main() -> None:
         bench_stage(runner, root / "warm", args.batch, args.workers)  # warm-up: kernels, allocator, threads
         encoder_before = bench_encoder(runner, args.batch, args.n_images)
         print(f"# encoder before: {encoder_before:.3f} img/s", file=sys.stderr, flush=True)
-        seconds, stats = bench_stage(runner, root / "run", args.batch, args.workers)
+        timeline = Timeline(runner)
+        try:
+            seconds, stats = bench_stage(runner, root / "run", args.batch, args.workers, timeline)
+        finally:
+            timeline.close()
         print(f"# stage: {args.n_images / seconds:.3f} img/s", file=sys.stderr, flush=True)
         encoder_after = bench_encoder(runner, args.batch, args.n_images)
     finally:
@@ -173,6 +234,7 @@ def main() -> None:
         "encoder_images_per_s_before_after": [round(encoder_before, 3), round(encoder_after, 3)],
         "stage_images_per_s": round(stage_rate, 3), "stage_frames_per_s": round(stage_rate * args.boxes, 3),
         "ratio": round(stage_rate / encoder, 3),
+        "stage_seconds": round(seconds, 3), "timeline": stats["timeline"],
         "stage_stats": {k: stats[k] for k in ("input_frames", "masks", "rejected", "methods")},
     }, indent=2))
 

@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import pyarrow  # noqa: E402
 import torch  # noqa: E402
 
 from cc_model.checkpoint import load_model  # noqa: E402
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_s": round(train_s, 2), "frozen_dtype": str(model.unet.dtype),
         "images": list(images.shape), "images_finite": bool(torch.isfinite(images).all()),
         "location_fraction": [round(float(m.mean()), 3) for m in generated.location],
-        "generate_s": round(generate_s, 2),
+        "generate_s": round(generate_s, 2), "torch": torch.__version__, "pyarrow": pyarrow.__version__,
     }
     print(json.dumps(result))
     ok = result["images_finite"] and math.isfinite(result["train_loss_total"] or float("nan"))
