@@ -121,21 +121,32 @@ def generate(root: Path, n_images: int, boxes_per_image: int, width: int, height
 
 
 class Timeline:
-    """Where a stage run's time goes, batch by batch: marks around ``SamRunner.launch`` and its encoder.
+    """Where a stage run's time goes, batch by batch: marks in ``SamRunner.launch``.
 
-    On CUDA the marks are events on the stream, so ``gaps_s`` is the time the device waited for
-    the host between batches; on CPU they are host clock readings (everything is synchronous).
+    Per batch: when launch is called, when the encoder's input is on the device (upload and
+    normalisation done), when the encoder is done, and when the decoder and post-processing are.
+    On CUDA the marks are events on the stream: a mark's time is when the device reached it. So
+    ``encoder_only_s`` is device time, and ``to_encoder_input_s`` (from the previous batch's end
+    to this batch's input) is the upload and normalisation plus any time the device waited for
+    the host, which builds the pinned batch after the launch mark. On CPU the marks are host
+    clock readings (everything is synchronous).
     """
 
     def __init__(self, runner: SamRunner):
         self.runner, self.cuda = runner, runner.device.type == "cuda"
-        self.batches: list[list] = []  # per batch: [start, encoder done, launch done]
+        self.batches: list[list] = []  # per batch: [launch called, input ready, encoder done, launch done]
         self.first_launch = self.last_return = None
-        self._embed, self._launch = runner.embed, runner.launch
-        runner.embed, runner.launch = self.embed, self.launch  # instance attributes shadow the methods
+        self._embed, self._launch, self._preprocess = runner.embed, runner.launch, runner.preprocess
+        # instance attributes shadow the methods
+        runner.embed, runner.launch, runner.preprocess = self.embed, self.launch, self.preprocess
 
     def close(self) -> None:
-        del self.runner.embed, self.runner.launch
+        del self.runner.embed, self.runner.launch, self.runner.preprocess
+
+    def preprocess(self, resized):
+        out = self._preprocess(resized)
+        self.batches[-1].append(self._mark())
+        return out
 
     def _mark(self):
         if not self.cuda:
@@ -165,9 +176,10 @@ class Timeline:
         b = self.batches
         return {
             "batches": len(b),
-            "encoder_s": round(sum(self._seconds(m[0], m[1]) for m in b), 3),
-            "decoder_and_post_s": round(sum(self._seconds(m[1], m[2]) for m in b), 3),
-            "device_waits_between_batches_s": round(sum(self._seconds(p[2], m[0]) for p, m in zip(b, b[1:])), 3),
+            "encoder_only_s": round(sum(self._seconds(m[1], m[2]) for m in b), 3),
+            "to_encoder_input_s": round(self._seconds(b[0][0], b[0][1])
+                                        + sum(self._seconds(p[3], m[1]) for p, m in zip(b, b[1:])), 3),
+            "decoder_and_post_s": round(sum(self._seconds(m[2], m[3]) for m in b), 3),
             "host_before_first_launch_s": round(self.first_launch - start, 3),
             "host_after_last_launch_s": round(end - self.last_return, 3),
         }
