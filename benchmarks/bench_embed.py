@@ -20,9 +20,9 @@ completely hidden behind the slower one.
     python benchmarks/bench_embed.py --profile vit-l-14-random --device cuda --batch 256 \
         --n-images 24576 --workers 14 --repeats 2
 
-The stage's wall clock includes forking the workers and waiting for their first batches
-(a worker builds a whole batch: ~1 s at batch 256), so use enough images to amortise it,
-as a real run does.
+The stage's wall clock includes forking the workers and waiting for their first pieces of
+a batch (flows.embed.stage.WORKER_ROWS rows each), so use enough images to amortise it, as a
+real run does.
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ def _launch(model: torch.nn.Module, parts: list[tuple], on_device) -> tuple:
         host = torch.empty(embeddings.shape, dtype=embeddings.dtype, pin_memory=True)
         host.copy_(embeddings, non_blocking=True)
         done = torch.cuda.Event()
-        done.record()
+        done.record(torch.cuda.current_stream(embeddings.device))  # the copy's stream, whichever GPU is current
         embeddings = host
     return (indices, embeddings, done, [r for p in parts for r in p[2]], [d for p in parts for d in p[3]])
 

@@ -415,8 +415,8 @@ class StreamedSubjects(torch.utils.data.Dataset):
     """Segmented subjects of work rows that arrive with the request: ``dataset[(index, row)]``.
 
     The dataset holds no table: the loader's batch sampler reads the rows and sends each
-    batch to a worker (see :func:`make_stream_loader`), so one set of workers serves an input
-    of any length with only the batches in flight in memory.
+    piece of rows to a worker (see :func:`make_stream_loader`), so one set of workers serves an
+    input of any length with only the pieces in flight in memory.
     """
 
     def __init__(self, cut: SubjectCutter):
@@ -434,12 +434,13 @@ def make_loader(dataset: SubjectDataset, *, batch_size: int, num_workers: int,
         pin_memory=pin_memory, persistent_workers=num_workers > 0, in_order=True)
 
 
-def make_stream_loader(dataset: StreamedSubjects, batches: Iterable[list[tuple[int, dict]]], *,
-                       num_workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
-    """Batches of ``batches`` (lists of (work row number, row)) in order, one loader for the whole stream.
+def make_stream_loader(dataset: StreamedSubjects, pieces: Iterable[list[tuple[int, dict]]], *,
+                       num_workers: int, pin_memory: bool, prefetch_pieces: int = 2) -> torch.utils.data.DataLoader:
+    """Pieces of ``pieces`` (lists of (work row number, row)) in order, one loader for the whole stream.
 
-    ``batches`` is the loader's batch sampler: the loader reads it lazily in this process,
-    ``prefetch_factor * num_workers`` batches ahead of the model, so it can be a streaming read.
+    ``pieces`` is the loader's batch sampler: the loader reads it lazily in this process,
+    ``prefetch_pieces`` per worker ahead of the model, so it can be a streaming read.
     """
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
-                                       pin_memory=pin_memory, in_order=True)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=pieces, num_workers=num_workers,
+                                       pin_memory=pin_memory, in_order=True,
+                                       prefetch_factor=prefetch_pieces if num_workers > 0 else None)

@@ -335,7 +335,9 @@ def _encode_on(stream: _WorkStream, clip: LoadedClip, params: EmbedParams,
     preprocess = split_preprocess(clip.preprocess)
     dataset = StreamedSubjects(SubjectCutter(preprocess=preprocess.host, image_size=clip.image_size,
                                              background=params.background_rgb))
-    loader = make_stream_loader(dataset, stream, num_workers=params.num_workers, pin_memory=device.type == "cuda")
+    # Two model batches per worker in flight, as when a worker prepared whole batches.
+    loader = make_stream_loader(dataset, stream, num_workers=params.num_workers, pin_memory=device.type == "cuda",
+                                prefetch_pieces=2 * -(-params.batch_size // WORKER_ROWS))
     yield from encode_batches(clip.model, loader, device, batch_rows=params.batch_size,
                               on_device=preprocess.device)
 

@@ -93,6 +93,7 @@ def topk_cosine(x: np.ndarray, *, k: int, exclude_self: bool = True, block_rows:
         raise ValueError(f"row_range {row_range} is outside [0, {n}]")
     k_out = effective_k(n, k, exclude_self)
     if stop == start or k_out == 0:
+        _check_norms(x)  # bad rows fail even where there is nothing to search
         return np.zeros((stop - start, k_out), np.int64), np.zeros((stop - start, k_out), np.float32)
     device = resolve_device(device)
     if device == "cpu":

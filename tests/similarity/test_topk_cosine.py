@@ -177,6 +177,15 @@ def test_the_norm_check_names_the_first_bad_row_past_the_first_chunk(monkeypatch
     check(unit_rows(8, 4).astype(np.float16))  # fp16 rounding is within the tolerance
 
 
+@pytest.mark.parametrize("bad, kwargs", [
+    (np.full((1, 4), np.nan, np.float32), {}),  # one row: nothing to search, k' = 0
+    (np.ones((3, 4), np.float32), {"row_range": (1, 1)}),  # an empty shard of the rows
+])
+def test_bad_rows_fail_even_where_there_is_nothing_to_search(bad, kwargs):
+    with pytest.raises(ValueError, match="has norm"):
+        topk_cosine(bad, k=2, device="cpu", **kwargs)
+
+
 def test_rejects_bad_arguments():
     x = unit_rows(5, 4)
     with pytest.raises(ValueError, match="k must be"):
