@@ -17,6 +17,7 @@ import math
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,8 +30,34 @@ from cc_model.checkpoint import load_model  # noqa: E402
 from cc_model.config import SamplingParams, TrainParams  # noqa: E402
 from cc_model.inference import generate  # noqa: E402
 from cc_model.model import cast_frozen  # noqa: E402
+from cc_model.synthetic import synthetic_batch  # noqa: E402
 from cc_model.training import train_model  # noqa: E402
 from flows.config.params import Params  # noqa: E402
+
+
+def count_syncs(model, device: torch.device) -> dict:
+    """Host-device syncs in one training step (forward, backward) on a synthetic batch with the
+    captions in host memory, as the loader gives them: CUDA's sync debug mode warns at each."""
+    batch = synthetic_batch(model, batch_size=2, generator=torch.Generator().manual_seed(0), device=device,
+                            dtype=torch.bfloat16)
+    model.train()
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            terms = model(batch, generator=torch.Generator().manual_seed(0))
+        terms["total"].backward()
+
+    step()  # warm-up: first-time allocations
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    messages = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+    return {"count": len(messages), "first": messages[:5]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
                          params=SamplingParams(steps=4))
     generate_s = time.perf_counter() - start
     images = generated.images
+    syncs = None
+    if device.type == "cuda":
+        try:
+            syncs = count_syncs(model, device)
+        except Exception as exc:  # noqa: BLE001 - a diagnosis, not the check: report it and go on
+            syncs = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "train_steps": stats["steps"], "train_loss_total": stats["loss_last_steps"].get("total"),
@@ -65,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         "images": list(images.shape), "images_finite": bool(torch.isfinite(images).all()),
         "location_fraction": [round(float(m.mean()), 3) for m in generated.location],
         "generate_s": round(generate_s, 2), "torch": torch.__version__, "pyarrow": pyarrow.__version__,
+        "syncs_in_train_step": syncs,
     }
     print(json.dumps(result))
     ok = result["images_finite"] and math.isfinite(result["train_loss_total"] or float("nan"))

@@ -70,10 +70,14 @@ class AttentionCapture:
     overwrites rather than duplicates.
     """
 
-    def __init__(self, *, placeholder_weights: torch.Tensor, latent_size: tuple[int, int], min_downsample: int = 1):
+    def __init__(self, *, placeholder_weights: torch.Tensor, latent_size: tuple[int, int], min_downsample: int = 1,
+                 most_occurrences: int | None = None):
+        """``most_occurrences``: the most placeholder tokens in one caption, if the caller knows it
+        from host memory; otherwise it is read back from the device once (a sync)."""
         self.placeholder_weights = placeholder_weights
         self.latent_size = latent_size
         self.min_downsample = min_downsample
+        self.most_occurrences = most_occurrences
         self._maps: dict[int, CapturedMaps] = {}
         self._columns: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -95,12 +99,13 @@ class AttentionCapture:
     def placeholder_columns(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(index, weight), each (B, J): the placeholder's positions and weights, J = most occurrences.
 
-        Computed once per capture (one host sync), shared by every captured layer. Rows without
-        the placeholder get weight 0, hence an all-zero text map.
+        Computed once per capture, shared by every captured layer; J is read back from the device
+        (a sync) unless given as ``most_occurrences``. Rows without the placeholder get weight 0,
+        hence an all-zero text map.
         """
         if self._columns is None:
             weights = self.placeholder_weights
-            most = max(1, int((weights != 0).sum(dim=1).max()))
+            most = self.most_occurrences or max(1, int((weights != 0).sum(dim=1).max()))
             weight, index = weights.topk(most, dim=1)
             self._columns = index, weight
         return self._columns

@@ -111,12 +111,17 @@ class CustomContrastModel(nn.Module):
         return torch.cat([hidden[i] for i in self.params.mfi.image_layers], dim=1)
 
     def sample_dropout(self, batch_size: int, device, generator: torch.Generator | None = None):
-        """Per-sample (drop_image, drop_text) bool masks; none in eval mode."""
-        none = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        """Per-sample (drop_image, drop_text) bool masks on ``device``; none in eval mode."""
+        image, text = self._host_dropout(batch_size, generator)
+        return image.to(device), text.to(device)
+
+    def _host_dropout(self, batch_size: int, generator: torch.Generator | None):
+        """sample_dropout's masks in host memory, where the forward decides from them without a device sync."""
+        none = torch.zeros(batch_size, dtype=torch.bool)
         if not self.training:
             return none, none
         p = self.train_params.dropout
-        u = torch.rand(batch_size, generator=generator).to(device)
+        u = torch.rand(batch_size, generator=generator)
         image_only, text_only = u < p.image, (u >= p.image) & (u < p.image + p.text)
         both = (u >= p.image + p.text) & (u < p.image + p.text + p.both)
         return image_only | both, text_only | both
@@ -127,19 +132,24 @@ class CustomContrastModel(nn.Module):
         """Named loss terms ("ldm", and per ablation "cscl", "macl", "loc") plus their weighted "total"."""
         self._check(batch)
         b, device = batch.input_ids.shape[0], batch.noisy_latents.device
-        drop_image, drop_text = self.sample_dropout(b, device, generator)
-        input_ids = torch.where(drop_text[:, None], self.empty_ids.to(device), batch.input_ids)  # (B, T)
-        if bool(((input_ids == self.text.placeholder_id).sum(dim=1) == 0).logical_and(~drop_text).any()):
-            raise ValueError(f"captions without the placeholder {self.params.placeholder_token!r} in the batch")
+        # Every data-dependent decision (the caption check, which rows skip the S+ call, the most
+        # placeholder occurrences in a caption) is made on host copies of the captions and the
+        # dropout masks. A decision read back from the device would wait for all queued work and
+        # leave the device idle while the host queues the next; the step has no such wait when
+        # input_ids come in host memory, as the training loader gives them.
+        host = _HostDecisions.of(self, batch.input_ids.cpu(), *self._host_dropout(b, generator))
+        drop_image, drop_text = (mask.to(device, non_blocking=True) for mask in (host.drop_image, host.drop_text))
+        input_ids = batch.input_ids.to(device, non_blocking=True)
+        input_ids = torch.where(drop_text[:, None], self.empty_ids.to(device), input_ids)  # (B, T)
         out, f_t_all = self._encode_images(batch)
-        conditioning = self._conditioning(out, input_ids, drop_image, latent_size=batch.noisy_latents.shape[-2:])
+        conditioning = self._conditioning(out, input_ids, drop_image, host, latent_size=batch.noisy_latents.shape[-2:])
         prediction = self.unet(batch.noisy_latents, batch.timesteps, encoder_hidden_states=conditioning).sample
 
         terms = self.ldm_loss(prediction, batch.target)
         if self.params.ablation.cscl:
             terms |= self.cscl_loss(out.visual_cls, out.textual_cls)
         if self.params.ablation.macl:
-            positive_index = torch.cat([torch.arange(b) + b, torch.arange(b)]).to(device)  # (2B,) [refs; positives]
+            positive_index = torch.cat([torch.arange(b, 2 * b, device=device), torch.arange(b, device=device)])  # (2B,)
             terms |= self.macl_loss(f_t_all[:, : len(self.layer_names)], positive_index, batch.appearance_sim)
         if conditioning.capture is not None:
             keep = (~drop_image & ~drop_text).float()  # dropped rows have no subject to localise
@@ -168,7 +178,8 @@ class CustomContrastModel(nn.Module):
         out = self.mfi(f_image[:b], batch.timesteps, f_t=None if f_t_all is None else f_t_all[:b])
         return out, f_t_all
 
-    def _conditioning(self, out: MFIOutput, input_ids, drop_image, *, latent_size) -> DecoupledConditioning:
+    def _conditioning(self, out: MFIOutput, input_ids, drop_image, host: _HostDecisions, *,
+                      latent_size) -> DecoupledConditioning:
         """Per-layer (S+) or shared text features, visual tokens and, if needed, a map capture.
 
         Dropping the image zeroes the visual tokens (bias-free K/V: the visual branch adds exactly 0)
@@ -178,8 +189,7 @@ class CustomContrastModel(nn.Module):
         if out.splus is not None:
             ordinary = self.text.placeholder_embedding().to(out.splus.dtype)
             splus = torch.where(drop_image[:, None, None], ordinary, out.splus)  # (B, l, D)
-            plain = drop_image | ~(input_ids == self.text.placeholder_id).any(dim=1)  # no S+ in these rows
-            text = self.text.encode_per_layer(input_ids, splus, plain=plain)  # (B, l, T, D)
+            text = self.text.encode_per_layer(input_ids, splus, plain=host.plain)  # (B, l, T, D)
         else:
             with torch.no_grad():
                 text = self.text.encode(input_ids)  # (B, T, D) shared by every layer
@@ -189,8 +199,28 @@ class CustomContrastModel(nn.Module):
                 placeholder_weights=placeholder_weights(input_ids, self.text.placeholder_id),
                 latent_size=tuple(latent_size),
                 min_downsample=self.params.loc_min_downsample,
+                most_occurrences=host.most_occurrences,
             )
         return DecoupledConditioning(text=text, visual=visual, capture=capture)
+
+
+@dataclass(frozen=True)
+class _HostDecisions:
+    """What the forward decides from the captions and the dropout masks, all in host memory."""
+
+    drop_image: torch.Tensor  # (B,) bool
+    drop_text: torch.Tensor  # (B,) bool
+    plain: torch.Tensor  # (B,) bool: rows with no S+ (image dropped, or no placeholder after dropout)
+    most_occurrences: int  # the most placeholder tokens in one caption (at least 1)
+
+    @classmethod
+    def of(cls, model: CustomContrastModel, input_ids: torch.Tensor, drop_image: torch.Tensor,
+           drop_text: torch.Tensor) -> _HostDecisions:
+        counts = (input_ids == model.text.placeholder_id).sum(dim=1)  # (B,)
+        if bool(((counts == 0) & ~drop_text).any()):
+            raise ValueError(f"captions without the placeholder {model.params.placeholder_token!r} in the batch")
+        counts = counts.masked_fill(drop_text, 0)  # a dropped caption is the empty one
+        return cls(drop_image, drop_text, drop_image | (counts == 0), max(1, int(counts.max())))
 
 
 def cast_frozen(model: CustomContrastModel, dtype: torch.dtype) -> CustomContrastModel:
@@ -206,9 +236,10 @@ def diffusion_inputs(model: CustomContrastModel, images: torch.Tensor, *, genera
     """(B, 3, H, W) images in [-1, 1] -> (noisy_latents, timesteps, target) for a TrainBatch."""
     vae, scheduler = model.vae, model.scheduler
     latents = vae.encode(images.to(vae.dtype)).latent_dist.sample(generator) * vae.config.scaling_factor
-    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+    # drawn on the host (a CPU generator: the same numbers on every device), copied without waiting
+    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device, non_blocking=True)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
-    timesteps = timesteps.to(latents.device)
+    timesteps = timesteps.to(latents.device, non_blocking=True)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
     return noisy, timesteps, target

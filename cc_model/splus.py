@@ -66,11 +66,14 @@ class SPlusTextEncoder:
         ``plain`` (B,) bool marks rows known to need no S+ (conditioning dropout: the caption was
         dropped, or the S+ tokens were reset to the ordinary embedding): they are encoded once,
         without gradient, and repeated over the l layers, the same values at 1/l of the cost.
+        Pass it in host memory: on the device it is read back (a sync).
         """
         layers = splus.shape[1]
+        plain = None if plain is None else plain.cpu()  # host memory: no device sync (CustomContrastModel)
         if plain is None or not bool(plain.any()):
             return self._per_layer(input_ids, splus)
-        keep, skip = (~plain).nonzero().squeeze(1), plain.nonzero().squeeze(1)
+        keep, skip = ((~plain).nonzero().squeeze(1).to(input_ids.device, non_blocking=True),
+                      plain.nonzero().squeeze(1).to(input_ids.device, non_blocking=True))
         with torch.no_grad():
             shared = self.encode(input_ids[skip])  # (B_plain, S, D)
         parts = [shared[:, None].expand(-1, layers, -1, -1)]

@@ -48,10 +48,14 @@ def synthetic_batch(
 
 
 def move_batch(batch: TrainBatch, *, device, dtype=torch.float32) -> TrainBatch:
-    """Floating tensors to ``dtype`` and everything to ``device``."""
+    """Floating tensors to ``dtype`` and everything but the captions to ``device``.
+
+    ``input_ids`` stay in host memory, as the training loader gives them: the model makes its
+    data-dependent decisions there (CustomContrastModel.forward) and moves them itself.
+    """
     moved = {}
     for name, value in vars(batch).items():
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, torch.Tensor) and name != "input_ids":
             value = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
         moved[name] = value
     return TrainBatch(**moved)

@@ -142,18 +142,27 @@ def state_key(params: Params, *, inputs: list[Path], device: torch.device) -> st
 
 def training_batch(model: CustomContrastModel, batch: dict[str, torch.Tensor], *, device: torch.device,
                    dtype: torch.dtype, generator: torch.Generator) -> TrainBatch:
-    """A loader batch (cc_model.data) -> the model's TrainBatch: VAE latents, noise, timesteps, CLIP pixels."""
+    """A loader batch (cc_model.data) -> the model's TrainBatch: VAE latents, noise, timesteps, CLIP pixels.
+
+    Copies to the device do not wait (from the loader's pinned memory on CUDA): a blocking copy
+    would wait for the previous step to finish on the device. The captions stay in host memory
+    (see CustomContrastModel.forward).
+    """
     size = model.image_encoder.config.image_size
-    noisy, timesteps, target = diffusion_inputs(model, batch["target"].to(device), generator=generator)
+
+    def to_device(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return tensor.to(device, dtype, non_blocking=True)
+
+    noisy, timesteps, target = diffusion_inputs(model, to_device(batch["target"]), generator=generator)
     return TrainBatch(
-        reference_pixels=clip_pixels(batch["reference"].to(device), size).to(dtype),
-        input_ids=batch["input_ids"].to(device),
+        reference_pixels=clip_pixels(to_device(batch["reference"]), size).to(dtype),
+        input_ids=batch["input_ids"],
         noisy_latents=noisy.to(dtype),
         timesteps=timesteps,
         target=target.to(dtype),
-        masks=batch["mask"].to(device, dtype),
-        positive_pixels=clip_pixels(batch["positive"].to(device), size).to(dtype),
-        appearance_sim=batch["appearance_sim"].to(device),
+        masks=to_device(batch["mask"], dtype),
+        positive_pixels=clip_pixels(to_device(batch["positive"]), size).to(dtype),
+        appearance_sim=to_device(batch["appearance_sim"]),
     )
 
 

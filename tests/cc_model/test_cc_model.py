@@ -172,3 +172,24 @@ def test_macl_and_cscl_terms_come_from_the_models_own_tokens(make_model, make_ba
         cscl = cscl_paper_reference(visual_cls, t_refs[:, layers])
     assert float(terms["macl"]) == pytest.approx(macl, rel=1e-5)
     assert float(terms["cscl"]) == pytest.approx(cscl, rel=1e-5)
+
+
+def test_host_decisions_come_from_the_host_copies(make_model):
+    """The forward decides from host memory (no device read-back): which rows skip the S+ call, and
+    the most placeholder tokens in one caption, which sizes the localisation maps' columns."""
+    from cc_model.model import _HostDecisions
+
+    model = make_model()
+    sks = model.params.placeholder_token
+    ids = model.tokenize([f"a {sks} dog", f"{sks} and {sks}", "no placeholder", f"a {sks} cup"])
+    drop_image = torch.tensor([False, False, False, True])
+    drop_text = torch.tensor([False, False, True, False])
+    host = _HostDecisions.of(model, ids, drop_image, drop_text)
+    assert host.plain.tolist() == [False, False, True, True]  # text dropped, image dropped
+    assert host.most_occurrences == 2
+    host = _HostDecisions.of(model, ids[:1], torch.tensor([False]), torch.tensor([False]))
+    assert host.most_occurrences == 1 and host.plain.tolist() == [False]
+    dropped_twice = _HostDecisions.of(model, ids[1:2], torch.tensor([False]), torch.tensor([True]))
+    assert dropped_twice.most_occurrences == 1  # the dropped caption is the empty one
+    with pytest.raises(ValueError, match="placeholder"):
+        _HostDecisions.of(model, ids[2:3], torch.tensor([False]), torch.tensor([False]))
