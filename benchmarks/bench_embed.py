@@ -158,16 +158,19 @@ def preprocess_rate(frames: Path, masks: Path, sources: SourcesParams, clip, par
 
 
 def stage_rate(frames: Path, masks: Path, sources: SourcesParams, clip, params: EmbedParams,
-               device) -> tuple[float, float]:
-    """img/s of embed_frames, wall clock, everything included but loading the model; and the
-    seconds of the call outside its encoding loop (the stage's own progress clock: reading and
-    joining the inputs, the work key, the final concatenation and stats)."""
+               device) -> tuple[float, dict]:
+    """img/s of embed_frames, wall clock, everything included but loading the model; and where the
+    rest went: seconds outside the encoding loop (reading and joining the inputs, the work key,
+    the final concatenation and stats), seconds to the first batch (workers, first pieces), and
+    the stage's rate between its first and last batch (timing.json's steady_img_s)."""
     out = Path(params.out_dir)
     start = time.perf_counter()
     stats = embed_frames(frames, masks, out, params, sources, device=str(device), clip=clip)
     seconds = time.perf_counter() - start
     assert stats["count"] == len(read_columns(frames, FRAMES, ["frame_id"])), stats
-    return stats["count"] / seconds, seconds - stats["seconds"]
+    return stats["count"] / seconds, {"outside_loop_s": seconds - stats["seconds"],
+                                      "first_batch_s": stats.get("first_batch_s"),
+                                      "steady_img_s": stats.get("steady_img_s")}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -195,15 +198,15 @@ def main(argv: list[str] | None = None) -> dict:
         params = EmbedParams(out_dir=str(root / "out"), batch_size=args.batch, num_workers=args.workers)
         bare_rate(clip, device, args.batch, 4 * args.batch, min_seconds=0.0)  # warm-up: kernels, allocator
         prep = preprocess_rate(frames, masks, sources, clip, params, pin=device.type == "cuda")
-        bare, stage, outside = [], [], []
+        bare, stage, parts = [], [], []
         print(f"# preprocess only: {prep:.1f} img/s", file=sys.stderr, flush=True)
         for _ in range(args.repeats):
             bare.append(bare_rate(clip, device, args.batch, args.n_images))
-            rate, outside_s = stage_rate(frames, masks, sources, clip, params, device)
+            rate, where = stage_rate(frames, masks, sources, clip, params, device)
             stage.append(rate)
-            outside.append(outside_s)
-            print(f"# bare {bare[-1]:.1f} img/s, stage {stage[-1]:.1f} img/s ({outside_s:.2f} s outside the loop)",
-                  file=sys.stderr, flush=True)
+            parts.append(where)
+            print(f"# bare {bare[-1]:.1f} img/s, stage {stage[-1]:.1f} img/s ({where})", file=sys.stderr, flush=True)
+        steady = [p["steady_img_s"] for p in parts if p["steady_img_s"]]
         bare_m, stage_m = statistics.median(bare), statistics.median(stage)
         result = {
             "profile": args.profile, "model_id": clip.model_id, "image_size": clip.image_size,
@@ -214,7 +217,11 @@ def main(argv: list[str] | None = None) -> dict:
             "bare_img_s": round(bare_m, 1), "stage_img_s": round(stage_m, 1), "ratio": round(stage_m / bare_m, 3),
             "preprocess_only_img_s": round(prep, 1),
             "bare_img_s_all": [round(v, 1) for v in bare], "stage_img_s_all": [round(v, 1) for v in stage],
-            "stage_outside_loop_s_all": [round(v, 2) for v in outside],
+            "stage_outside_loop_s_all": [round(p["outside_loop_s"], 2) for p in parts],
+            "stage_first_batch_s_all": [p["first_batch_s"] for p in parts],
+            "stage_steady_img_s_all": steady,
+            # the rate once running (first to last batch) against the bare forward: what a long run sees
+            "steady_ratio": round(statistics.median(steady) / bare_m, 3) if steady else None,
             "generate_s": round(generate_s, 1), "torch": torch.__version__, "python": platform.python_version(),
         }
         if device.type == "cpu":

@@ -128,10 +128,12 @@ def embed_frames(frames_path: Path, masks_path: Path, out_dir: Path, params: Emb
     stream = _WorkStream(frames_path, masks_path, sources, batch_size=params.batch_size, chunk_rows=chunk_rows,
                          skip_rows=skip)
     progress = Progress("embed", tally.masked - min(skip, tally.masked))
+    steady = _SteadyRate(progress.clock)
     part: _Part | None = None
     try:
         for batch in _encode(stream, tally.masked - min(skip, tally.masked), clip, params, torch_device):
             progress.update(len(batch.indices))
+            steady.batch_done(len(batch.indices))
             index = int(batch.indices[0]) // part_rows
             if part is None or part.index != index:
                 if part is not None:
@@ -163,10 +165,34 @@ def embed_frames(frames_path: Path, masks_path: Path, out_dir: Path, params: Emb
         "batch_size": params.batch_size, "num_workers": params.num_workers,
     }
     timing = {"seconds": round(seconds, 3), "throughput_img_s": round((tally.masked - min(skip, tally.masked))
-                                                                       / seconds, 1) if seconds else None}
+                                                                       / seconds, 1) if seconds else None,
+              **steady.summary(progress.start)}
     result = write_stats(out_dir, stats, timing=timing)
     work.finish()
     return result
+
+
+class _SteadyRate:
+    """When the first and the last batch came back: the start-up (loader workers, first pieces) and
+    the rate in between, the stage's throughput once running (timing.json; benchmarks/bench_embed.py)."""
+
+    def __init__(self, clock: Callable[[], float]):
+        self.clock = clock
+        self.first = self.last = None
+        self.first_rows = self.rows = 0
+
+    def batch_done(self, rows: int) -> None:
+        self.last = self.clock()
+        if self.first is None:
+            self.first, self.first_rows = self.last, rows
+        self.rows += rows
+
+    def summary(self, start: float) -> dict:
+        if self.first is None:
+            return {}
+        between = self.last - self.first
+        return {"first_batch_s": round(self.first - start, 3),
+                "steady_img_s": round((self.rows - self.first_rows) / between, 1) if between > 0 else None}
 
 
 def _work_key(inputs: list[Path], params: EmbedParams, sources: SourcesParams, clip: LoadedClip | None,

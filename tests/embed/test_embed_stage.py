@@ -317,3 +317,19 @@ def test_a_finished_part_cut_short_on_disk_is_embedded_again(tmp_path, tiny_clip
     (out / ".work" / "part-00000.embeddings.parquet").write_bytes(b"")  # its record survived a power cut; it did not
     embed_frames(inputs.frames, inputs.masks, out, embed_params(out), inputs.sources, clip=tiny_clip, part_rows=3)
     assert (out / "embeddings.parquet").read_bytes() == (clean / "embeddings.parquet").read_bytes()
+
+
+def test_steady_rate_leaves_out_the_start_up():
+    """timing.json: the time to the first batch (workers starting, first pieces), and the rate from the
+    first batch to the last, what a long run sees."""
+    from flows.embed.stage import _SteadyRate
+
+    ticks = iter([1.0, 2.0, 3.0])
+    steady = _SteadyRate(lambda: next(ticks))
+    for rows in (4, 4, 2):
+        steady.batch_done(rows)
+    assert steady.summary(0.0) == {"first_batch_s": 1.0, "steady_img_s": 3.0}  # (4 + 2) rows in 2 s
+    one = _SteadyRate(lambda: 5.0)
+    one.batch_done(4)
+    assert one.summary(4.5) == {"first_batch_s": 0.5, "steady_img_s": None}
+    assert _SteadyRate(lambda: 0.0).summary(0.0) == {}
