@@ -104,11 +104,11 @@ check() {  # check NAME SECONDS SCRIPT ARGS...: stdout to $OUT/NAME.out, stderr 
 # shellcheck disable=SC2086  # the argument strings are split on purpose
 {
     check embed 150 benchmarks/bench_embed.py --device "$DEVICE" $EMBED
-    check segment 100 benchmarks/bench_segment.py --device "$DEVICE" $SEG
-    check similarity 120 benchmarks/bench_similarity.py --device "$DEVICE" $SIM
-    check train_profile 120 benchmarks/profile_train_step.py --device "$DEVICE" $PROFILE
-    PYTHONPATH=${SMOKE_PATH:-${PYTHONPATH:-}} \
-        check cuda_smoke 60 benchmarks/cuda_smoke.py --device "$DEVICE"  # bf16 train + generate, tiny models
     check train_step 120 benchmarks/bench_train_step.py --device "$DEVICE" $TRAIN
+    check segment 100 benchmarks/bench_segment.py --device "$DEVICE" $SEG
+    PYTHONPATH=${SMOKE_PATH:-${PYTHONPATH:-}} \
+        check cuda_smoke 60 benchmarks/cuda_smoke.py --device "$DEVICE"  # bf16 train + generate, syncs per step
+    check train_profile 120 benchmarks/profile_train_step.py --device "$DEVICE" $PROFILE
+    check similarity 120 benchmarks/bench_similarity.py --device "$DEVICE" $SIM
 }
 for f in "$RESULTS" "$OUT"/*.out; do echo "--- $f"; cat "$f"; done
