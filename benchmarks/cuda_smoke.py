@@ -30,24 +30,36 @@ from cc_model.checkpoint import load_model  # noqa: E402
 from cc_model.config import SamplingParams, TrainParams  # noqa: E402
 from cc_model.inference import generate  # noqa: E402
 from cc_model.model import cast_frozen  # noqa: E402
-from cc_model.synthetic import synthetic_batch  # noqa: E402
-from cc_model.training import train_model  # noqa: E402
+from cc_model.data import dataset_for  # noqa: E402
+from cc_model.training import train_model, training_batch  # noqa: E402
 from flows.config.params import Params  # noqa: E402
 
 
-def count_syncs(model, device: torch.device) -> dict:
-    """Host-device syncs in one training step (forward, backward) on a synthetic batch with the
-    captions in host memory, as the loader gives them: CUDA's sync debug mode warns at each."""
-    batch = synthetic_batch(model, batch_size=2, generator=torch.Generator().manual_seed(0), device=device,
-                            dtype=torch.bfloat16)
+def count_syncs(model, device: torch.device, data: Path, params: Params) -> dict:
+    """Host-device syncs in one training step: a loader batch of the sample's export in pinned
+    memory made into a TrainBatch (cc_model.training.training_batch: VAE latents, noise, CLIP
+    pixels), then forward and backward. CUDA's sync debug mode warns at each sync. The training
+    loop's own read of the loss terms after the forward is not part of this step."""
+    dataset = dataset_for(model, data / "export", "train", embeddings=data / "embed" / "embeddings.parquet",
+                          background_rgb=params.embed.background_rgb)
+    loaded = dataset.collate([dataset[i] for i in range(2)])
+    cuda = device.type == "cuda"
+    if cuda:
+        loaded = {name: value.pin_memory() for name, value in loaded.items()}
     model.train()
+    generator = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16 if cuda else torch.float32
 
     def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            terms = model(batch, generator=torch.Generator().manual_seed(0))
+        with torch.autocast(device.type, dtype=dtype, enabled=cuda):
+            batch = training_batch(model, loaded, device=device, dtype=dtype, generator=generator)
+            terms = model(batch, generator=generator)
         terms["total"].backward()
 
     step()  # warm-up: first-time allocations
+    if not cuda:  # the CPU smoke test runs the step; only CUDA can count syncs
+        step()
+        return {"count": None}
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -85,12 +97,10 @@ def main(argv: list[str] | None = None) -> int:
                          params=SamplingParams(steps=4))
     generate_s = time.perf_counter() - start
     images = generated.images
-    syncs = None
-    if device.type == "cuda":
-        try:
-            syncs = count_syncs(model, device)
-        except Exception as exc:  # noqa: BLE001 - a diagnosis, not the check: report it and go on
-            syncs = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    try:
+        syncs = count_syncs(model, device, data, params)
+    except Exception as exc:  # noqa: BLE001 - a diagnosis, not the check: report it and go on
+        syncs = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "train_steps": stats["steps"], "train_loss_total": stats["loss_last_steps"].get("total"),

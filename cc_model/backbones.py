@@ -278,8 +278,9 @@ def load_backbones(params: BackboneParams) -> Backbones:
 def clip_pixels(images: torch.Tensor, image_size: int) -> torch.Tensor:
     """(B, 3, H, W) images in [0, 1] -> CLIP-normalised (B, 3, S, S) for the image encoder."""
     images = F.interpolate(images, size=(image_size, image_size), mode="bicubic", align_corners=False)
-    mean = images.new_tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = images.new_tensor(CLIP_STD).view(1, 3, 1, 1)
+    # from host lists, copied without waiting (new_tensor's copy would wait for all queued work)
+    mean = torch.tensor(CLIP_MEAN, dtype=images.dtype).to(images.device, non_blocking=True).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=images.dtype).to(images.device, non_blocking=True).view(1, 3, 1, 1)
     return (images.clamp(0, 1) - mean) / std
 
 

@@ -231,11 +231,21 @@ def cast_frozen(model: CustomContrastModel, dtype: torch.dtype) -> CustomContras
     return model
 
 
+def sample_latents(dist, generator: torch.Generator | None) -> torch.Tensor:
+    """``dist.sample(generator)`` (diffusers' DiagonalGaussianDistribution), the same numbers, with
+    no blocking copy: a CPU generator's noise is drawn on the host, as diffusers draws it, but
+    copied without waiting for the device (diffusers' copy waits for all queued work)."""
+    device, dtype = dist.parameters.device, dist.parameters.dtype
+    on_host = generator is not None and generator.device.type == "cpu" and device.type != "cpu"
+    eps = torch.randn(dist.mean.shape, generator=generator, device="cpu" if on_host else device, dtype=dtype)
+    return dist.mean + dist.std * eps.to(device, non_blocking=True)
+
+
 @torch.no_grad()
 def diffusion_inputs(model: CustomContrastModel, images: torch.Tensor, *, generator: torch.Generator | None = None):
     """(B, 3, H, W) images in [-1, 1] -> (noisy_latents, timesteps, target) for a TrainBatch."""
     vae, scheduler = model.vae, model.scheduler
-    latents = vae.encode(images.to(vae.dtype)).latent_dist.sample(generator) * vae.config.scaling_factor
+    latents = sample_latents(vae.encode(images.to(vae.dtype)).latent_dist, generator) * vae.config.scaling_factor
     # drawn on the host (a CPU generator: the same numbers on every device), copied without waiting
     noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device, non_blocking=True)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
@@ -245,4 +255,5 @@ def diffusion_inputs(model: CustomContrastModel, images: torch.Tensor, *, genera
     return noisy, timesteps, target
 
 
-__all__ = ["CustomContrastModel", "TrainBatch", "cast_frozen", "diffusion_inputs", "is_trainable_name"]
+__all__ = ["CustomContrastModel", "TrainBatch", "cast_frozen", "diffusion_inputs", "is_trainable_name",
+           "sample_latents"]

@@ -145,8 +145,10 @@ def training_batch(model: CustomContrastModel, batch: dict[str, torch.Tensor], *
     """A loader batch (cc_model.data) -> the model's TrainBatch: VAE latents, noise, timesteps, CLIP pixels.
 
     Copies to the device do not wait (from the loader's pinned memory on CUDA): a blocking copy
-    would wait for the previous step to finish on the device. The captions stay in host memory
-    (see CustomContrastModel.forward).
+    would wait for the previous step's backward and optimizer step to finish on the device. The
+    captions stay in host memory (see CustomContrastModel.forward). The loop itself reads each
+    step's loss terms after the forward, one wait per step by design: a non-finite loss stops the
+    run before its update.
     """
     size = model.image_encoder.config.image_size
 

@@ -193,3 +193,17 @@ def test_host_decisions_come_from_the_host_copies(make_model):
     assert dropped_twice.most_occurrences == 1  # the dropped caption is the empty one
     with pytest.raises(ValueError, match="placeholder"):
         _HostDecisions.of(model, ids[2:3], torch.tensor([False]), torch.tensor([False]))
+
+
+def test_latent_sampling_draws_what_diffusers_draws(make_model):
+    """sample_latents (no blocking copy on a GPU) gives diffusers' DiagonalGaussianDistribution.sample's numbers."""
+    from cc_model.model import sample_latents
+
+    model = make_model()
+    dist = model.vae.encode(torch.rand(2, 3, 32, 32) * 2 - 1).latent_dist
+    ours = sample_latents(dist, torch.Generator().manual_seed(3))
+    assert torch.equal(ours, dist.sample(torch.Generator().manual_seed(3)))
+    torch.manual_seed(5)  # unseeded: the global generator
+    ours = sample_latents(dist, None)
+    torch.manual_seed(5)
+    assert torch.equal(ours, dist.sample(None))
