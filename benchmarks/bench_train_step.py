@@ -122,15 +122,21 @@ def add_variant_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ladder", action="store_true", help="also run the ablation presets")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_run_arguments(parser: argparse.ArgumentParser, *, batch: int, steps: int, steps_help: str) -> None:
+    """Where and how the steps run: --profile, --device, --dtype, --batch, --steps, --warmup
+    (shared with profile_train_step.py)."""
     parser.add_argument("--profile", choices=["tiny", "sd15-random"], default="tiny")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=5, help="steps per timed block")
-    parser.add_argument("--repeats", type=int, default=3, help="timed blocks per variant, interleaved")
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--steps", type=int, default=steps, help=steps_help)
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant after it is built")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(parser, batch=4, steps=5, steps_help="steps per timed block")
+    parser.add_argument("--repeats", type=int, default=3, help="timed blocks per variant, interleaved")
     add_variant_arguments(parser)
     parser.add_argument("--compile-text-encoder", default=None, metavar="BACKEND",
                         help="train.compile_text_encoder for both models, e.g. inductor (default: eager)")

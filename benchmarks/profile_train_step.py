@@ -33,7 +33,8 @@ import torch  # noqa: E402
 from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
-from bench_train_step import DTYPES, add_variant_arguments, build, make_step, sync, variants  # noqa: E402
+from bench_train_step import (DTYPES, add_run_arguments, add_variant_arguments, build, make_step,  # noqa: E402
+                              sync, variants)
 from cc_model.config import TrainParams  # noqa: E402
 from cc_model.synthetic import synthetic_batch  # noqa: E402
 
@@ -103,12 +104,7 @@ def profile_steps(step, steps: int, device: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", choices=["tiny", "sd15-random"], default="tiny")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=3, help="profiled steps per model")
-    parser.add_argument("--warmup", type=int, default=3)
+    add_run_arguments(parser, batch=2, steps=3, steps_help="profiled steps per model")
     parser.add_argument("--top", type=int, default=15, help="ops listed per model")
     add_variant_arguments(parser)
     args = parser.parse_args()
