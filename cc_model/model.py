@@ -31,7 +31,8 @@ class TrainBatch:
     """One training batch of B reference/positive pairs."""
 
     reference_pixels: torch.Tensor  # (B, 3, S, S) CLIP-normalised reference images (backbones.clip_pixels)
-    input_ids: torch.Tensor  # (B, T) tokenized captions holding the placeholder word (model.tokenize)
+    input_ids: torch.Tensor  # (B, T) tokenized captions holding the placeholder word (model.tokenize);
+    # best in host memory (the forward reads its decisions from them; on the device that is a sync)
     noisy_latents: torch.Tensor  # (B, C, h, w) z_t of the target frame
     timesteps: torch.Tensor  # (B,) long diffusion timesteps
     target: torch.Tensor  # (B, C, h, w) the noise (epsilon prediction) or v (v-prediction)
