@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -100,6 +101,7 @@ def embed_frames(frames_path: Path, masks_path: Path, out_dir: Path, params: Emb
     frame without a mask is rejected as missing_mask. ``chunk_rows`` frames are joined at a time;
     ``part_rows`` (rounded up to whole batches) work rows make one resumable part.
     """
+    began = time.monotonic()  # Progress's clock
     torch_device = resolve_device(device)
     part_rows = -(-part_rows // params.batch_size) * params.batch_size  # parts end between batches
     inputs = [frames_path, masks_path] + ([segment_rejects] if segment_rejects and segment_rejects.exists() else [])
@@ -147,6 +149,7 @@ def embed_frames(frames_path: Path, masks_path: Path, out_dir: Path, params: Emb
         if part is not None:
             part.abort()
     seconds = progress.close()
+    loop_end = time.monotonic()
     names = [f"part-{n:05d}" for n in range(len(parts))]
     concat_tables([work.folder / f"{name}.embeddings.parquet" for name in names], out_dir / "embeddings.parquet",
                   schema)
@@ -166,9 +169,12 @@ def embed_frames(frames_path: Path, masks_path: Path, out_dir: Path, params: Emb
     }
     timing = {"seconds": round(seconds, 3), "throughput_img_s": round((tally.masked - min(skip, tally.masked))
                                                                        / seconds, 1) if seconds else None,
-              **steady.summary(progress.start)}
+              **steady.summary(progress.start), "setup_s": round(progress.start - began, 3),
+              "outputs_s": round(time.monotonic() - loop_end, 3)}
     result = write_stats(out_dir, stats, timing=timing)
     work.finish()
+    log.info("embed: %.2f s before the encoding loop (inputs, work key), %.2f s in it, %.2f s after it (outputs)",
+             progress.start - began, seconds, time.monotonic() - loop_end)
     return result
 
 

@@ -25,4 +25,4 @@ def test_embed_flow_end_to_end(prefect_harness, tmp_path):
     written = json.loads((tmp_path / "embed" / "stats.json").read_text())
     timing = json.loads((tmp_path / "embed" / "timing.json").read_text())
     assert {**written, **timing} == stats and set(timing) == {  # stats.json: no clock
-        "seconds", "throughput_img_s", "first_batch_s", "steady_img_s"}
+        "seconds", "throughput_img_s", "first_batch_s", "steady_img_s", "setup_s", "outputs_s"}
