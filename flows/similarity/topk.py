@@ -148,12 +148,16 @@ def _check_norms(x: np.ndarray) -> None:
 
 
 def _check_norms_torch(x) -> None:
-    """_check_norms on a tensor, on its device; one host sync per chunk."""
-    for r0 in range(0, x.shape[0], NORM_CHECK_ROWS):
-        norms = x[r0:r0 + NORM_CHECK_ROWS].float().norm(dim=1)
-        ok = (norms - 1.0).abs() <= NORM_TOLERANCE  # NaN is not ok
-        if not bool(ok.all()):
-            _raise_on_bad_norm(norms.cpu().numpy(), r0)
+    """_check_norms on a tensor, on its device, read back once."""
+    import torch
+
+    if x.shape[0] == 0:
+        return
+    ok = torch.cat([(x[r0:r0 + NORM_CHECK_ROWS].float().norm(dim=1) - 1.0).abs() <= NORM_TOLERANCE  # NaN: not ok
+                    for r0 in range(0, x.shape[0], NORM_CHECK_ROWS)])  # (N,) bool
+    if not bool(ok.all()):
+        row = int((~ok).nonzero()[0, 0])
+        _raise_on_bad_norm(x[row:row + 1].float().norm(dim=1).cpu().numpy(), row)
 
 
 def _raise_on_bad_norm(norms: np.ndarray, r0: int) -> None:
