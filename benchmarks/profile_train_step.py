@@ -82,12 +82,10 @@ def profile_steps(step, steps: int, device: str) -> dict:
     per_step = {e.key: e for e in events}
     # Kernels are listed twice: as their own entries (device type CUDA) and inside the self
     # device time of the op that launched them. Busy time sums the kernels; top_ops the ops.
-    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
-    busy = sum(e.self_device_time_total for e in kernels) / 1000 / steps if cuda else None
     self_ms = {e.key: _ms(e, cuda, True) / steps for e in events
                if e.device_type == DeviceType.CPU and not e.key.startswith(RANGES)}  # ops, not our ranges
-    if not cuda:
-        busy = sum(self_ms.values())
+    busy = (sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1000 / steps
+            if cuda else sum(self_ms.values()))
     return {
         "wall_ms": round(wall, 2),
         "busy_ms": round(busy, 2),
