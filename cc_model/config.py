@@ -140,10 +140,17 @@ class TrainParams:
     # Batches never hold two samples of one subject (CSCL/MACL take every other sample as a
     # negative); with this, nor two subjects the similarity stage flagged as near-duplicates.
     avoid_near_duplicates: bool = True
+    # Rows per batch drawn as hard negatives (similarity stage's hard_negatives.parquet): each of
+    # the first n rows dealt into a batch brings a row of its most similar other subject, so the
+    # contrastive terms see close negatives. 0 = the paper's batches of random subjects.
+    hard_negatives_per_batch: int = 0
 
     def __post_init__(self) -> None:
         at_least(self, 1, "batch_size", "max_steps", "save_every", "processes")
-        at_least(self, 0, "num_workers")
+        at_least(self, 0, "num_workers", "hard_negatives_per_batch")
+        if self.hard_negatives_per_batch >= self.batch_size:
+            raise ParamsError(f"hard_negatives_per_batch: must be below batch_size ({self.batch_size}), "
+                              f"got {self.hard_negatives_per_batch}")
         if not self.lr > 0:
             raise ParamsError(f"lr: must be > 0, got {self.lr!r}")
 

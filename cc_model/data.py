@@ -42,7 +42,7 @@ from PIL import Image
 from cc_model.splus import tokenize_captions
 from flows.embed.preprocess import decode_rle, segment_subject
 from flows.pairs.augment import Recipe, apply_recipe
-from flows.schemas import BACKGROUNDS, EXPORT, NEAR_DUPLICATES
+from flows.schemas import BACKGROUNDS, EXPORT, HARD_NEGATIVES, NEAR_DUPLICATES
 from flows.tables import TableReadError, fixed_size_list_to_numpy, open_table
 
 INDEX_COLUMNS = ["sample_id", "subject_id", "frame_id", "positive_frame_id", "aug_crop", "aug_scale", "aug_flip", "aug_background",
@@ -295,6 +295,23 @@ def near_duplicate_conflicts(path: str | Path, subject_names: pa.Array) -> dict[
     return conflicts
 
 
+def hard_negative_lists(path: str | Path, subject_names: pa.Array) -> dict[int, list[int]]:
+    """Subject code -> codes of its hard negatives (similarity stage), hardest first.
+
+    Only pairs with both subjects in this split are kept: a negative must be a sample the batch
+    can hold.
+    """
+    table = open_table(path, HARD_NEGATIVES).read(columns=["subject_id", "negative_subject_id", "rank"])
+    subject = positions(table["subject_id"], subject_names)
+    negative = positions(table["negative_subject_id"], subject_names)
+    order = np.lexsort((table["rank"].to_numpy(), subject))  # by subject, hardest first
+    lists: dict[int, list[int]] = {}
+    for x, y in zip(subject[order].tolist(), negative[order].tolist()):
+        if x >= 0 and y >= 0:
+            lists.setdefault(x, []).append(y)
+    return lists
+
+
 class SubjectBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Batches in which every sample is of a different subject, and no two are near-duplicates.
 
@@ -304,20 +321,33 @@ class SubjectBatchSampler(torch.utils.data.Sampler[list[int]]):
     window the subjects' rows are interleaved (shuffled subjects, shuffled rows) and dealt into
     batches; a row that conflicts with the batch being filled waits for the next one. Rows still
     waiting at the end of an epoch are left out of that epoch (like ``drop_last``; logged).
+
+    Hard negatives: with ``hard_per_batch`` = n > 0, each of the first n rows dealt into a batch
+    brings along a row of its subject's hardest negative (``hard_negatives``, similarity stage)
+    that still fits the batch and has a row unused in this epoch, taken from wherever it lies in
+    the split (one row-group read, like a multi-view positive). Every row is still used at most
+    once per epoch; the stream skips rows already taken. ``hard_rows``: such rows in the epoch.
+
     Deterministic in (seed, epoch); ``set_epoch(epoch, start)`` skips ``start`` batches (resume).
     """
 
     def __init__(self, groups: list[range], subjects: np.ndarray, *, batch_size: int, seed: int,
-                 conflicts: dict[int, set[int]] | None = None, window_groups: int = 16):
+                 conflicts: dict[int, set[int]] | None = None, window_groups: int = 16,
+                 hard_negatives: dict[int, list[int]] | None = None, hard_per_batch: int = 0):
         distinct = len(np.unique(subjects))
         if distinct < batch_size:
             raise ExportDataError(f"the train split has {distinct} subjects, fewer than train.batch_size "
                                   f"({batch_size}): a batch needs one sample of each of {batch_size} subjects")
+        if not 0 <= hard_per_batch < batch_size:
+            raise ValueError(f"hard_per_batch must be in [0, batch_size={batch_size}), got {hard_per_batch}")
         self.groups, self.subjects, self.conflicts = groups, subjects, conflicts or {}
         self.batch_size, self.seed, self.window_groups = batch_size, seed, window_groups
+        self.hard_negatives, self.hard_per_batch = (hard_negatives or {}) if hard_per_batch else {}, hard_per_batch
         self.epoch, self.start = 0, 0
         self._cached: tuple[int, list[list[int]]] | None = None
+        self._rows_of: dict[int, np.ndarray] | None = None
         self.left_out = 0  # rows of the current epoch in no batch
+        self.hard_rows = 0  # rows of the current epoch's batches drawn as hard negatives
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
@@ -337,33 +367,72 @@ class SubjectBatchSampler(torch.utils.data.Sampler[list[int]]):
                     if depth < len(rows_of_subject):
                         yield rows_of_subject[depth]
 
+    def _subject_rows(self) -> dict[int, np.ndarray]:
+        """Subject code -> its rows, for drawing hard negatives (built once)."""
+        if self._rows_of is None:
+            order = np.argsort(self.subjects, kind="stable")
+            codes, starts = np.unique(self.subjects[order], return_index=True)
+            self._rows_of = {int(c): rows for c, rows in zip(codes, np.split(order, starts[1:]))}
+        return self._rows_of
+
     def batches(self) -> list[list[int]]:
         if self._cached is not None and self._cached[0] == self.epoch:
             return self._cached[1]
         rng = np.random.default_rng([self.seed, self.epoch])
+        hard_rng = np.random.default_rng([self.seed, self.epoch, 1])  # the stream's draws stay as without
+        rows_of = self._subject_rows() if self.hard_per_batch else {}
+        unused: dict[int, list[int]] = {}  # per hard-negative subject: its rows in this epoch's order, to draw from
+        used = np.zeros(len(self.subjects), dtype=bool)
         out: list[list[int]] = []
         waiting: list[int] = []
         current: list[int] = []
         blocked: set[int] = set()
+        hard = [0]  # rows drawn as hard negatives into the batch being filled
+        self.hard_rows = 0
 
         def fits(row: int) -> bool:
             subject = int(self.subjects[row])
             if subject in blocked:
                 return False
             current.append(row)
+            used[row] = True
             blocked.add(subject)
             blocked.update(self.conflicts.get(subject, ()))
             return True
 
-        for row in self._stream(rng):
+        def draw(negative: int) -> int | None:
+            """An unused row of this subject, or None."""
+            if negative not in unused:
+                rows = rows_of.get(negative, np.zeros(0, np.int64))
+                unused[negative] = rows[hard_rng.permutation(len(rows))].tolist()
+            rows = unused[negative]
+            while rows and used[rows[-1]]:
+                rows.pop()
+            return rows.pop() if rows else None
+
+        def place(row: int) -> bool:
             if not fits(row):
+                return False
+            if hard[0] < self.hard_per_batch and len(current) < self.batch_size:
+                for negative in self.hard_negatives.get(int(self.subjects[row]), ()):
+                    if negative not in blocked and (drawn := draw(negative)) is not None:
+                        fits(drawn)
+                        hard[0] += 1
+                        break
+            return True
+
+        for row in self._stream(rng):
+            if used[row]:  # drawn earlier as a hard negative
+                continue
+            if not place(row):
                 waiting.append(row)
             while len(current) == self.batch_size:  # a full batch: start the next with the waiting rows
                 out.append(current[:])
                 current.clear()
                 blocked.clear()
-                waiting = [r for r in waiting if not (len(current) < self.batch_size and fits(r))]
-        self.left_out = len(waiting) + len(current)
+                self.hard_rows, hard[0] = self.hard_rows + hard[0], 0
+                waiting = [r for r in waiting if not used[r] and not (len(current) < self.batch_size and place(r))]
+        self.left_out = sum(len(g) for g in self.groups) - self.batch_size * len(out)
         self._cached = (self.epoch, out)
         return out
 
@@ -389,4 +458,4 @@ def dataset_for(model, export_dir: str | Path, split: str, *, embeddings: str | 
 
 
 __all__ = ["ExportDataError", "ExportDataset", "RowGroups", "SubjectBatchSampler", "dataset_for",
-           "near_duplicate_conflicts", "pixel_size", "read_embeddings", "subject_bbox", "target_view", "to_tensor"]
+           "hard_negative_lists", "near_duplicate_conflicts", "pixel_size", "read_embeddings", "subject_bbox", "target_view", "to_tensor"]

@@ -20,7 +20,8 @@ from flows.config.params import Params, load_params  # noqa: E402
 def train_task(params: Params) -> dict:
     return train_processes(params, export_dir=Path(params.export.out_dir),
                            embeddings=Path(params.embed.out_dir) / "embeddings.parquet",
-                           near_duplicates=Path(params.similarity.out_dir) / "near_duplicates.parquet")
+                           near_duplicates=Path(params.similarity.out_dir) / "near_duplicates.parquet",
+                           hard_negatives=Path(params.similarity.out_dir) / "hard_negatives.parquet")
 
 
 @flow(name="train")

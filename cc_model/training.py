@@ -42,7 +42,8 @@ import torch.distributed as dist
 
 from cc_model.backbones import clip_pixels, load_backbones
 from cc_model.checkpoint import save_trainable
-from cc_model.data import ExportDataError, SubjectBatchSampler, dataset_for, near_duplicate_conflicts
+from cc_model.data import (ExportDataError, SubjectBatchSampler, dataset_for, hard_negative_lists,
+                           near_duplicate_conflicts)
 from cc_model.model import CustomContrastModel, TrainBatch, cast_frozen, diffusion_inputs
 from flows.config.params import Params
 from flows.errors import UserFacingError
@@ -239,8 +240,12 @@ def write_loss_csv(path: Path, history: list[dict[str, float]]) -> None:
     os.replace(tmp, path)
 
 
-def train_model(params: Params, *, export_dir: Path, embeddings: Path, near_duplicates: Path) -> dict:
-    """Train for ``train.max_steps`` steps in all (continuing a matching saved state); returns the stats."""
+def train_model(params: Params, *, export_dir: Path, embeddings: Path, near_duplicates: Path,
+                hard_negatives: Path | None = None) -> dict:
+    """Train for ``train.max_steps`` steps in all (continuing a matching saved state); returns the stats.
+
+    ``hard_negatives`` (the similarity stage's table) is read when ``train.hard_negatives_per_batch`` > 0.
+    """
     config = params.train
     out_dir = Path(config.out_dir)
     ranks = current_ranks()
@@ -256,8 +261,13 @@ def train_model(params: Params, *, export_dir: Path, embeddings: Path, near_dupl
         cast_frozen(model, dtype)  # trainable weights stay float32 under autocast
     dataset = dataset_for(model, export_dir, "train", embeddings=embeddings, background_rgb=params.embed.background_rgb)
     conflicts = near_duplicate_conflicts(near_duplicates, dataset.subject_names) if config.avoid_near_duplicates else {}
+    hard = config.hard_negatives_per_batch
+    if hard and hard_negatives is None:
+        raise ValueError("train.hard_negatives_per_batch > 0 needs the similarity stage's hard_negatives.parquet")
+    negatives = hard_negative_lists(hard_negatives, dataset.subject_names) if hard else {}
     sampler = RankBatches(SubjectBatchSampler(dataset.row_groups(), dataset.subjects, batch_size=config.batch_size,
-                                              seed=config.seed, conflicts=conflicts), ranks)
+                                              seed=config.seed, conflicts=conflicts, hard_negatives=negatives,
+                                              hard_per_batch=hard), ranks)
     # DataLoader workers are forked: they share the index and the embeddings instead of copying them
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=dataset.collate,
                                          num_workers=config.num_workers, pin_memory=device.type == "cuda")
@@ -266,7 +276,8 @@ def train_model(params: Params, *, export_dir: Path, embeddings: Path, near_dupl
     step_model = model if ranks.world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False,
         find_unused_parameters=True)  # a batch whose every row drops its image leaves the visual path out
-    inputs = [export_dir, embeddings, *([near_duplicates] if config.avoid_near_duplicates else []), *backbones.files]
+    inputs = [export_dir, embeddings, *([near_duplicates] if config.avoid_near_duplicates else []),
+              *([hard_negatives] if hard else []), *backbones.files]
     state = TrainingState(out_dir / ".work", state_key(params, inputs=inputs, device=device), ranks)
     at = state.load(model, optimizer, generator)
     if at.step > config.max_steps:
@@ -289,6 +300,10 @@ def train_model(params: Params, *, export_dir: Path, embeddings: Path, near_dupl
             raise ExportDataError(f"{export_dir / 'train'}: no batch of {config.batch_size} samples of different "
                                   f"subjects, none near-duplicates of another, can be formed (train.batch_size, "
                                   f"train.avoid_near_duplicates)")
+        if hard and position == 0 and ranks.main:
+            rows = len(sampler.batches.batches()) * config.batch_size  # batches() also counts the hard rows
+            logger.info("train: epoch %d: %d of its batches' %d rows are hard negatives", epoch,
+                        sampler.batches.hard_rows, rows)
         for batch in loader:
             with autocast:
                 terms = step_model(training_batch(model, batch, device=device, dtype=dtype, generator=generator),
@@ -320,6 +335,7 @@ def train_model(params: Params, *, export_dir: Path, embeddings: Path, near_dupl
     last = history[-LAST_STEPS:]
     stats = {"steps": step, "samples": step * config.batch_size * ranks.world, "train_samples": len(dataset),
              "epochs": epoch,
+             **({"hard_negative_rows_last_epoch": sampler.batches.hard_rows} if hard else {}),
              "loss_last_steps": {name: round(sum(r[name] for r in last) / len(last), 6) for name in last[0]}
              if last else {}}
     timing = {"device": str(device), "seconds": round(seconds, 3), "steps_this_run": step - start_step,
@@ -393,9 +409,11 @@ def _process_main(rank: int, world: int, port: int, params: Params, paths: dict[
         dist.destroy_process_group()
 
 
-def train_processes(params: Params, *, export_dir: Path, embeddings: Path, near_duplicates: Path) -> dict:
+def train_processes(params: Params, *, export_dir: Path, embeddings: Path, near_duplicates: Path,
+                    hard_negatives: Path | None = None) -> dict:
     """:func:`train_model` in ``train.processes`` data-parallel processes on this machine (one: here)."""
-    paths = {"export_dir": export_dir, "embeddings": embeddings, "near_duplicates": near_duplicates}
+    paths = {"export_dir": export_dir, "embeddings": embeddings, "near_duplicates": near_duplicates,
+             "hard_negatives": hard_negatives}
     world = params.train.processes
     if world == 1:
         return train_model(params, **paths)

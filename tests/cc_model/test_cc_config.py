@@ -27,6 +27,8 @@ def test_strict_loader_rejects_unknown_keys_and_bad_combinations():
         from_mapping(Params, {"train": {"loss": {"cscl_form": "clip"}}})
     with pytest.raises(ParamsError, match="train.dropout"):
         from_mapping(Params, {"train": {"dropout": {"image": 0.6, "text": 0.6}}})
+    with pytest.raises(ParamsError, match="train.hard_negatives_per_batch: must be below batch_size \\(4\\)"):
+        from_mapping(Params, {"train": {"batch_size": 4, "hard_negatives_per_batch": 4}})
 
 
 def test_presets_follow_tables_3_and_4():

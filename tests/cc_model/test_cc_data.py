@@ -6,6 +6,7 @@ import io
 import pickle
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -17,13 +18,14 @@ from cc_model.data import (
     ExportDataset,
     RowGroups,
     SubjectBatchSampler,
+    hard_negative_lists,
     subject_bbox,
     target_view,
     to_tensor,
 )
 from flows.embed.preprocess import decode_rle, segment_subject
 from flows.pairs.augment import Recipe, apply_recipe
-from flows.schemas import BACKGROUNDS, EXPORT, embeddings_schema
+from flows.schemas import BACKGROUNDS, EXPORT, HARD_NEGATIVES, embeddings_schema
 from flows.tables import fixed_size_list_to_numpy, iter_rows, write_table
 
 BACKGROUND = (124, 116, 104)
@@ -154,6 +156,43 @@ def test_batch_order_is_deterministic_local_and_resumable():
                                 batch_size=4, seed=3, window_groups=2)
     window = {i // 16 for b in list(mixed)[:4] for i in b}
     assert len(window) == 2  # with enough subjects per window, its batches stay in its two row groups
+
+
+def hard_pairs(batch, subjects, negatives) -> int:
+    codes = [int(subjects[i]) for i in batch]
+    return sum(1 for a in codes for b in codes if b in negatives.get(a, ()))
+
+
+def test_hard_negatives_join_batches_without_breaking_the_rules():
+    negatives = {s: [(s + 5) % 12, (s + 6) % 12] for s in range(12)}
+    conflicts = {0: {5}, 5: {0}}  # 5 is 0's hardest negative, but a near-duplicate: never beside it
+    plain, subjects = sampler_case(conflicts=conflicts)
+    assert list(sampler_case(conflicts=conflicts, hard_negatives=negatives)[0]) == list(plain)  # n = 0: as before
+    sampler, _ = sampler_case(conflicts=conflicts, hard_negatives=negatives, hard_per_batch=1)
+    batches = list(sampler)
+    seen = [i for b in batches for i in b]
+    assert len(seen) == len(set(seen)) and len(seen) + sampler.left_out == len(subjects)  # each row once at most
+    assert sampler.left_out < len(subjects) // 4
+    for batch in batches:
+        codes = [int(subjects[i]) for i in batch]
+        assert len(set(codes)) == 4 and not any(b in conflicts.get(a, ()) for a in codes for b in codes)
+    with_hard = sum(hard_pairs(b, subjects, negatives) > 0 for b in batches)
+    without = sum(hard_pairs(b, subjects, negatives) > 0 for b in plain)
+    assert 0 < sampler.hard_rows <= len(batches) and with_hard >= sampler.hard_rows > without / 2
+    assert with_hard > without
+    again, _ = sampler_case(conflicts=conflicts, hard_negatives=negatives, hard_per_batch=1)
+    assert list(again) == batches  # deterministic in (seed, epoch)
+    with pytest.raises(ValueError, match="hard_per_batch must be in"):
+        sampler_case(hard_negatives=negatives, hard_per_batch=4)
+
+
+def test_hard_negative_lists_keep_this_splits_subjects_hardest_first(tmp_path):
+    rows = [{"subject_id": "a", "negative_subject_id": n, "rank": k, "r": 0.9 - k / 10}
+            for k, n in reversed(list(enumerate(["c", "x", "b"])))]  # x: of the other split
+    rows.append({"subject_id": "x", "negative_subject_id": "a", "rank": 0, "r": 0.9})
+    write_table(tmp_path / "hard_negatives.parquet", HARD_NEGATIVES, rows)
+    names = pa.array(["a", "b", "c"])
+    assert hard_negative_lists(tmp_path / "hard_negatives.parquet", names) == {0: [2, 1]}
 
 
 def test_too_few_subjects_for_a_batch_fail_clearly():

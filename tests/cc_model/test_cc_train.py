@@ -21,7 +21,8 @@ def train(exported, out_dir, **options) -> dict:
                                                              "avoid_near_duplicates": False,
                                                              "out_dir": str(out_dir), **options}))
     return train_model(params, export_dir=exported / "export", embeddings=exported / "embeddings.parquet",
-                       near_duplicates=exported / "near_duplicates.parquet")
+                       near_duplicates=exported / "near_duplicates.parquet",
+                       hard_negatives=exported / "similarity" / "hard_negatives.parquet")
 
 
 def weights(out_dir) -> dict[str, torch.Tensor]:
@@ -107,6 +108,18 @@ def test_near_duplicate_subjects_never_share_a_batch(exported, tmp_path):
     with pytest.raises(ExportDataError, match="no batch of 2 samples of different subjects"):
         train(exported, tmp_path / "run", max_steps=1, avoid_near_duplicates=True)
     assert train(exported, tmp_path / "run", max_steps=1)["steps"] == 1  # without the flags it trains
+
+
+def test_batches_take_the_similarity_stages_hard_negatives(exported, tmp_path, caplog):
+    from flows.config.params import SimilarityParams
+    from flows.similarity.stage import compute_similarity
+
+    compute_similarity(exported / "embeddings.parquet", exported / "similarity", SimilarityParams(k=4, hard_negatives=2))
+    with caplog.at_level("INFO", logger="flows.train"):
+        stats = train(exported, tmp_path / "run", max_steps=2, batch_size=4, hard_negatives_per_batch=1)
+    assert stats["steps"] == 2 and 0 < stats["hard_negative_rows_last_epoch"] <= stats["train_samples"] // 4
+    assert "rows are hard negatives" in caplog.text
+    assert "hard_negative_rows_last_epoch" not in train(exported, tmp_path / "plain", max_steps=1)
 
 
 def test_more_batch_than_subjects_fails_in_one_line(exported, tmp_path):
