@@ -85,6 +85,18 @@ def write_images(tables_dir, root):
         Image.fromarray(rng.integers(0, 255, (80, 100, 3), dtype=np.uint8)).save(path, quality=90)
 
 
+def near_duplicates_of(tables_dir):
+    """The similarity stage's near_duplicates.parquet for the fixture: run on its embeddings unless
+    a test wrote one."""
+    from flows.config.params import SimilarityParams
+    from flows.similarity.stage import compute_similarity
+
+    out = tables_dir / "similarity"
+    if not (out / "near_duplicates.parquet").exists():
+        compute_similarity(tables_dir / "embeddings.parquet", out, SimilarityParams(k=4, device="cpu"))
+    return out / "near_duplicates.parquet"
+
+
 def export_tables(tables_dir, params, *, parallel=False, cluster=None, relative_roots=False):
     """Pairs, then the export stage, on the ``tables`` fixture; returns (stats, every exported row).
 
@@ -98,20 +110,22 @@ def export_tables(tables_dir, params, *, parallel=False, cluster=None, relative_
     from flows.export.shards import export_shards
     from flows.pairs.stage import build_pairs
     from flows.schemas import EXPORT
-    from flows.splits import SplitRule
+    from flows.splits import SplitRule, near_duplicate_groups
     from flows.tables import iter_rows
 
     params = params if parallel else dataclasses.replace(params, workers=1)
     write_images(tables_dir, tables_dir / "mv")
     write_images(tables_dir, tables_dir / "oi")
+    groups = (near_duplicate_groups(near_duplicates_of(tables_dir), tables_dir / "frames.parquet").groups
+              if params.group_near_duplicates else None)  # as flows.splits.split_rule
     build_pairs(tables_dir / "frames.parquet", tables_dir / "masks.parquet", tables_dir / "embeddings.parquet",
-                tables_dir, PairsParams(min_angle_deg=60.0), SplitRule.from_params(params))
+                tables_dir, PairsParams(min_angle_deg=60.0), SplitRule.from_params(params, groups))
     roots = ("mv", "oi") if relative_roots else (str(tables_dir / "mv"), str(tables_dir / "oi"))
     sources = SourcesParams(mvimgnet_root=roots[0], openimages_root=roots[1])
     stats = export_shards(frames=tables_dir / "frames.parquet", masks=tables_dir / "masks.parquet",
                           embeddings=tables_dir / "embeddings.parquet", pairs=tables_dir / "pairs.parquet",
                           pair_rejects=tables_dir / "rejects.parquet", sources=sources, out_dir=tables_dir / "export",
-                          params=params, cluster=cluster)
+                          params=params, cluster=cluster, near_duplicates=near_duplicates_of(tables_dir))
     rows = [r for split in ("train", "heldout") for p in sorted((tables_dir / "export" / split).glob("*.parquet"))
             for r in iter_rows(p, EXPORT)]
     return stats, rows

@@ -207,6 +207,9 @@ class ExportParams:
     placeholder_token: str = "sks"  # the placeholder word in captions
     caption_template: str = "a photo of a {placeholder} {class_name}"
     seed: int = 0  # seeds the held-out split (flows/splits.py); pairs reads it too
+    # Subjects the similarity stage flagged as near-duplicates share a split (with their photos or
+    # objects, transitively), so no held-out subject has a near-copy in training (flows/splits.py).
+    group_near_duplicates: bool = True
 
     def __post_init__(self) -> None:
         at_least(self, 16, "image_side")

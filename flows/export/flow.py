@@ -22,7 +22,7 @@ def export_task(params: Params) -> dict:
         frames=Path(params.filter.out_dir) / "frames.parquet", masks=Path(params.segment.out_dir) / "masks.parquet",
         embeddings=Path(params.embed.out_dir) / "embeddings.parquet", pairs=Path(params.pairs.out_dir) / "pairs.parquet",
         pair_rejects=Path(params.pairs.out_dir) / "rejects.parquet", sources=params.sources, out_dir=out_dir, params=params.export,
-        cluster=params.cluster)
+        cluster=params.cluster, near_duplicates=Path(params.similarity.out_dir) / "near_duplicates.parquet")
 
 
 @flow(name="export")

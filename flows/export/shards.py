@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import logging
 import os
 import shutil
 from collections.abc import Iterable, Iterator
@@ -26,7 +27,7 @@ from flows.parallel import ordered_map
 from flows.progress import Progress
 from flows.paths import image_file
 from flows.schemas import BACKGROUNDS, EXPORT, PAIRS, REJECTS
-from flows.splits import SPLITS, SplitRule
+from flows.splits import SPLITS, SplitRule, near_duplicate_groups
 from flows.resume import ResumableWork, library_versions, work_key
 from flows.tables import TableWriter, count_rows, iter_batches, iter_rows, write_json_atomic
 
@@ -160,12 +161,15 @@ def _pairs_by_frame(pairs: Path) -> Iterator[tuple[str, list[dict]]]:
         yield group[0]["frame_id"], group
 
 
+log = logging.getLogger("flows.export")
+
 CHUNK_REFERENCES = 65_536  # reference frames per resumable chunk (minutes of a many-core machine)
 
 
 def export_shards(*, frames: Path, masks: Path, embeddings: Path, pairs: Path, pair_rejects: Path,
                   sources: SourcesParams, out_dir: Path, params: ExportParams,
-                  chunk_references: int = CHUNK_REFERENCES, cluster: ClusterParams | None = None) -> dict[str, Any]:
+                  chunk_references: int = CHUNK_REFERENCES, cluster: ClusterParams | None = None,
+                  near_duplicates: Path | None = None) -> dict[str, Any]:
     """Write ``out_dir/{train,heldout}/part-*.parquet``, ``backgrounds.parquet``, ``stats.json``.
 
     Every joined frame is a reference here or in the pairs stage's rejects (no positive);
@@ -178,10 +182,21 @@ def export_shards(*, frames: Path, masks: Path, embeddings: Path, pairs: Path, p
     short) and is then marked done, so a failed run keeps its finished chunks and the next run
     with the same inputs, params and code encodes only the rest. The shards move into
     ``out_dir`` at the end; the stats are counted from them.
+
+    ``near_duplicates`` (the similarity stage's table) groups the splits when
+    ``params.group_near_duplicates`` (flows.splits); the stats then count the groups.
     """
-    rule = SplitRule.from_params(params)
+    if params.group_near_duplicates and near_duplicates is None:
+        raise ValueError("export.group_near_duplicates needs the similarity stage's near_duplicates.parquet")
+    grouped = near_duplicate_groups(near_duplicates, frames) if params.group_near_duplicates else None
+    rule = SplitRule.from_params(params, grouped.groups if grouped else None)
+    grouping = grouped.summary(rule) if grouped else None
+    if grouping:
+        log.info("export: %d near-duplicate subject pairs join %d objects/photos into %d groups (the largest: %d); "
+                 "the grouping changed the split of %d", grouping["pairs"], grouping["units"], grouping["groups"],
+                 grouping["largest"], grouping["units_moved"])
     inputs = [frames, masks, embeddings, pairs, pair_rejects]
-    work = ResumableWork(out_dir / ".work", work_key(inputs=inputs, code=["export", "pairs/join.py", "splits.py",
+    work = ResumableWork(out_dir / ".work", work_key(inputs=inputs + ([near_duplicates] if grouped else []), code=["export", "pairs/join.py", "splits.py",
                                                                         "parallel.py", "cluster.py"], params={
         "export": dataclasses.replace(params, workers=1, out_dir=""), "sources": sources,
         "chunk_references": chunk_references,
@@ -189,11 +204,12 @@ def export_shards(*, frames: Path, masks: Path, embeddings: Path, pairs: Path, p
     with work_pool(cluster, local_workers=params.workers) as pool:
         if pool.executor is not None:  # the workers run in other folders, maybe on other machines
             sources = absolute_sources(sources)
-        return _export_in(work, pool, inputs, sources, rule, out_dir, params, chunk_references)
+        return _export_in(work, pool, inputs, sources, rule, out_dir, params, chunk_references, grouping)
 
 
 def _export_in(work: ResumableWork, pool: Pool, inputs: list[Path], sources: SourcesParams, rule: SplitRule,
-               out_dir: Path, params: ExportParams, chunk_references: int) -> dict[str, Any]:
+               out_dir: Path, params: ExportParams, chunk_references: int,
+               grouping: dict | None) -> dict[str, Any]:
     frames, masks, embeddings, pairs, pair_rejects = inputs
     work.open()
     finished = work.done_prefix("chunk")
@@ -233,6 +249,12 @@ def _export_in(work: ResumableWork, pool: Pool, inputs: list[Path], sources: Sou
     stats, backgrounds = _count_shards(shards)
     _write_backgrounds(sorted(backgrounds), sources, out_dir / "backgrounds.parquet", params, pool)
     stats["reference_frames"] = references.count
+    if grouping is not None:
+        stats["near_duplicate_groups"] = grouping
+    if params.heldout_fraction > 0 and stats["heldout"]["rows"] == 0 and stats["train"]["rows"]:
+        log.warning("export: the held-out split is empty (export.heldout_fraction %s)%s", params.heldout_fraction,
+                    f"; the largest near-duplicate group holds {grouping['largest']} objects/photos "
+                    f"(similarity.near_duplicate_r, export.group_near_duplicates)" if grouping else "")
     for split in SPLITS:  # the finished shards replace the previous run's; a split without rows is an empty folder
         shutil.rmtree(out_dir / split, ignore_errors=True)
         (out_dir / split).mkdir(parents=True)

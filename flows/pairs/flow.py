@@ -13,19 +13,19 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from flows.config.params import PairsParams, Params, load_params  # noqa: E402
 from flows.pairs.stage import build_pairs  # noqa: E402
-from flows.splits import SplitRule  # noqa: E402
+from flows.splits import split_rule  # noqa: E402
 
 
 @task(cache_policy=NO_CACHE)
 def pairs_task(frames: Path, masks: Path, embeddings: Path, out_dir: Path, params: PairsParams,
-               split: SplitRule, ingested: Path) -> dict:
+               split, ingested: Path) -> dict:
     return build_pairs(frames, masks, embeddings, out_dir, params, split, ingested)
 
 
 def run_pairs(params: Params) -> dict:
     stats = pairs_task(Path(params.filter.out_dir) / "frames.parquet", Path(params.segment.out_dir) / "masks.parquet",
                        Path(params.embed.out_dir) / "embeddings.parquet", Path(params.pairs.out_dir), params.pairs,
-                       SplitRule.from_params(params.export),  # backgrounds come from the frame's own split
+                       split_rule(params),  # backgrounds come from the frame's own split
                        Path(params.ingest.out_dir) / "frames.parquet")  # each object's whole capture
     logger = get_run_logger()
     logger.info("pairs: %s; angles %s", stats["pairs"], stats["angle_histogram"])

@@ -11,9 +11,9 @@ from flows.config.params import ExportParams, PairsParams, SourcesParams
 from flows.export.shards import caption_for, export_shards
 from flows.pairs.stage import build_pairs
 from flows.schemas import BACKGROUNDS, FRAMES, MASKS, PAIRS, REJECTS, embeddings_schema
-from flows.splits import SplitRule
+from flows.splits import SplitRule, near_duplicate_groups
 from flows.tables import iter_rows
-from pipeline_tables import export_tables, write_images
+from pipeline_tables import export_tables, near_duplicates_of, write_images
 
 
 def export(tables, params, *, parallel=False, **kwargs):
@@ -37,6 +37,34 @@ def test_one_row_per_pair_split_by_subject(tables):
     for r in rows:  # a multi-view positive is itself a reference of the same split
         if r["positive_frame_id"]:
             assert r["positive_frame_id"] in by_frame
+
+
+def test_near_duplicate_subjects_share_a_split(tables):
+    from flows.schemas import NEAR_DUPLICATES
+    from flows.tables import write_table
+
+    a, photo = "mvimgnet:1/aaaaaaaa", "openimages:0002/k"  # subjects the similarity stage calls near-duplicates
+    seed = next(s for s in range(100) if SplitRule(heldout_fraction=0.5, seed=s).of_key(a)
+                != SplitRule(heldout_fraction=0.5, seed=s).of_photo("train/0002.jpg"))
+    (tables / "similarity").mkdir()
+    write_table(tables / "similarity" / "near_duplicates.parquet", NEAR_DUPLICATES,
+                [{"subject_a": a, "subject_b": photo, "r": 0.99}])
+    params = ExportParams(image_side=32, heldout_fraction=0.5, seed=seed)
+    stats, rows = export(tables, params)
+    split_of = {r["subject_id"]: r["split"] for r in rows}
+    assert split_of[a] == split_of[photo]
+    assert stats["near_duplicate_groups"] == {"pairs": 1, "groups": 1, "units": 2, "largest": 2, "units_moved": 1,
+                                              "unknown_subjects": 0}
+    stats, rows = export(tables, dataclasses.replace(params, group_near_duplicates=False))
+    split_of = {r["subject_id"]: r["split"] for r in rows}
+    assert split_of[a] != split_of[photo] and "near_duplicate_groups" not in stats
+
+
+def test_an_empty_held_out_split_is_logged(tables, caplog):
+    with caplog.at_level("WARNING", logger="flows.export"):
+        stats, _ = export(tables, ExportParams(image_side=32, heldout_fraction=1e-9))
+    assert stats["heldout"]["rows"] == 0
+    assert "the held-out split is empty (export.heldout_fraction 1e-09); the largest near-duplicate group" in caplog.text
 
 
 def test_images_masks_and_captions(tables):
@@ -91,7 +119,8 @@ def test_every_joined_frame_is_a_reference_or_a_pairs_reject(tables):
     sources = SourcesParams(mvimgnet_root=str(tables / "mv"), openimages_root=str(tables / "oi"))
     call = dict(frames=tables / "frames.parquet", masks=tables / "masks.parquet", embeddings=tables / "embeddings.parquet",
                 pairs=tables / "pairs.parquet", pair_rejects=tables / "rejects.parquet", sources=sources,
-                out_dir=tables / "export", params=ExportParams(image_side=32, workers=1))
+                out_dir=tables / "export", params=ExportParams(image_side=32, workers=1),
+                near_duplicates=near_duplicates_of(tables))
     stats = export_shards(**call)
     assert [r["item_id"] for r in iter_rows(tables / "rejects.parquet", REJECTS)] == ["mvimgnet:1/aaaaaaaa/007.jpg"]
     assert stats["reference_frames"] == 16 - 1
@@ -118,12 +147,15 @@ def test_a_photo_and_its_backgrounds_stay_in_one_split(tables):
     for seed in range(6):
         params = ExportParams(image_side=32, heldout_fraction=0.5, seed=seed)
         _, rows = export(tables, params)
+        # the copied embedding makes the new box a near-duplicate of photo 0002: grouped with it
+        groups = near_duplicate_groups(tables / "similarity" / "near_duplicates.parquet", tables / "frames.parquet")
+        assert set(groups.groups) == {"openimages:train/0001.jpg", "openimages:train/0002.jpg"}
         photos = {f["frame_id"]: f["image_path"] for f in frames}
         split_of_photo = {}
         for r in rows:
             assert split_of_photo.setdefault(photos[r["frame_id"]], r["split"]) == r["split"]
             if r["aug_background"]:
-                assert SplitRule.from_params(params).of_photo(r["aug_background"]) == r["split"]
+                assert SplitRule.from_params(params, groups.groups).of_photo(r["aug_background"]) == r["split"]
 
 
 def test_shards_are_the_same_for_any_number_of_workers(tables):
@@ -218,7 +250,8 @@ def test_export_refuses_backgrounds_drawn_under_another_split_seed(tables):
         export_shards(frames=tables / "frames.parquet", masks=tables / "masks.parquet",
                       embeddings=tables / "embeddings.parquet", pairs=tables / "pairs.parquet",
                       pair_rejects=tables / "rejects.parquet", sources=sources, out_dir=tables / "export",
-                      params=ExportParams(image_side=32, heldout_fraction=0.5, seed=export_seed, workers=1))
+                      params=ExportParams(image_side=32, heldout_fraction=0.5, seed=export_seed, workers=1),
+                      near_duplicates=near_duplicates_of(tables))
 
 
 def _chunked_export(tables):
@@ -234,7 +267,7 @@ def _chunked_export(tables):
         return export_shards(frames=tables / "frames.parquet", masks=tables / "masks.parquet",
                              embeddings=tables / "embeddings.parquet", pairs=tables / "pairs.parquet",
                              pair_rejects=tables / "rejects.parquet", sources=sources, out_dir=out, params=params,
-                             chunk_references=5)
+                             chunk_references=5, near_duplicates=near_duplicates_of(tables))
 
     return params, sources, run
 
