@@ -140,9 +140,9 @@ class TrainParams:
     # Batches never hold two samples of one subject (CSCL/MACL take every other sample as a
     # negative); with this, nor two subjects the similarity stage flagged as near-duplicates.
     avoid_near_duplicates: bool = True
-    # Rows per batch drawn as hard negatives (similarity stage's hard_negatives.parquet): each of
-    # the first n rows dealt into a batch brings a row of its most similar other subject, so the
-    # contrastive terms see close negatives. 0 = the paper's batches of random subjects.
+    # Rows per batch drawn as hard negatives (similarity stage's hard_negatives.parquet): until a
+    # batch holds n, each row dealt into it brings a row of its most similar other subject that
+    # fits, so the contrastive terms see close negatives. 0 = the paper's batches of random subjects.
     hard_negatives_per_batch: int = 0
 
     def __post_init__(self) -> None:

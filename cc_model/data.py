@@ -322,11 +322,12 @@ class SubjectBatchSampler(torch.utils.data.Sampler[list[int]]):
     batches; a row that conflicts with the batch being filled waits for the next one. Rows still
     waiting at the end of an epoch are left out of that epoch (like ``drop_last``; logged).
 
-    Hard negatives: with ``hard_per_batch`` = n > 0, each of the first n rows dealt into a batch
-    brings along a row of its subject's hardest negative (``hard_negatives``, similarity stage)
-    that still fits the batch and has a row unused in this epoch, taken from wherever it lies in
-    the split (one row-group read, like a multi-view positive). Every row is still used at most
-    once per epoch; the stream skips rows already taken. ``hard_rows``: such rows in the epoch.
+    Hard negatives: with ``hard_per_batch`` = n > 0, until a batch holds n of them, each row dealt
+    into it brings along a row of its subject's hardest negative (``hard_negatives``, similarity
+    stage) that still fits the batch and has a row unused in this epoch, taken from wherever it
+    lies in the split (one row-group read, like a multi-view positive); a row whose negatives are
+    all blocked or used brings none. Every row is still used at most once per epoch; the stream
+    skips rows already taken. ``hard_counts``: such rows in each of the epoch's batches.
 
     Deterministic in (seed, epoch); ``set_epoch(epoch, start)`` skips ``start`` batches (resume).
     """
@@ -347,7 +348,7 @@ class SubjectBatchSampler(torch.utils.data.Sampler[list[int]]):
         self._cached: tuple[int, list[list[int]]] | None = None
         self._rows_of: dict[int, np.ndarray] | None = None
         self.left_out = 0  # rows of the current epoch in no batch
-        self.hard_rows = 0  # rows of the current epoch's batches drawn as hard negatives
+        self.hard_counts: list[int] = []  # per batch of the current epoch: its rows drawn as hard negatives
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
@@ -388,7 +389,7 @@ class SubjectBatchSampler(torch.utils.data.Sampler[list[int]]):
         current: list[int] = []
         blocked: set[int] = set()
         hard = [0]  # rows drawn as hard negatives into the batch being filled
-        self.hard_rows = 0
+        counts: list[int] = []
 
         def fits(row: int) -> bool:
             subject = int(self.subjects[row])
@@ -430,9 +431,11 @@ class SubjectBatchSampler(torch.utils.data.Sampler[list[int]]):
                 out.append(current[:])
                 current.clear()
                 blocked.clear()
-                self.hard_rows, hard[0] = self.hard_rows + hard[0], 0
+                counts.append(hard[0])
+                hard[0] = 0
                 waiting = [r for r in waiting if not used[r] and not (len(current) < self.batch_size and place(r))]
         self.left_out = sum(len(g) for g in self.groups) - self.batch_size * len(out)
+        self.hard_counts = counts
         self._cached = (self.epoch, out)
         return out
 

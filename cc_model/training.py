@@ -98,6 +98,11 @@ class RankBatches(torch.utils.data.Sampler[list[int]]):
         used = len(every) // self.ranks.world * self.ranks.world
         return every[self.ranks.rank : used : self.ranks.world]
 
+    def hard_rows(self) -> int:
+        """Rows drawn as hard negatives into the epoch's batches that some process takes."""
+        used = len(self.batches.batches()) // self.ranks.world * self.ranks.world
+        return sum(self.batches.hard_counts[:used])
+
     @property
     def left_out(self) -> int:
         """Rows of the epoch in no process's batch."""
@@ -301,9 +306,8 @@ def train_model(params: Params, *, export_dir: Path, embeddings: Path, near_dupl
                                   f"subjects, none near-duplicates of another, can be formed (train.batch_size, "
                                   f"train.avoid_near_duplicates)")
         if hard and position == 0 and ranks.main:
-            rows = len(sampler.batches.batches()) * config.batch_size  # batches() also counts the hard rows
-            logger.info("train: epoch %d: %d of its batches' %d rows are hard negatives", epoch,
-                        sampler.batches.hard_rows, rows)
+            logger.info("train: epoch %d: %d of its batches' %d rows are hard negatives", epoch, sampler.hard_rows(),
+                        len(sampler.mine()) * ranks.world * config.batch_size)
         for batch in loader:
             with autocast:
                 terms = step_model(training_batch(model, batch, device=device, dtype=dtype, generator=generator),
@@ -335,7 +339,7 @@ def train_model(params: Params, *, export_dir: Path, embeddings: Path, near_dupl
     last = history[-LAST_STEPS:]
     stats = {"steps": step, "samples": step * config.batch_size * ranks.world, "train_samples": len(dataset),
              "epochs": epoch,
-             **({"hard_negative_rows_last_epoch": sampler.batches.hard_rows} if hard else {}),
+             **({"hard_negative_rows_last_epoch": _hard_rows_of(sampler, epoch)} if hard else {}),
              "loss_last_steps": {name: round(sum(r[name] for r in last) / len(last), 6) for name in last[0]}
              if last else {}}
     timing = {"device": str(device), "seconds": round(seconds, 3), "steps_this_run": step - start_step,
@@ -343,6 +347,12 @@ def train_model(params: Params, *, export_dir: Path, embeddings: Path, near_dupl
               "processes": ranks.world,
               "started_at_step": start_step}
     return write_stats(out_dir, stats, timing=timing)
+
+
+def _hard_rows_of(sampler: RankBatches, epoch: int) -> int:
+    """Hard-negative rows of this epoch's batches (also when a resumed run had no step left to do)."""
+    sampler.set_epoch(epoch)
+    return sampler.hard_rows()
 
 
 def _mean_over_ranks(terms: dict[str, torch.Tensor], ranks: Ranks) -> dict[str, float]:

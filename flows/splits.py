@@ -45,7 +45,7 @@ def photo_key(image_path: str) -> str:
 class SplitRule:
     heldout_fraction: float
     seed: int
-    groups: Mapping[str, str] = field(default_factory=dict)  # unit key -> its near-duplicate group's key
+    groups: Mapping[str, str] = field(default_factory=dict, hash=False)  # unit key -> its near-duplicate group's key
 
     @classmethod
     def from_params(cls, params: ExportParams, groups: Mapping[str, str] | None = None) -> "SplitRule":

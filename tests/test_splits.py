@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+from flows.config.params import ExportParams, FilterParams, Params, SimilarityParams
 from flows.schemas import FRAMES, NEAR_DUPLICATES
-from flows.splits import SplitRule, near_duplicate_groups, unit_key
+from flows.splits import SplitRule, near_duplicate_groups, split_rule, unit_key
 from flows.tables import write_table
 from pipeline_tables import frame
 
@@ -51,3 +54,13 @@ def test_a_group_lands_in_one_split_and_the_summary_counts_the_moves(tmp_path):
     summary = found.summary(rule)
     assert summary == {"pairs": 1, "groups": 1, "units": 2, "largest": 2, "units_moved": 1, "unknown_subjects": 0}
     assert rule.of_key("mvimgnet:1/cccccccc") == SplitRule(heldout_fraction=0.5, seed=seed).of_key("mvimgnet:1/cccccccc")
+
+
+def test_split_rule_reads_the_similarity_and_filter_tables_the_params_name(tmp_path):
+    found = write(tmp_path, [("mvimgnet:1/aaaaaaaa", "openimages:p2/box1")])
+    params = Params(filter=FilterParams(out_dir=str(tmp_path)), similarity=SimilarityParams(out_dir=str(tmp_path)),
+                    export=ExportParams(heldout_fraction=0.3, seed=4))
+    assert split_rule(params) == SplitRule(heldout_fraction=0.3, seed=4, groups=found.groups) and found.groups
+    off = dataclasses.replace(params, export=dataclasses.replace(params.export, group_near_duplicates=False))
+    assert split_rule(off) == SplitRule(heldout_fraction=0.3, seed=4)
+    assert hash(split_rule(params)) == hash(split_rule(off))  # hashable: the groups do not take part

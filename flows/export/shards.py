@@ -228,8 +228,9 @@ def _export_in(work: ResumableWork, pool: Pool, inputs: list[Path], sources: Sou
                     for sample in _samples(frame, frame_pairs, split, jpeg, size, mask_rle, params):
                         if sample["aug_background"] and rule.of_photo(sample["aug_background"]) != split:
                             raise ValueError(f"{sample['sample_id']}: background {sample['aug_background']} is not "
-                                             f"in split {split}; rerun pairs with this export.seed and "
-                                             f"export.heldout_fraction")
+                                             f"in split {split}; rerun pairs with this export.seed, "
+                                             f"export.heldout_fraction, export.group_near_duplicates and the "
+                                             f"similarity stage's near_duplicates.parquet")
                         sinks[split].write(sample)
                 progress.update(sum(len(frame_pairs) for _, frame_pairs, _ in group))
                 if last:  # done as soon as its last group is written, whatever fails after
@@ -251,10 +252,7 @@ def _export_in(work: ResumableWork, pool: Pool, inputs: list[Path], sources: Sou
     stats["reference_frames"] = references.count
     if grouping is not None:
         stats["near_duplicate_groups"] = grouping
-    if params.heldout_fraction > 0 and stats["heldout"]["rows"] == 0 and stats["train"]["rows"]:
-        log.warning("export: the held-out split is empty (export.heldout_fraction %s)%s", params.heldout_fraction,
-                    f"; the largest near-duplicate group holds {grouping['largest']} objects/photos "
-                    f"(similarity.near_duplicate_r, export.group_near_duplicates)" if grouping else "")
+    _check_split_sizes(stats, params, grouping)
     for split in SPLITS:  # the finished shards replace the previous run's; a split without rows is an empty folder
         shutil.rmtree(out_dir / split, ignore_errors=True)
         (out_dir / split).mkdir(parents=True)
@@ -263,6 +261,22 @@ def _export_in(work: ResumableWork, pool: Pool, inputs: list[Path], sources: Sou
     write_json_atomic(out_dir / "stats.json", stats)
     work.finish()
     return stats
+
+
+def _check_split_sizes(stats: dict, params: ExportParams, grouping: dict | None) -> None:
+    """Log a held-out split that is empty, or (from 1,000 rows on) off its fraction by more than 2x:
+    a large near-duplicate group lands in one split as a whole."""
+    held, rows = stats["heldout"]["rows"], stats["heldout"]["rows"] + stats["train"]["rows"]
+    if not (rows and params.heldout_fraction > 0):
+        return
+    share = held / rows
+    if held and (rows < 1000 or params.heldout_fraction / 2 <= share <= 2 * params.heldout_fraction):
+        return
+    group = (f"; the largest near-duplicate group holds {grouping['largest']} objects/photos, and a group lands in "
+             f"one split (similarity.near_duplicate_r, export.group_near_duplicates)"
+             if grouping and grouping["largest"] > 1 else "")
+    log.warning("export: the held-out split has %d of %d rows (%.1f%%; export.heldout_fraction %s)%s", held, rows,
+                100 * share, params.heldout_fraction, group)
 
 
 def _chunked(references: Iterable[tuple[list, ImageWork]],

@@ -10,6 +10,7 @@ configure()
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.utilities.annotations import quote  # noqa: E402
 
 from flows.config.params import PairsParams, Params, load_params  # noqa: E402
 from flows.pairs.stage import build_pairs  # noqa: E402
@@ -25,7 +26,7 @@ def pairs_task(frames: Path, masks: Path, embeddings: Path, out_dir: Path, param
 def run_pairs(params: Params) -> dict:
     stats = pairs_task(Path(params.filter.out_dir) / "frames.parquet", Path(params.segment.out_dir) / "masks.parquet",
                        Path(params.embed.out_dir) / "embeddings.parquet", Path(params.pairs.out_dir), params.pairs,
-                       split_rule(params),  # backgrounds come from the frame's own split
+                       quote(split_rule(params)),  # backgrounds: the frame's split (quote: its groups are not walked)
                        Path(params.ingest.out_dir) / "frames.parquet")  # each object's whole capture
     logger = get_run_logger()
     logger.info("pairs: %s; angles %s", stats["pairs"], stats["angle_histogram"])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import pickle
 
 import numpy as np
@@ -167,7 +169,9 @@ def test_hard_negatives_join_batches_without_breaking_the_rules():
     negatives = {s: [(s + 5) % 12, (s + 6) % 12] for s in range(12)}
     conflicts = {0: {5}, 5: {0}}  # 5 is 0's hardest negative, but a near-duplicate: never beside it
     plain, subjects = sampler_case(conflicts=conflicts)
-    assert list(sampler_case(conflicts=conflicts, hard_negatives=negatives)[0]) == list(plain)  # n = 0: as before
+    # n = 0: the batches the sampler dealt before hard negatives existed (b477517)
+    digest = hashlib.sha256(json.dumps(list(sampler_case(conflicts=conflicts, hard_negatives=negatives)[0])).encode())
+    assert digest.hexdigest()[:16] == "a3b7dc3b5d362d80" and list(plain)[:2] == [[125, 115, 99, 36], [127, 108, 107, 16]]
     sampler, _ = sampler_case(conflicts=conflicts, hard_negatives=negatives, hard_per_batch=1)
     batches = list(sampler)
     seen = [i for b in batches for i in b]
@@ -178,10 +182,16 @@ def test_hard_negatives_join_batches_without_breaking_the_rules():
         assert len(set(codes)) == 4 and not any(b in conflicts.get(a, ()) for a in codes for b in codes)
     with_hard = sum(hard_pairs(b, subjects, negatives) > 0 for b in batches)
     without = sum(hard_pairs(b, subjects, negatives) > 0 for b in plain)
-    assert 0 < sampler.hard_rows <= len(batches) and with_hard >= sampler.hard_rows > without / 2
+    assert len(sampler.hard_counts) == len(batches) and set(sampler.hard_counts) <= {0, 1}
+    hard_rows = sum(sampler.hard_counts)
+    assert 0 < hard_rows and with_hard >= hard_rows > without / 2
     assert with_hard > without
     again, _ = sampler_case(conflicts=conflicts, hard_negatives=negatives, hard_per_batch=1)
     assert list(again) == batches  # deterministic in (seed, epoch)
+    from cc_model.training import RankBatches, Ranks
+
+    shares = RankBatches(sampler, Ranks(1, 3))  # 3 processes take 24 of the 25 batches: the last is nobody's
+    assert shares.hard_rows() == hard_rows - sampler.hard_counts[-1] and len(batches) % 3 == 1
     with pytest.raises(ValueError, match="hard_per_batch must be in"):
         sampler_case(hard_negatives=negatives, hard_per_batch=4)
 

@@ -119,6 +119,8 @@ def test_batches_take_the_similarity_stages_hard_negatives(exported, tmp_path, c
         stats = train(exported, tmp_path / "run", max_steps=2, batch_size=4, hard_negatives_per_batch=1)
     assert stats["steps"] == 2 and 0 < stats["hard_negative_rows_last_epoch"] <= stats["train_samples"] // 4
     assert "rows are hard negatives" in caplog.text
+    again = train(exported, tmp_path / "run", max_steps=2, batch_size=4, hard_negatives_per_batch=1)  # nothing to do
+    assert again["steps_this_run"] == 0 and again["hard_negative_rows_last_epoch"] == stats["hard_negative_rows_last_epoch"]
     assert "hard_negative_rows_last_epoch" not in train(exported, tmp_path / "plain", max_steps=1)
 
 

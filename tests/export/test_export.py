@@ -64,7 +64,22 @@ def test_an_empty_held_out_split_is_logged(tables, caplog):
     with caplog.at_level("WARNING", logger="flows.export"):
         stats, _ = export(tables, ExportParams(image_side=32, heldout_fraction=1e-9))
     assert stats["heldout"]["rows"] == 0
-    assert "the held-out split is empty (export.heldout_fraction 1e-09); the largest near-duplicate group" in caplog.text
+    assert "the held-out split has 0 of 32 rows (0.0%; export.heldout_fraction 1e-09)" in caplog.text
+
+
+def test_a_held_out_share_far_from_its_fraction_names_the_largest_group(caplog):
+    from flows.export.shards import _check_split_sizes
+
+    params = ExportParams(heldout_fraction=0.1)
+    grouping = {"largest": 7}
+    with caplog.at_level("WARNING", logger="flows.export"):
+        _check_split_sizes({"heldout": {"rows": 150}, "train": {"rows": 1850}}, params, grouping)  # 7.5%: fine
+        _check_split_sizes({"heldout": {"rows": 10}, "train": {"rows": 90}}, params, grouping)  # too few rows to judge
+        assert not caplog.records
+        _check_split_sizes({"heldout": {"rows": 10}, "train": {"rows": 1990}}, params, grouping)
+    assert caplog.messages == ["export: the held-out split has 10 of 2000 rows (0.5%; export.heldout_fraction 0.1); "
+                               "the largest near-duplicate group holds 7 objects/photos, and a group lands in one "
+                               "split (similarity.near_duplicate_r, export.group_near_duplicates)"]
 
 
 def test_images_masks_and_captions(tables):
@@ -303,7 +318,7 @@ def test_a_failed_run_keeps_its_finished_chunks_and_the_rerun_encodes_only_the_r
     encoded.clear()
     with caplog.at_level(logging.INFO, logger="flows.export"):
         assert run(tables / "out") == clean
-    final = [r.getMessage() for r in caplog.records if r.name == "flows.export"][-1]
+    final = [r.getMessage() for r in caplog.records if r.name == "flows.export" and " samples " in r.getMessage()][-1]
     assert "(100.0%)" in final  # progress counts only the samples this run writes
     assert encoded[0] == before[third] and not set(encoded) & set(before[:third])  # finished chunks: not again
     for split in ("train", "heldout"):
