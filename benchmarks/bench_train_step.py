@@ -43,6 +43,7 @@ from cc_model.backbones import build_random_backbones, sd15_configs, tiny_config
 from cc_model.config import ABLATION_PRESETS, AblationParams, ModelParams, TrainParams  # noqa: E402
 from cc_model.model import CustomContrastModel, cast_frozen  # noqa: E402
 from cc_model.synthetic import synthetic_batch  # noqa: E402
+from cc_model.training import make_optimizer  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -60,7 +61,7 @@ def build(profile: str, params: ModelParams, device: str, dtype: torch.dtype, im
 
 
 def make_step(model, batch, dtype, device):
-    optimizer = torch.optim.AdamW(model.trainable_named_parameters().values(), lr=1e-5)
+    optimizer = make_optimizer(model.trainable_named_parameters().values(), lr=1e-5, device=torch.device(device))
     autocast = (
         torch.autocast(device_type=device.split(":")[0], dtype=dtype)
         if dtype != torch.float32
