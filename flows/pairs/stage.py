@@ -59,6 +59,8 @@ def build_pairs(frames: Path, masks: Path, embeddings: Path, out_dir: Path, para
 
         captured = captured_frames(ingested) if ingested is not None else {}
         writer.write_rows(mine_pairs(subjects, background_pool(frames, split), params, stats, unpaired, split, captured))
-    result = stats.as_dict()
+    # backgrounds come from the frame's split: which rule drew them (export checks it against its own)
+    result = {**stats.as_dict(), "split": {"heldout_fraction": split.heldout_fraction, "seed": split.seed,
+                                           "near_duplicate_grouped_units": len(split.groups)}}
     write_json_atomic(out_dir / "stats.json", result)
     return result

@@ -22,6 +22,12 @@ def run(tables, params=P, split=ALL_TRAIN):
     return list(iter_rows(tables / "pairs.parquet", PAIRS)), stats
 
 
+def test_stats_name_the_split_rule_backgrounds_were_drawn_under(tables):
+    rule = SplitRule(heldout_fraction=0.2, seed=5, groups={"mvimgnet:1/aaaaaaaa": "m", "openimages:x": "m"})
+    assert run(tables, split=rule)[1]["split"] == {"heldout_fraction": 0.2, "seed": 5,
+                                                   "near_duplicate_grouped_units": 2}
+
+
 def test_join_skips_frames_without_mask_or_embedding(tables):
     joined = list(iter_joined(tables / "frames.parquet", tables / "masks.parquet", tables / "embeddings.parquet"))
     ids = [f.frame_id for f in joined]
