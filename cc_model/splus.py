@@ -1,7 +1,7 @@
 """S+ injection: each cross-attention layer gets the caption encoded with its own placeholder token.
 
 For a batch of B captions and l per-layer tokens s+_a, the frozen text encoder runs once on B*l
-sequences: row (b, a) is caption b with the placeholder's input embedding replaced by s+_{b,a}.
+sequences: row a*B + b is caption b with the placeholder's input embedding replaced by s+_{b,a}.
 The replacement is a temporary forward hook on the encoder's input-embedding table, so the rest
 of the encoder (positions, causal mask, final norm) is transformers' own public forward.
 """
@@ -62,6 +62,11 @@ class SPlusTextEncoder:
     def encode_per_layer(self, input_ids: torch.Tensor, splus: torch.Tensor, *, plain: torch.Tensor | None = None) -> torch.Tensor:
         """(B, S) ids and (B, l, D) S+ tokens -> (B, l, S, D), one batched call of B*l sequences.
 
+        The result is laid out layer-major (a (l, B, S, D) buffer seen as (B, l, S, D)), so that
+        layer a's features ``[:, a]`` are one contiguous block: its to_k/to_v run as one plain
+        matrix product (a strided slice that needs a gradient would make them batched products
+        over an expanded weight).
+
         Rows without the placeholder (e.g. a dropped caption) come out as the ordinary encoding.
         ``plain`` (B,) bool marks rows known to need no S+ (conditioning dropout: the caption was
         dropped, or the S+ tokens were reset to the ordinary embedding): they are encoded once,
@@ -71,24 +76,25 @@ class SPlusTextEncoder:
         layers = splus.shape[1]
         plain = None if plain is None else plain.cpu()  # host memory: no device sync (CustomContrastModel)
         if plain is None or not bool(plain.any()):
-            return self._per_layer(input_ids, splus)
+            return self._per_layer(input_ids, splus).transpose(0, 1)
         keep, skip = ((~plain).nonzero().squeeze(1).to(input_ids.device, non_blocking=True),
                       plain.nonzero().squeeze(1).to(input_ids.device, non_blocking=True))
         with torch.no_grad():
             shared = self.encode(input_ids[skip])  # (B_plain, S, D)
-        parts = [shared[:, None].expand(-1, layers, -1, -1)]
+        parts = [shared[None].expand(layers, -1, -1, -1)]  # (l, B_plain, S, D)
         if len(keep):
             parts.insert(0, self._per_layer(input_ids[keep], splus[keep]))
         order = torch.cat([keep, skip]).argsort()  # back to the batch's row order
-        return torch.cat(parts)[order]
+        return torch.cat(parts, dim=1)[:, order].transpose(0, 1)
 
     def _per_layer(self, input_ids: torch.Tensor, splus: torch.Tensor) -> torch.Tensor:
+        """(B, S) ids, (B, l, D) tokens -> (l, B, S, D): the B*l sequences in layer-major order."""
         batch, layers, dim = splus.shape
-        ids = input_ids.repeat_interleave(layers, dim=0)  # (B*l, S), row b*l + a
-        tokens = splus.reshape(batch * layers, dim)  # (B*l, D), same row order
+        ids = input_ids.repeat(layers, 1)  # (l*B, S), row a*B + b
+        tokens = splus.transpose(0, 1).reshape(layers * batch, dim)  # (l*B, D), same row order
         with _replace_embeddings(self.text_encoder.get_input_embeddings(), ids, self.placeholder_id, tokens):
-            hidden = self.text_encoder(input_ids=ids).last_hidden_state  # (B*l, S, D)
-        return hidden.view(batch, layers, *hidden.shape[1:])  # (B, l, S, D)
+            hidden = self.text_encoder(input_ids=ids).last_hidden_state  # (l*B, S, D)
+        return hidden.view(layers, batch, *hidden.shape[1:])
 
 
 __all__ = ["SPlusTextEncoder", "placeholder_token_id", "tokenize_captions"]

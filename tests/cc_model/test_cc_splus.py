@@ -95,6 +95,7 @@ def test_plain_rows_are_encoded_once_with_the_same_values_and_gradients(encoder,
     for mask in (None, plain):
         tokens = splus.clone().requires_grad_(True)
         out = enc.encode_per_layer(ids, tokens, plain=mask)
+        assert out.shape == (3, layers, 77, 32) and all(out[:, a].is_contiguous() for a in range(layers))
         (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
         results.append((out.detach(), tokens.grad))
     handle.remove()
