@@ -15,8 +15,8 @@ knows its layer index a (execution order: down, mid, up) and picks its own text 
 Every layer computes its output with SDPA. Layers that the localisation loss reads (an
 :class:`AttentionCapture` at their resolution) also compute the maps beside it, from Q and K
 only: the placeholder's text probability via a logsumexp over the text keys, and the visual
-probabilities via a softmax over the m visual keys (:func:`placeholder_probability`,
-:func:`attention_probabilities`).
+probabilities via a softmax over the m visual keys, from one product of Q with both sets of
+keys (:func:`layer_maps`).
 """
 
 from __future__ import annotations
@@ -221,20 +221,31 @@ def placeholder_probability(query, key, scale, index, weight, mask=None) -> torc
     query (B, h, N, d), key (B, h, S, d); index/weight (B, J): the placeholder's positions in each
     caption and their weights (AttentionCapture.placeholder_columns). Equal to
     ``(softmax(Q K^T * scale) @ w).mean(heads)`` but only a logsumexp over S and J columns are
-    formed, so neither the forward nor the backward holds more than one (B, h, N, S) tensor.
+    formed: no softmax over S, and no probabilities @ V (SDPA made the layer's output).
     """
-    scores = torch.matmul(query, key.transpose(-1, -2)).float() * scale  # (B, h, N, S)
+    return layer_maps(query, key, scale, index, weight, mask)[0]
+
+
+def layer_maps(query, key, scale, index, weight, mask=None, visual_key=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One captured layer's maps from one product of Q with its text and visual keys together.
+
+    Returns the placeholder's text probability (B, N) (:func:`placeholder_probability`) and, with
+    ``visual_key`` (B, h, m, d), the head-averaged softmax over the m visual keys (B, N, m), both
+    float32. ``mask`` applies to the text keys only. Q is laid out for the product once, not
+    once per map, and its gradient comes back from one product.
+    """
+    text_keys = key.shape[2]
+    keys = key if visual_key is None else torch.cat([key, visual_key], dim=2)  # (B, h, S [+ m], d)
+    scores = torch.matmul(query, keys.transpose(-1, -2)).float() * scale  # (B, h, N, S [+ m])
+    text = scores[..., :text_keys]
     if mask is not None:
-        scores = scores + mask
-    lse = scores.logsumexp(dim=-1, keepdim=True)  # (B, h, N, 1)
-    heads, dim = key.shape[1], key.shape[-1]
-    chosen = key.gather(2, index[:, None, :, None].expand(-1, heads, -1, dim))  # (B, h, J, d)
-    picked = torch.matmul(query, chosen.transpose(-1, -2)).float() * scale  # (B, h, N, J)
-    if mask is not None:
-        mask = mask.expand(query.shape[0], heads, -1, -1)  # (B, h, N or 1, S)
-        picked = picked + mask.gather(-1, index[:, None, None, :].expand(-1, -1, mask.shape[2], -1))
-    probs = (picked - lse).exp()  # (B, h, N, J)
-    return (probs * weight[:, None, None, :].float()).sum(dim=-1).mean(dim=1)
+        text = text + mask
+    lse = text.logsumexp(dim=-1, keepdim=True)  # (B, h, N, 1)
+    picked = text.gather(-1, index[:, None, None, :].expand(-1, text.shape[1], text.shape[2], -1))  # (B, h, N, J)
+    probs = (picked - lse).exp()
+    text_map = (probs * weight[:, None, None, :].float()).sum(dim=-1).mean(dim=1)
+    visual_map = None if visual_key is None else scores[..., text_keys:].softmax(dim=-1).mean(dim=1)
+    return text_map, visual_map
 
 
 class DecoupledCrossAttnProcessor(nn.Module):
@@ -290,11 +301,7 @@ class DecoupledCrossAttnProcessor(nn.Module):
             placeholder.scatter_(1, index, (weight != 0).to(probs.dtype))  # (B, S) 1 at the placeholder
             factor = 1 - placeholder[:, None, None, :] * (1 - keep[:, None, :, None].to(probs.dtype))
             out = torch.matmul((probs * factor).to(value.dtype), value)
-        text_map = visual_map = None
-        if grid is not None:  # maps for the localisation loss, beside (not instead of) the fused kernel
-            index, weight = capture.placeholder_columns()
-            text_map = placeholder_probability(query, key, attn.scale, index, weight, attention_mask)  # (B, N)
-
+        v_key = None
         if cond.visual is not None and (self.gamma != 0 or grid is not None):
             v_key = _heads(self.cc_visual_kv.to_k(cond.visual), attn.heads)  # (B, h, m, d)
             if self.gamma != 0:
@@ -304,8 +311,10 @@ class DecoupledCrossAttnProcessor(nn.Module):
                 else:  # the visual tokens act only inside the subject
                     v_probs = attention_probabilities(query, v_key, attn.scale) * keep[:, None, :, None]
                     out = out + self.gamma * torch.matmul(v_probs.to(v_value.dtype), v_value)
-            if grid is not None:
-                visual_map = attention_probabilities(query, v_key, attn.scale).mean(dim=1)  # (B, N, m)
+        if grid is not None:  # maps for the localisation loss, beside (not instead of) the fused kernels
+            index, weight = capture.placeholder_columns()
+            text_map, visual_map = layer_maps(query, key, attn.scale, index, weight, attention_mask,
+                                              visual_key=v_key)  # (B, N), (B, N, m) or None
 
         if grid is not None:
             h, w = grid
@@ -381,6 +390,7 @@ __all__ = [
     "install_decoupled_attention",
     "normalise_map",
     "placeholder_weights",
+    "layer_maps",
     "placeholder_probability",
     "set_gamma",
 ]

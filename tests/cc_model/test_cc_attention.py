@@ -14,6 +14,7 @@ from cc_model.attention import (
     attention_probabilities,
     cross_attention_layer_names,
     install_decoupled_attention,
+    layer_maps,
     placeholder_probability,
 )
 
@@ -181,6 +182,27 @@ def test_placeholder_probability_equals_softmax_column_with_gradients():
     expected = torch.autograd.grad((reference.float() * upstream).sum(), (query, key))
     for g, e in zip(grads, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_layer_maps_from_one_product_equal_the_separate_softmaxes():
+    torch.manual_seed(1)
+    b, h, n, s, m, d = 2, 2, 6, 9, 3, 4
+    query = torch.randn(b, h, n, d, dtype=torch.float64, requires_grad=True)
+    key = torch.randn(b, h, s, d, dtype=torch.float64, requires_grad=True)
+    v_key = torch.randn(b, h, m, d, dtype=torch.float64, requires_grad=True)
+    weights = torch.zeros(b, s, dtype=torch.float64)
+    weights[0, 2], weights[1, 5] = 1.0, 1.0
+    index, weight = AttentionCapture(placeholder_weights=weights, latent_size=(n, 1)).placeholder_columns()
+    text, visual = layer_maps(query, key, 0.5, index, weight, visual_key=v_key)
+    expected_text = placeholder_probability(query, key, 0.5, index, weight)
+    expected_visual = attention_probabilities(query, v_key, 0.5).mean(dim=1)  # (B, N, m)
+    torch.testing.assert_close(text, expected_text)
+    torch.testing.assert_close(visual, expected_visual)
+    up_t, up_v = torch.randn(b, n), torch.randn(b, n, m)
+    grads = torch.autograd.grad((text * up_t).sum() + (visual * up_v).sum(), (query, key, v_key))
+    expected = torch.autograd.grad((expected_text * up_t).sum() + (expected_visual * up_v).sum(), (query, key, v_key))
+    for g, e in zip(grads, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-8)
 
 
 def test_gamma_scales_the_visual_branch(unets):
