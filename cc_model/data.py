@@ -324,8 +324,9 @@ class SubjectBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     Hard negatives: with ``hard_per_batch`` = n > 0, until a batch holds n of them, each row dealt
     into it brings along a row of its subject's hardest negative (``hard_negatives``, similarity
-    stage) that still fits the batch and has a row unused in this epoch, taken from wherever it
-    lies in the split (one row-group read, like a multi-view positive); a row whose negatives are
+    stage) that still fits the batch and has a row unused in this epoch: one of the current
+    window's rows if it has one, else from wherever it lies in the split (one more row-group
+    read, like a multi-view positive); a row whose negatives are
     all blocked or used brings none. Every row is still used at most once per epoch; the stream
     skips rows already taken. ``hard_counts``: such rows in each of the epoch's batches.
 
@@ -353,11 +354,16 @@ class SubjectBatchSampler(torch.utils.data.Sampler[list[int]]):
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
-    def _stream(self, rng: np.random.Generator) -> Iterator[int]:
+    def _stream(self, rng: np.random.Generator, window: np.ndarray | None = None) -> Iterator[int]:
+        """The rows in dealing order; ``window`` (bool per row), if given, marks the current window's rows."""
         order = rng.permutation(len(self.groups))
+        previous = np.zeros(0, dtype=np.int64)
         for w in range(0, len(order), self.window_groups):
             rows = np.concatenate([np.asarray(self.groups[g], dtype=np.int64)
                                    for g in order[w : w + self.window_groups]])
+            if window is not None:
+                window[previous], window[rows] = False, True
+                previous = rows
             rows = rows[rng.permutation(len(rows))]
             by_subject: dict[int, list[int]] = {}
             for row in rows.tolist():
@@ -384,6 +390,7 @@ class SubjectBatchSampler(torch.utils.data.Sampler[list[int]]):
         rows_of = self._subject_rows() if self.hard_per_batch else {}
         unused: dict[int, list[int]] = {}  # per hard-negative subject: its rows in this epoch's order, to draw from
         used = np.zeros(len(self.subjects), dtype=bool)
+        window = np.zeros(len(self.subjects), dtype=bool)  # the rows of the window being dealt
         out: list[list[int]] = []
         waiting: list[int] = []
         current: list[int] = []
@@ -402,13 +409,17 @@ class SubjectBatchSampler(torch.utils.data.Sampler[list[int]]):
             return True
 
         def draw(negative: int) -> int | None:
-            """An unused row of this subject, or None."""
+            """An unused row of this subject, one of the current window's if it has one (its row group is
+            likely in the readers' cache), or None."""
             if negative not in unused:
                 rows = rows_of.get(negative, np.zeros(0, np.int64))
                 unused[negative] = rows[hard_rng.permutation(len(rows))].tolist()
             rows = unused[negative]
             while rows and used[rows[-1]]:
                 rows.pop()
+            for i in range(len(rows) - 1, -1, -1):
+                if window[rows[i]] and not used[rows[i]]:
+                    return rows.pop(i)
             return rows.pop() if rows else None
 
         def place(row: int) -> bool:
@@ -422,7 +433,7 @@ class SubjectBatchSampler(torch.utils.data.Sampler[list[int]]):
                         break
             return True
 
-        for row in self._stream(rng):
+        for row in self._stream(rng, window):
             if used[row]:  # drawn earlier as a hard negative
                 continue
             if not place(row):

@@ -196,6 +196,21 @@ def test_hard_negatives_join_batches_without_breaking_the_rules():
         sampler_case(hard_negatives=negatives, hard_per_batch=4)
 
 
+def test_hard_negatives_are_drawn_from_the_window_being_dealt_when_it_has_them():
+    subjects = np.tile(np.arange(8), 8)  # row 8g + s is subject s: every subject has a row in every group
+    groups = [range(8 * g, 8 * (g + 1)) for g in range(8)]
+    negatives = {s: [(s + 1) % 8] for s in range(8)}
+    one_group = total = 0
+    for seed in range(10):
+        sampler = SubjectBatchSampler(groups, subjects, batch_size=4, seed=seed, window_groups=1,
+                                      hard_negatives=negatives, hard_per_batch=1)
+        batches = sampler.batches()
+        assert sum(sampler.hard_counts) >= len(batches) - 2
+        one_group += sum(len({r // 8 for r in b}) == 1 for b in batches)  # no read outside the window
+        total += len(batches)
+    assert one_group / total > 0.4  # drawn from anywhere: 14 of 156 batches stayed in one group
+
+
 def test_hard_negative_lists_keep_this_splits_subjects_hardest_first(tmp_path):
     rows = [{"subject_id": "a", "negative_subject_id": n, "rank": k, "r": 0.9 - k / 10}
             for k, n in reversed(list(enumerate(["c", "x", "b"])))]  # x: of the other split
