@@ -7,6 +7,7 @@ exactly the same forward (same autocast, same normalisation) as the stage.
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
@@ -37,8 +38,12 @@ def encode_pixels(model: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     return F.normalize(features.float(), dim=-1).to(torch.float16)
 
 
+LAUNCHED_AHEAD = 2  # batches queued on the device before the oldest is handed back
+
+
 def encode_batches(model: torch.nn.Module, pieces: Iterable, device: torch.device, *, batch_rows: int,
-                   on_device: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[EncodedBatch]:
+                   on_device: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   ahead: int | None = None) -> Iterator[EncodedBatch]:
     """Encode DataLoader pieces (index, pixels, reason, detail) in order, ``batch_rows`` rows per forward.
 
     The loader's workers each prepare a piece of a model batch (flows.embed.stage.WORKER_ROWS
@@ -48,28 +53,27 @@ def encode_batches(model: torch.nn.Module, pieces: Iterable, device: torch.devic
     ``on_device`` finishes the preprocessing on the device (the ``device`` half of
     flows.embed.preprocess.split_preprocess: uint8 -> normalised float).
 
-    Results are handed back one batch late, and the copy back of batch i is queued right after
-    its forward, before batch i+1's: waiting for it never waits for batch i+1, which computes
-    while the caller writes batch i and the loader's next pieces are fetched.
+    Results are handed back ``ahead`` batches late, and the copy back of batch i is queued right
+    after its forward, before batch i+1's: waiting for it never waits for a later batch. So while
+    the caller writes batch i and the loader's next pieces arrive, ``ahead`` batches are queued
+    on the device: a late piece or a slow write has that much device work to hide behind.
     """
-    pending, parts, rows = None, [], 0
+    ahead = LAUNCHED_AHEAD if ahead is None else ahead
+    pending: deque[tuple] = deque()
+    parts, rows = [], 0
     for piece in pieces:
         parts.append(_to_device(piece, device))
         rows += len(parts[-1][0])
         if rows < batch_rows:
             continue
-        current = _launch(model, parts, on_device)
+        pending.append(_launch(model, parts, on_device))
         parts, rows = [], 0
-        if pending is not None:
-            yield _fetch(*pending)
-        pending = current
+        if len(pending) > ahead:
+            yield _fetch(*pending.popleft())
     if parts:
-        current = _launch(model, parts, on_device)
-        if pending is not None:
-            yield _fetch(*pending)
-        pending = current
-    if pending is not None:
-        yield _fetch(*pending)
+        pending.append(_launch(model, parts, on_device))
+    while pending:
+        yield _fetch(*pending.popleft())
 
 
 def _to_device(piece, device: torch.device) -> tuple:

@@ -174,18 +174,20 @@ def test_chunks_of_any_size_give_the_same_bytes(tmp_path, tiny_clip):
 
 def test_batches_cut_into_worker_pieces_give_the_same_bytes(tmp_path, tiny_clip, monkeypatch):
     """Each batch reaches the loader's workers in pieces of WORKER_ROWS rows and is joined again before the
-    forward: the pieces (a batch of 5 in 2 + 2 + 1, or whole) change nothing in what is written."""
-    from flows.embed import stage
+    forward: the pieces (a batch of 5 in 2 + 2 + 1, or whole) change nothing in what is written, nor
+    does how many batches are queued on the device before the oldest is read back."""
+    from flows.embed import encode, stage
 
     inputs = make_inputs(tmp_path / "in", n=12, unmasked=(3,), corrupt=(8,))
     outputs = []
-    for rows in (2, 1000):
+    for rows, ahead in ((2, 2), (1000, 2), (2, 0), (2, 5)):  # ahead: batches launched before the oldest is read
         monkeypatch.setattr(stage, "WORKER_ROWS", rows)
-        out = tmp_path / f"pieces{rows}"
+        monkeypatch.setattr(encode, "LAUNCHED_AHEAD", ahead)
+        out = tmp_path / f"pieces{rows}-{ahead}"
         embed_frames(inputs.frames, inputs.masks, out, embed_params(out, num_workers=2, batch_size=5),
                      inputs.sources, clip=tiny_clip)
         outputs.append([(out / name).read_bytes() for name in ("embeddings.parquet", "rejects.parquet")])
-    assert outputs[0] == outputs[1]
+    assert outputs[0] == outputs[1] == outputs[2] == outputs[3]
 
 
 def test_masks_out_of_frames_order_fail_before_anything_is_written(tmp_path, tiny_clip):
