@@ -162,7 +162,7 @@ def stage_rate(frames: Path, masks: Path, sources: SourcesParams, clip, params: 
     """img/s of embed_frames, wall clock, everything included but loading the model; and where the
     rest went: seconds outside the encoding loop (reading and joining the inputs, the work key,
     the final concatenation and stats), seconds to the first batch (workers, first pieces), and
-    the stage's rate between its first and last batch (timing.json's steady_img_s)."""
+    the stage's rate from its first batch to the last before the drain (timing.json's steady_img_s)."""
     out = Path(params.out_dir)
     start = time.perf_counter()
     stats = embed_frames(frames, masks, out, params, sources, device=str(device), clip=clip)

@@ -35,7 +35,7 @@ from flows import reasons
 from flows.accounting import FRAME, AccountingError, reject_row
 from flows.config.params import EmbedParams, SourcesParams
 from flows.embed.clip_model import LoadedClip, check_weights, load_clip, spec_for
-from flows.embed.encode import EncodedBatch, encode_batches
+from flows.embed.encode import LAUNCHED_AHEAD, EncodedBatch, encode_batches
 from flows.embed.join import (
     CHUNK_ROWS, FRAME_COLUMNS, MASK_COLUMNS, check_sources, iter_chunks, join_masks, mask_positions, read_columns,
 )
@@ -130,7 +130,7 @@ def embed_frames(frames_path: Path, masks_path: Path, out_dir: Path, params: Emb
     stream = _WorkStream(frames_path, masks_path, sources, batch_size=params.batch_size, chunk_rows=chunk_rows,
                          skip_rows=skip)
     progress = Progress("embed", tally.masked - min(skip, tally.masked))
-    steady = _SteadyRate(progress.clock)
+    steady = _SteadyRate(progress.clock, drained=LAUNCHED_AHEAD)
     part: _Part | None = None
     try:
         for batch in _encode(stream, tally.masked - min(skip, tally.masked), clip, params, torch_device):
@@ -179,26 +179,31 @@ def embed_frames(frames_path: Path, masks_path: Path, out_dir: Path, params: Emb
 
 
 class _SteadyRate:
-    """When the first and the last batch came back: the start-up (loader workers, first pieces) and
-    the rate in between, the stage's throughput once running (timing.json; benchmarks/bench_embed.py)."""
+    """When the batches came back: the start-up (loader workers, first pieces) and the rate in
+    between, the stage's throughput once running (timing.json; benchmarks/bench_embed.py).
 
-    def __init__(self, clock: Callable[[], float]):
-        self.clock = clock
-        self.first = self.last = None
-        self.first_rows = self.rows = 0
+    The last ``drained`` batches (flows.embed.encode.LAUNCHED_AHEAD) come back together when the
+    input ends, so the rate runs from the first batch to the last one handed back in step with
+    the device; counting the drain would inflate it.
+    """
+
+    def __init__(self, clock: Callable[[], float], drained: int):
+        self.clock, self.drained = clock, drained
+        self.times: list[float] = []
+        self.rows: list[int] = []
 
     def batch_done(self, rows: int) -> None:
-        self.last = self.clock()
-        if self.first is None:
-            self.first, self.first_rows = self.last, rows
-        self.rows += rows
+        self.times.append(self.clock())
+        self.rows.append(rows)
 
     def summary(self, start: float) -> dict:
-        if self.first is None:
+        if not self.times:
             return {}
-        between = self.last - self.first
-        return {"first_batch_s": round(self.first - start, 3),
-                "steady_img_s": round((self.rows - self.first_rows) / between, 1) if between > 0 else None}
+        last = max(1, len(self.times) - 1 - self.drained)  # the last batch before the drain (at least the second)
+        out = {"first_batch_s": round(self.times[0] - start, 3), "steady_img_s": None}
+        if last < len(self.times) and self.times[last] > self.times[0]:
+            out["steady_img_s"] = round(sum(self.rows[1:last + 1]) / (self.times[last] - self.times[0]), 1)
+        return out
 
 
 def _work_key(inputs: list[Path], params: EmbedParams, sources: SourcesParams, clip: LoadedClip | None,

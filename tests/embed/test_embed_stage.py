@@ -321,17 +321,23 @@ def test_a_finished_part_cut_short_on_disk_is_embedded_again(tmp_path, tiny_clip
     assert (out / "embeddings.parquet").read_bytes() == (clean / "embeddings.parquet").read_bytes()
 
 
-def test_steady_rate_leaves_out_the_start_up():
+def test_steady_rate_leaves_out_the_start_up_and_the_drain():
     """timing.json: the time to the first batch (workers starting, first pieces), and the rate from the
-    first batch to the last, what a long run sees."""
+    first batch to the last one handed back before the drain (the batches still queued on the device
+    when the input ends come back together), what a long run sees."""
     from flows.embed.stage import _SteadyRate
 
-    ticks = iter([1.0, 2.0, 3.0])
-    steady = _SteadyRate(lambda: next(ticks))
-    for rows in (4, 4, 2):
+    ticks = iter([1.0, 2.0, 3.0, 3.1, 3.2])  # a loader-bound run: the last two batches drain at once
+    steady = _SteadyRate(lambda: next(ticks), drained=2)
+    for rows in (4, 4, 2, 4, 4):
         steady.batch_done(rows)
     assert steady.summary(0.0) == {"first_batch_s": 1.0, "steady_img_s": 3.0}  # (4 + 2) rows in 2 s
-    one = _SteadyRate(lambda: 5.0)
+    ticks = iter([1.0, 2.0, 3.0])
+    no_drain = _SteadyRate(lambda: next(ticks), drained=0)
+    for rows in (4, 4, 2):
+        no_drain.batch_done(rows)
+    assert no_drain.summary(0.0) == {"first_batch_s": 1.0, "steady_img_s": 3.0}
+    one = _SteadyRate(lambda: 5.0, drained=2)
     one.batch_done(4)
     assert one.summary(4.5) == {"first_batch_s": 0.5, "steady_img_s": None}
-    assert _SteadyRate(lambda: 0.0).summary(0.0) == {}
+    assert _SteadyRate(lambda: 0.0, drained=2).summary(0.0) == {}
