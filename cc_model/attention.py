@@ -184,7 +184,10 @@ class SubjectLocation(AttentionCapture):
 class DecoupledConditioning(NamedTuple):
     """What the cross-attention layers receive as ``encoder_hidden_states``."""
 
-    text: torch.Tensor  # (B, l, S, D_text) one text encoding per layer, or (B, S, D_text) shared
+    # (B, l, S, D_text) one text encoding per layer, or the l (B, S, D_text) tensors of it
+    # (training: taken apart once, so its gradient is put together once, not once per layer),
+    # or (B, S, D_text) shared by every layer
+    text: torch.Tensor | tuple[torch.Tensor, ...]
     visual: torch.Tensor | None = None  # (B, m, D_cross) visual tokens f^_v; None: text only
     capture: AttentionCapture | None = None  # collect maps for the localisation loss
     location: SubjectLocation | None = None  # inference: mask the subject's attention, record maps for the next step
@@ -234,17 +237,18 @@ def layer_maps(query, key, scale, index, weight, mask=None, visual_key=None) -> 
     float32. ``mask`` applies to the text keys only. Q is laid out for the product once, not
     once per map, and its gradient comes back from one product.
     """
-    text_keys = key.shape[2]
     keys = key if visual_key is None else torch.cat([key, visual_key], dim=2)  # (B, h, S [+ m], d)
     scores = torch.matmul(query, keys.transpose(-1, -2)).float() * scale  # (B, h, N, S [+ m])
-    text = scores[..., :text_keys]
+    # split, not two slices: its backward joins the two gradients into one tensor, where each
+    # slice's backward would fill a zero tensor of the whole scores' size
+    text, visual = scores.split([key.shape[2], scores.shape[-1] - key.shape[2]], dim=-1)
     if mask is not None:
         text = text + mask
     lse = text.logsumexp(dim=-1, keepdim=True)  # (B, h, N, 1)
     picked = text.gather(-1, index[:, None, None, :].expand(-1, text.shape[1], text.shape[2], -1))  # (B, h, N, J)
     probs = (picked - lse).exp()
     text_map = (probs * weight[:, None, None, :].float()).sum(dim=-1).mean(dim=1)
-    visual_map = None if visual_key is None else scores[..., text_keys:].softmax(dim=-1).mean(dim=1)
+    visual_map = None if visual_key is None else visual.softmax(dim=-1).mean(dim=1)
     return text_map, visual_map
 
 
@@ -263,7 +267,11 @@ class DecoupledCrossAttnProcessor(nn.Module):
             if cond is None:
                 raise ValueError("DecoupledCrossAttnProcessor is for cross-attention layers only")
             cond = DecoupledConditioning(text=cond)
-        text = cond.text if cond.text.ndim == 3 else cond.text[:, self.layer_index]  # (B, S, D_text)
+        text = cond.text
+        if isinstance(text, tuple):  # one tensor per layer
+            text = text[self.layer_index]
+        elif text.ndim == 4:
+            text = text[:, self.layer_index]  # (B, S, D_text)
 
         residual = hidden_states
         if attn.spatial_norm is not None:

@@ -190,7 +190,7 @@ class CustomContrastModel(nn.Module):
         if out.splus is not None:
             ordinary = self.text.placeholder_embedding().to(out.splus.dtype)
             splus = torch.where(drop_image[:, None, None], ordinary, out.splus)  # (B, l, D)
-            text = self.text.encode_per_layer(input_ids, splus, plain=host.plain)  # (B, l, T, D)
+            text = self.text.encode_per_layer(input_ids, splus, plain=host.plain).unbind(1)  # l x (B, T, D)
         else:
             with torch.no_grad():
                 text = self.text.encode(input_ids)  # (B, T, D) shared by every layer
