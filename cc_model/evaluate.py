@@ -15,7 +15,10 @@ so an image does not depend on the batch it was generated in. Every image is sco
 - ``clip_t``: CLIP cosine of the image and the prompt with the placeholder word removed;
 - ``clip_i`` / ``dino_i``: CLIP / DINO cosine of the generated subject and each of the subject's
   photos, averaged; both sides are SAM cut-outs when ``evaluate.segment_subjects`` is on (the
-  paper's protocol), else whole images.
+  paper's protocol), else whole images. SAM's box prompt is the box of the generated image's
+  last subject-location mask (``sampling.subject_location``), so a small subject in a scene is
+  cut out rather than the scene; photos, and images without a location, get a box around the
+  whole image.
 
 Writes under ``evaluate.out_dir``: ``scores.parquet`` (one row per image, with the image),
 ``stats.json`` (a DVC metric: CT and E-CI/E-DI over the editing images, R-CI/R-DI over the reconstruction
@@ -77,19 +80,33 @@ class Job:
     seed: int
 
 
+def location_box(location: np.ndarray | None, width: int, height: int) -> np.ndarray:
+    """SAM's box prompt (1, 4) x0, y0, x1, y1 for an image: around its subject location (a binary
+    (h, w) mask at any resolution, e.g. a generated image's last subject-location mask) scaled to
+    the image, else around the whole image less BOX_MARGIN per side. A location that is empty or
+    covers everything locates nothing, so it gets the whole-image box too."""
+    if location is not None and location.any() and not location.all():
+        rows, cols = np.flatnonzero(location.any(axis=1)), np.flatnonzero(location.any(axis=0))
+        sy, sx = height / location.shape[0], width / location.shape[1]
+        return np.array([[cols[0] * sx, rows[0] * sy, (cols[-1] + 1) * sx, (rows[-1] + 1) * sy]])
+    return np.array([[BOX_MARGIN * width, BOX_MARGIN * height, (1 - BOX_MARGIN) * width, (1 - BOX_MARGIN) * height]])
+
+
 class SubjectCutter:
-    """Subject cut-outs x^ of whole photos: SAM from a box around the image, else the photo itself."""
+    """Subject cut-outs x^: SAM from a box around the subject location when there is one (generated
+    images), else around the whole image (photos); without SAM, the image itself."""
 
     def __init__(self, runner: SamRunner | None, background_rgb):
         self.runner, self.background = runner, tuple(int(v) for v in background_rgb)
 
-    def cut(self, images: list[Image.Image]) -> list[Image.Image]:
+    def cut(self, images: list[Image.Image], locations: list[np.ndarray | None] | None = None) -> list[Image.Image]:
+        """``locations``: per image a binary subject-location mask (cc_model.inference.Generated.location), or None."""
         if self.runner is None:
             return [self.square(image) for image in images]
         prompts = []
-        for image in images:
+        for k, image in enumerate(images):
             w, h = image.size
-            box = np.array([[BOX_MARGIN * w, BOX_MARGIN * h, (1 - BOX_MARGIN) * w, (1 - BOX_MARGIN) * h]])
+            box = location_box(None if locations is None else locations[k], w, h)
             prompts.append(ImagePrompts(resized=self.runner.resize(np.asarray(image.convert("RGB"))),
                                         original_size=(h, w), boxes=box, mask_prompts=[None]))
         out = []
@@ -208,7 +225,8 @@ class Scorer:
                        latents=latents)
         images = [Image.fromarray((im.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
                   for im in out.images]
-        cut = self.cutter.cut(images)
+        locations = None if out.location is None else list(out.location.bool().cpu().numpy())
+        cut = self.cutter.cut(images, locations)
         clip_i, dino_i = clip_image_embeddings(self.metric, cut), dino_embeddings(self.metric, cut)
         clip_t = (clip_image_embeddings(self.metric, images) *
                   clip_text_embeddings(self.metric, [job.clip_t_text for job in batch])).sum(dim=-1)
@@ -256,7 +274,8 @@ def evaluate_checkpoint(params: Params, *, checkpoint: Path) -> dict:
             firsts.append(Image.open(io.BytesIO(r["image_jpeg"])).convert("RGB"))
     if firsts:
         _grid(firsts).save(out_dir / "grid.png")
-    segmentation = "SAM, prompted with a box around the whole image" if scorer.runner else "none (whole images)"
+    segmentation = ("SAM, prompted with the box of each generated image's subject location (photos, and images "
+                    "without one: a box around the whole image)" if scorer.runner else "none (whole images)")
     metrics = summarise(rows) | {"random_weights": scorer.random_weights, "subject_segmentation": segmentation}
     if metrics["random_weights"]:
         log.warning("evaluate: random weights (model, metric models or SAM): the scores are meaningless")
@@ -290,5 +309,5 @@ if __name__ == "__main__":
     run_stage(main)
 
 
-__all__ = ["Job", "Scorer", "SubjectCutter", "evaluate_checkpoint", "evaluate_flow", "plan_jobs", "summarise",
+__all__ = ["Job", "Scorer", "SubjectCutter", "location_box", "evaluate_checkpoint", "evaluate_flow", "plan_jobs", "summarise",
            "work_key"]

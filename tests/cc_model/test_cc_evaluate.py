@@ -81,6 +81,47 @@ def test_every_subject_and_prompt_is_generated_and_scored(evaluated):
     assert Image.open(out / "grid.png").size[1] >= 32
 
 
+def test_sam_boxes_come_from_the_subject_location():
+    import numpy as np
+
+    from cc_model.evaluate import BOX_MARGIN, location_box
+
+    location = np.zeros((8, 8), dtype=bool)
+    location[2:4, 5:8] = True  # rows 2-3, columns 5-7 of an 8x8 latent grid
+    np.testing.assert_allclose(location_box(location, 64, 32), [[40.0, 8.0, 64.0, 16.0]])  # scaled x8 and x4
+    whole = [[BOX_MARGIN * 64, BOX_MARGIN * 32, (1 - BOX_MARGIN) * 64, (1 - BOX_MARGIN) * 32]]
+    for nothing in (None, np.zeros((8, 8), bool), np.ones((8, 8), bool)):  # no location, empty, everywhere
+        np.testing.assert_allclose(location_box(nothing, 64, 32), whole)
+
+
+def test_generated_images_are_cut_out_around_their_subject_location(evaluated, monkeypatch):
+    from cc_model import evaluate
+    from flows.segment.sam_infer import SamRunner
+
+    boxes, real = [], SamRunner.segment
+
+    def spy(self, prompts):
+        boxes.extend(p.boxes[0].tolist() for p in prompts)
+        return real(self, prompts)
+
+    located = []
+    real_generate = evaluate.generate
+
+    def generate(*args, **kwargs):
+        out = real_generate(*args, **kwargs)
+        located.extend(None if out.location is None else list(out.location.bool().numpy()))
+        return out
+
+    monkeypatch.setattr(SamRunner, "segment", spy)
+    monkeypatch.setattr(evaluate, "generate", generate)
+    metrics, _ = evaluated("located", images_per_prompt=1)
+    generated = boxes[-len(located):]  # the photos are cut first, when the scorer is built
+    assert len(located) == metrics["images"] and any(loc is not None and loc.any() and not loc.all() for loc in located)
+    for loc, box in zip(located, generated):
+        assert box == evaluate.location_box(loc, 32, 32)[0].tolist()
+    assert "subject location" in metrics["subject_segmentation"]
+
+
 def test_an_image_does_not_depend_on_its_batch(evaluated):
     _, four = evaluated("four", segment_subjects=False)
     _, one = evaluated("one", segment_subjects=False, batch_size=1)
