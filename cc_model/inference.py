@@ -81,8 +81,10 @@ def _generate(model: CustomContrastModel, reference_pixels: torch.Tensor, prompt
             location = SubjectLocation(placeholder_weights=placeholder_weights(both_ids, model.text.placeholder_id),
                                        latent_size=(size, size), min_downsample=model.params.loc_min_downsample,
                                        mask=None if mask is None else torch.cat([ones, mask]))
-        conditioning = DecoupledConditioning(text=torch.cat([uncond, text]), visual=torch.cat([torch.zeros_like(visual),
-                                                                                               visual]),
+        # per layer, (2B, T, D) contiguous: [unconditional; conditional] (a (B, T, D) text is shared by all layers)
+        both = (torch.cat([uncond, text]) if text.ndim == 3 else
+                tuple(torch.cat(pair) for pair in zip(uncond.unbind(1), text.unbind(1))))
+        conditioning = DecoupledConditioning(text=both, visual=torch.cat([torch.zeros_like(visual), visual]),
                                              location=location)
         noise = model.unet(torch.cat([latents, latents]).to(dtype), t, encoder_hidden_states=conditioning).sample
         noise_uncond, noise_cond = noise.float().chunk(2)
