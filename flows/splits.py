@@ -17,6 +17,7 @@ build the same groups from the same two tables.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,9 +78,7 @@ class NearDuplicateGroups:
     def summary(self, rule: SplitRule) -> dict:
         """Counts for a stage's stats: groups, units in them, the largest, units whose split the
         grouping changed (their own hash would have put them in the other split)."""
-        sizes: dict[str, int] = {}
-        for key in self.groups.values():
-            sizes[key] = sizes.get(key, 0) + 1
+        sizes = Counter(self.groups.values())
         plain = SplitRule(heldout_fraction=rule.heldout_fraction, seed=rule.seed)
         moved = sum(plain.of_key(unit) != rule.of_key(unit) for unit in self.groups)
         return {"pairs": self.pairs, "groups": len(sizes), "units": len(self.groups),
@@ -123,9 +122,7 @@ def near_duplicate_groups(near_duplicates: Path, frames: Path) -> NearDuplicateG
             if ra != rb:
                 parent[max(ra, rb)] = min(ra, rb)  # the root is the smallest key of its group
     groups = {unit: root(unit) for unit in parent}
-    sizes: dict[str, int] = {}
-    for key in groups.values():
-        sizes[key] = sizes.get(key, 0) + 1
+    sizes = Counter(groups.values())
     groups = {unit: key for unit, key in groups.items() if sizes[key] > 1}
     unknown = sum(1 for s in wanted.to_pylist() if s not in unit_of)
     return NearDuplicateGroups(groups=groups, pairs=table.num_rows, unknown=unknown)
