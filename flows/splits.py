@@ -88,11 +88,20 @@ class NearDuplicateGroups:
 def split_rule(params) -> SplitRule:
     """The rule a pipeline run uses (``params``: flows.config.params.Params): grouped by the
     similarity stage's near-duplicates over the filter stage's frames when the export params say so."""
-    if not params.export.group_near_duplicates:
-        return SplitRule.from_params(params.export)
-    grouped = near_duplicate_groups(Path(params.similarity.out_dir) / "near_duplicates.parquet",
-                                    Path(params.filter.out_dir) / "frames.parquet")
-    return SplitRule.from_params(params.export, grouped.groups)
+    return grouped_rule(params.export, Path(params.similarity.out_dir) / "near_duplicates.parquet",
+                        Path(params.filter.out_dir) / "frames.parquet")[0]
+
+
+def grouped_rule(params: ExportParams, near_duplicates: Path | None,
+                 frames: Path) -> tuple[SplitRule, NearDuplicateGroups | None]:
+    """The split rule of these export params, and its near-duplicate groups (None when
+    ``params.group_near_duplicates`` is off): what pairs and export must both use."""
+    if not params.group_near_duplicates:
+        return SplitRule.from_params(params), None
+    if near_duplicates is None:
+        raise ValueError("export.group_near_duplicates needs the similarity stage's near_duplicates.parquet")
+    grouped = near_duplicate_groups(near_duplicates, frames)
+    return SplitRule.from_params(params, grouped.groups), grouped
 
 
 def near_duplicate_groups(near_duplicates: Path, frames: Path) -> NearDuplicateGroups:

@@ -110,16 +110,15 @@ def export_tables(tables_dir, params, *, parallel=False, cluster=None, relative_
     from flows.export.shards import export_shards
     from flows.pairs.stage import build_pairs
     from flows.schemas import EXPORT
-    from flows.splits import SplitRule, near_duplicate_groups
+    from flows.splits import grouped_rule
     from flows.tables import iter_rows
 
     params = params if parallel else dataclasses.replace(params, workers=1)
     write_images(tables_dir, tables_dir / "mv")
     write_images(tables_dir, tables_dir / "oi")
-    groups = (near_duplicate_groups(near_duplicates_of(tables_dir), tables_dir / "frames.parquet").groups
-              if params.group_near_duplicates else None)  # as flows.splits.split_rule
+    rule, _ = grouped_rule(params, near_duplicates_of(tables_dir), tables_dir / "frames.parquet")
     build_pairs(tables_dir / "frames.parquet", tables_dir / "masks.parquet", tables_dir / "embeddings.parquet",
-                tables_dir, PairsParams(min_angle_deg=60.0), SplitRule.from_params(params, groups))
+                tables_dir, PairsParams(min_angle_deg=60.0), rule)
     roots = ("mv", "oi") if relative_roots else (str(tables_dir / "mv"), str(tables_dir / "oi"))
     sources = SourcesParams(mvimgnet_root=roots[0], openimages_root=roots[1])
     stats = export_shards(frames=tables_dir / "frames.parquet", masks=tables_dir / "masks.parquet",

@@ -27,7 +27,7 @@ from flows.parallel import ordered_map
 from flows.progress import Progress
 from flows.paths import image_file
 from flows.schemas import BACKGROUNDS, EXPORT, PAIRS, REJECTS
-from flows.splits import SPLITS, SplitRule, near_duplicate_groups
+from flows.splits import SPLITS, SplitRule, grouped_rule
 from flows.resume import ResumableWork, library_versions, work_key
 from flows.tables import TableWriter, count_rows, iter_batches, iter_rows, write_json_atomic
 
@@ -186,18 +186,16 @@ def export_shards(*, frames: Path, masks: Path, embeddings: Path, pairs: Path, p
     ``near_duplicates`` (the similarity stage's table) groups the splits when
     ``params.group_near_duplicates`` (flows.splits); the stats then count the groups.
     """
-    if params.group_near_duplicates and near_duplicates is None:
-        raise ValueError("export.group_near_duplicates needs the similarity stage's near_duplicates.parquet")
-    grouped = near_duplicate_groups(near_duplicates, frames) if params.group_near_duplicates else None
-    rule = SplitRule.from_params(params, grouped.groups if grouped else None)
+    rule, grouped = grouped_rule(params, near_duplicates, frames)
     grouping = grouped.summary(rule) if grouped else None
     if grouping:
         log.info("export: %d near-duplicate subject pairs join %d objects/photos into %d groups (the largest: %d); "
                  "the grouping changed the split of %d", grouping["pairs"], grouping["units"], grouping["groups"],
                  grouping["largest"], grouping["units_moved"])
     inputs = [frames, masks, embeddings, pairs, pair_rejects]
-    work = ResumableWork(out_dir / ".work", work_key(inputs=inputs + ([near_duplicates] if grouped else []), code=["export", "pairs/join.py", "splits.py",
-                                                                        "parallel.py", "cluster.py"], params={
+    keyed = inputs + ([near_duplicates] if grouped else [])
+    work = ResumableWork(out_dir / ".work", work_key(inputs=keyed, code=["export", "pairs/join.py", "splits.py",
+                                                                       "parallel.py", "cluster.py"], params={
         "export": dataclasses.replace(params, workers=1, out_dir=""), "sources": sources,
         "chunk_references": chunk_references,
         "versions": library_versions("pillow", "numpy", "pycocotools", "open_clip_torch", "pyarrow")}))
