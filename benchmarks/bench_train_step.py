@@ -60,7 +60,8 @@ def build(profile: str, params: ModelParams, device: str, dtype: torch.dtype, im
     return model
 
 
-def make_step(model, batch, dtype, device):
+def make_step(model, batch, dtype, device, mark=lambda phase: None):
+    """One training step as a closure; ``mark(phase)`` is called as the backward and the optimizer start."""
     optimizer = make_optimizer(model.trainable_named_parameters().values(), lr=1e-5, device=torch.device(device))
     autocast = (
         torch.autocast(device_type=device.split(":")[0], dtype=dtype)
@@ -71,7 +72,9 @@ def make_step(model, batch, dtype, device):
     def step():
         with autocast:
             terms = model(batch)
+        mark("backward")
         terms["total"].backward()
+        mark("optimizer")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -3,11 +3,13 @@
 A device-free companion of ``profile_train_step.py``: the same two models (``bench_train_step``
 builders), one forward + backward + AdamW step each under a dispatch mode that logs every aten
 op, the part whose forward it ran in (text encoder, image encoder, UNet, MFI encoder; "other"
-holds the losses, backward and the optimizer) and its output bytes. Op counts and bytes do not
+holds the rest of the forward: the losses and the glue), or "backward" or "optimizer", and its
+output bytes. Op counts and bytes do not
 depend on the device, so a structural change (a copy, a batched product) shows here without a
 GPU; times do not.
 
     python benchmarks/count_train_ops.py --profile tiny --batch 2
+    python benchmarks/count_train_ops.py --profile tiny --batch 2 --dtype bf16   # the casts autocast adds
     python benchmarks/count_train_ops.py --profile sd15-random --batch 2 --top 40   # ~20 min, 14 GB
 
 Prints one JSON object: per model, {part: {op: [count, MB]}}; and ``grown``: the (part, op)
@@ -28,7 +30,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from bench_train_step import add_variant_arguments, build, make_step, variants  # noqa: E402
+from bench_train_step import DTYPES, add_variant_arguments, build, make_step, variants  # noqa: E402
 from cc_model.config import TrainParams  # noqa: E402
 from cc_model.synthetic import synthetic_batch  # noqa: E402
 
@@ -52,14 +54,14 @@ class OpLog(TorchDispatchMode):
         return out
 
 
-def count_step(model, batch) -> dict[tuple[str, str], list[int]]:
+def count_step(model, batch, dtype: torch.dtype = torch.float32) -> dict[tuple[str, str], list[int]]:
     log = OpLog()
     handles = []
     for part in PARTS:
         module = getattr(model, part)
         handles.append(module.register_forward_pre_hook(lambda _m, _a, part=part: setattr(log, "part", part)))
         handles.append(module.register_forward_hook(lambda _m, _a, _o: setattr(log, "part", "other")))
-    step = make_step(model, batch, torch.float32, "cpu")
+    step = make_step(model, batch, dtype, "cpu", mark=lambda phase: setattr(log, "part", phase))
     with log:
         step()
     for handle in handles:
@@ -72,17 +74,21 @@ def main() -> None:
     parser.add_argument("--profile", choices=["tiny", "sd15-random"], default="tiny")
     parser.add_argument("--batch", type=int, default=2, help="at least 2 (CSCL contrasts the batch)")
     parser.add_argument("--top", type=int, default=25, help="(part, op) pairs listed in 'grown'")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                        help="bf16: frozen weights in bf16 under CPU autocast, as the GPU step runs; shows the casts "
+                             "(_to_copy), though CPU autocast's op lists are not quite CUDA's")
     add_variant_arguments(parser)
     args = parser.parse_args()
     torch.manual_seed(0)
     m = args.num_visual_tokens or (4 if args.profile == "tiny" else 16)
     counted = {}
     for name in ("baseline", "cc"):  # one model alive at a time
-        model = build(args.profile, variants(args, m)[name], "cpu", torch.float32, args.image_encoder, TrainParams())
+        model = build(args.profile, variants(args, m)[name], "cpu", DTYPES[args.dtype], args.image_encoder,
+                      TrainParams())
         batch = synthetic_batch(model, batch_size=args.batch, generator=torch.Generator().manual_seed(0))
-        counted[name] = count_step(model, batch)
+        counted[name] = count_step(model, batch, DTYPES[args.dtype])
         del model, batch
-    out: dict = {"profile": args.profile, "batch": args.batch, "torch": torch.__version__}
+    out: dict = {"profile": args.profile, "batch": args.batch, "dtype": args.dtype, "torch": torch.__version__}
     for name, ops in counted.items():
         parts: dict = {}
         for (part, op), (count, size) in sorted(ops.items()):
