@@ -16,6 +16,14 @@ from torch import nn
 from cc_model.attention import CapturedMaps, normalise_map
 
 
+def _float32(tensor: torch.Tensor):
+    """Autocast off around a loss: the training step runs under bf16 autocast on a GPU, which would
+    cast the ``.float()`` features back to bf16 for every product (``@``, einsum). A bf16 cosine is
+    off by up to 2^-8; divided by a temperature of 0.07 and scaled by alpha = 1/r_ij, that is an
+    error of 0.05-0.5 in a logit. The (N, N) products here cost nothing in float32."""
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
+
+
 def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
     return per_sample.sum() if reduction == "sum" else per_sample.mean()
 
@@ -51,6 +59,10 @@ class CSCLLoss(nn.Module):
         """(N, D_v), (N, D_t) with D_v == D_t -> {"cscl": scalar}."""
         if visual_cls.shape[0] < 2:
             raise ValueError("CSCL needs at least 2 samples in the batch")
+        with _float32(visual_cls):
+            return {"cscl": self._loss(visual_cls, textual_cls)}
+
+    def _loss(self, visual_cls: torch.Tensor, textual_cls: torch.Tensor) -> torch.Tensor:
         a = F.normalize(visual_cls.float(), dim=-1) @ F.normalize(textual_cls.float(), dim=-1).T  # (N, N) a[i, j]
         if self.form == "paper":
             diag = a.diagonal()
@@ -61,7 +73,7 @@ class CSCLLoss(nn.Module):
             per_sample = F.cross_entropy(logits.T, labels, reduction="none") + F.cross_entropy(
                 logits, labels, reduction="none"
             )
-        return {"cscl": _reduce(per_sample, self.reduction)}
+        return _reduce(per_sample, self.reduction)
 
 
 class MACLLoss(nn.Module):
@@ -83,6 +95,11 @@ class MACLLoss(nn.Module):
         self, tokens: torch.Tensor, positive_index: torch.Tensor, appearance_sim: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """tokens (N, l, D), positive_index (N,) long, appearance_sim (N, N) r_ij -> {"macl": scalar}."""
+        with _float32(tokens):
+            return {"macl": self._loss(tokens, positive_index, appearance_sim)}
+
+    def _loss(self, tokens: torch.Tensor, positive_index: torch.Tensor,
+                    appearance_sim: torch.Tensor) -> torch.Tensor:
         z = F.normalize(tokens.float(), dim=-1)
         cos = torch.einsum("ild,kld->lik", z, z)  # (l, N, N) cos[a, i, k]
         alpha = 1.0 / appearance_sim.float().clamp(self.r_min, 1.0)  # (N, N)
@@ -90,7 +107,7 @@ class MACLLoss(nn.Module):
         rows = torch.arange(tokens.shape[0], device=tokens.device)
         positive = logits[:, rows, positive_index]  # (l, N)
         per_layer = -(positive - _off_diagonal_logsumexp(logits))  # (l, N)
-        return {"macl": _reduce(per_layer.sum(dim=0), self.reduction)}
+        return _reduce(per_layer.sum(dim=0), self.reduction)
 
 
 class LocalisationLoss(nn.Module):

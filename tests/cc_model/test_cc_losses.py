@@ -126,6 +126,32 @@ def test_macl_alpha_scales_each_pair():
     assert to_float(loss(tokens, positive, r)["macl"]) != pytest.approx(to_float(loss(tokens, positive, r2)["macl"]))
 
 
+@pytest.mark.parametrize("form", ["cscl-paper", "cscl-infonce", "macl"])
+def test_contrastive_losses_stay_float32_under_bf16_autocast(form):
+    # The training step runs under bf16 autocast on a GPU (CPU autocast has the same matmul
+    # rule); the cosines must still be float32 products, value and gradient.
+    n = 8
+    generator = torch.Generator().manual_seed(0)
+    if form == "macl":
+        inputs = [torch.randn(n, 4, 64, generator=generator, requires_grad=True)]
+        args = (torch.tensor([1, 0, 3, 2, 5, 4, 7, 6]), torch.rand(n, n, generator=generator) * 0.8 + 0.2)
+        loss = MACLLoss(temperature=0.07)
+    else:
+        inputs = [torch.randn(n, 64, generator=generator, requires_grad=True) for _ in range(2)]
+        args = ()
+        loss = CSCLLoss(form=form.split("-")[1], temperature=0.07)
+
+    value = next(iter(loss(*inputs, *args).values()))
+    grads = torch.autograd.grad(value, inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the forward only, as the training step does
+        value_ac = next(iter(loss(*inputs, *args).values()))
+    grads_ac = torch.autograd.grad(value_ac, inputs)
+    assert value_ac.dtype == torch.float32
+    torch.testing.assert_close(value_ac, value, rtol=1e-6, atol=1e-6)
+    for got, expected in zip(grads_ac, grads):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
 # ---------------------------------------------------------------- localisation (Sec. 3.4)
 
 
