@@ -81,13 +81,25 @@ def decode_mask(data: bytes, *, width: int, height: int) -> np.ndarray:
     Masks stored smaller (OpenImages) are resized nearest with pixel centres aligned (OpenCV's
     INTER_NEAREST_EXACT, the same pixels as PIL's NEAREST), which keeps them binary. Plain
     INTER_NEAREST aligns corners and shifts an upscaled mask up to half a source pixel.
+    A mask of another shape than the image (a transposed or cropped one) would be stretched
+    onto the wrong pixels, so it raises.
     Raises :class:`UnreadableFile` (empty_file or unreadable_mask).
     """
     image = _decode(data, "mask", reasons.EMPTY_FILE, reasons.UNREADABLE_MASK)
     gray = np.asarray(image.convert("L"))
     if gray.shape != (height, width):
+        _check_mask_shape(gray.shape, width=width, height=height)
         gray = cv2.resize(gray, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
     return gray > MASK_THRESHOLD
+
+
+def _check_mask_shape(shape: tuple[int, int], *, width: int, height: int) -> None:
+    """Raise unless a (h, w) mask is the image scaled by one factor, up to rounding (1.5 px, 1%)."""
+    mask_h, mask_w = shape
+    expected_h = height * mask_w / width  # the height of the mask if it kept the image's aspect
+    if abs(mask_h - expected_h) > 1.5 + 0.01 * expected_h:
+        raise UnreadableFile(reasons.UNREADABLE_MASK, f"mask is {mask_w}x{mask_h}, not the {width}x{height} "
+                                                      f"image's aspect at any scale (transposed or cropped?)")
 
 
 def probe_mask(data: bytes, *, width: int, height: int) -> MaskProbe:

@@ -11,6 +11,7 @@ BAD_ANNOTATION = "bad_annotation"  # a CSV row or COLMAP record that cannot be p
 UNKNOWN_CLASS = "unknown_class"  # class id absent from the class-name table
 UNREADABLE_MASK = "unreadable_mask"  # mask file that fails to decode
 ORPHAN_MASK = "orphan_mask"  # segmentation row that matches no box
+NOT_AN_IMAGE = "not_an_image"  # a file in an MVImgNet images/ folder without an image suffix
 
 # filter: the input was read but fails a quality threshold in params.yaml (filter.*)
 LOW_RESOLUTION = "low_resolution"
@@ -31,7 +32,7 @@ TOO_FEW_VIEWS = "too_few_views"
 
 INGEST_REASONS = (
     EMPTY_FILE, UNREADABLE_IMAGE, MISSING_FILE, PATH_OUTSIDE_ROOT, BAD_ANNOTATION,
-    UNKNOWN_CLASS, UNREADABLE_MASK, ORPHAN_MASK,
+    UNKNOWN_CLASS, UNREADABLE_MASK, ORPHAN_MASK, NOT_AN_IMAGE,
 )
 FILTER_REASONS = (
     LOW_RESOLUTION, CLASS_DENIED, CLASS_NOT_ALLOWED, GROUP_OF, DEPICTION, MISSING_MASK,

@@ -23,6 +23,7 @@ from flows.cluster import Pool, absolute_sources, work_pool  # noqa: E402
 from flows.config.params import ClusterParams, IngestParams, SourcesParams, load_params  # noqa: E402
 from flows.accounting import frame_counts  # noqa: E402
 from flows.ingest import mvimgnet, openimages  # noqa: E402
+from flows.ingest.check import check_source_files  # noqa: E402
 from flows.ingest.records import ShardOutput  # noqa: E402
 from flows.schemas import FRAMES, REJECTS  # noqa: E402
 from flows.tables import concat_tables, write_json_atomic  # noqa: E402
@@ -101,6 +102,7 @@ def run_ingest(sources: SourcesParams, ingest: IngestParams, cluster: ClusterPar
 
 def _ingest_on(pool: Pool, sources: SourcesParams, ingest: IngestParams) -> dict:
     logger = get_run_logger()
+    check_source_files(sources)  # every path first: a wrong one fails in one line, before any spill
     out_dir = Path(ingest.out_dir)
     if pool.executor is not None:  # shard files and data paths must mean the same on every worker
         sources, out_dir = absolute_sources(sources), out_dir.resolve()

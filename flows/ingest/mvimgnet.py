@@ -60,8 +60,14 @@ def ingest_shard(spec: Path, sources: SourcesParams, *, probe_side: int, out: Sh
 def _ingest_object(root: Path, mask_root: Path, categories: dict[str, str], class_id: str,
                    object_id: str, probe_side: int, writer: ShardWriter) -> None:
     images_dir = root / class_id / object_id / "images"
-    on_disk = sorted(p.name for p in images_dir.iterdir() if p.is_file()
-                     and p.name.lower().endswith(reader.IMAGE_SUFFIXES)) if images_dir.is_dir() else []
+    files = sorted(p.name for p in images_dir.iterdir()  # not hidden files (.DS_Store, ._001.jpg): not data
+                   if p.is_file() and not p.name.startswith(".")) if images_dir.is_dir() else []
+    on_disk = [name for name in files if name.lower().endswith(reader.IMAGE_SUFFIXES)]
+    for name in sorted(set(files) - set(on_disk)):  # accounted for, never read
+        writer.rejects.append(reject_row(
+            item_id=ids.mvimgnet_frame_id(class_id, object_id, name), source=SOURCE, kind=FRAME,
+            path=reader.frame_relpath(class_id, object_id, name), stage=STAGE, reason=reasons.NOT_AN_IMAGE,
+            detail=f"a file in images/ whose suffix is not one of {', '.join(reader.IMAGE_SUFFIXES)}"))
     try:
         poses = reader.read_object_poses(root, class_id, object_id)
     except reader.ColmapFormatError as exc:

@@ -18,13 +18,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from flows.errors import UserFacingError
+
 BOX_COLUMNS = ("ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax")
 BOX_FLAGS = ("IsOccluded", "IsTruncated", "IsGroupOf", "IsDepiction")
 SEGMENTATION_COLUMNS = ("MaskPath", "ImageID", "LabelName", "BoxXMin", "BoxXMax", "BoxYMin", "BoxYMax")
 CLASS_COLUMNS = ("LabelName", "DisplayName")
 
 
-class OpenImagesFormatError(ValueError):
+class OpenImagesFormatError(UserFacingError, ValueError):
     """A file that is not the expected OpenImages CSV (e.g. missing required columns)."""
 
 
@@ -68,7 +70,9 @@ class BadRow:
 
 def _open(path: Path):
     # utf-8-sig strips a BOM if present; newline="" lets csv handle CRLF and quoted newlines.
-    return open(path, encoding="utf-8-sig", newline="")
+    # Bytes that are not UTF-8 become U+FFFD: the row is then a BadRow (see _iter_parsed), where a
+    # strict decode would abort the whole file at the first of them.
+    return open(path, encoding="utf-8-sig", errors="replace", newline="")
 
 
 def _header(reader: csv.DictReader, required: tuple[str, ...], path: Path) -> None:
@@ -104,6 +108,8 @@ def _iter_parsed(path: Path, required: tuple[str, ...], parse) -> Iterator:
             try:
                 if None in row.values() or not image_id:
                     raise ValueError("too few fields or empty ImageID")
+                if any("\ufffd" in value for value in row.values() if isinstance(value, str)):
+                    raise ValueError("bytes that are not UTF-8")
                 yield parse(row, image_id)
             except (ValueError, TypeError, AttributeError) as exc:
                 yield BadRow(reader.line_num, str(exc), image_id)
@@ -133,16 +139,30 @@ def iter_segmentations(path: str | Path) -> Iterator[SegmentationRow | BadRow]:
 
 
 def read_class_descriptions(path: str | Path) -> dict[str, str]:
-    """LabelName (``/m/...``) -> DisplayName."""
+    """LabelName (``/m/...``) -> DisplayName.
+
+    With the ``LabelName,DisplayName`` header of ``oidv7-class-descriptions.csv``, or without a
+    header, as ``oidv7-class-descriptions-boxable.csv`` and the V6 files have it (``/m/011k07,Tortoise``).
+    """
     path = Path(path)
     with _open(path) as handle:
-        reader = csv.DictReader(handle)
-        _header(reader, CLASS_COLUMNS, path)
+        rows = csv.reader(handle)
+        first = next(rows, [])
+        if not _is_label(first[0] if first else ""):
+            if [f.strip() for f in first[:2]] != list(CLASS_COLUMNS):
+                raise OpenImagesFormatError(f"{path}: neither the header LabelName,DisplayName nor a "
+                                            f"'/m/...,name' row first (got {','.join(first)[:80]!r})")
+            first = []
         names = {}
-        for row in reader:
-            if row.get("LabelName") and row.get("DisplayName") is not None:
-                names[row["LabelName"].strip()] = row["DisplayName"].strip()
+        for row in ([first] if first else []) + list(rows):
+            if len(row) >= 2 and row[0].strip():
+                names[row[0].strip()] = row[1].strip()
         return names
+
+
+def _is_label(value: str) -> bool:
+    """A Freebase or Knowledge Graph id, the LabelName of every OpenImages class."""
+    return value.strip().startswith(("/m/", "/g/"))
 
 
 class PathOutsideRoot(ValueError):

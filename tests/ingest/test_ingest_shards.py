@@ -1,6 +1,8 @@
 """Ingest of hand-made edge cases, through the plain functions (no Prefect)."""
 
 import io
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,6 +93,48 @@ def test_openimages_every_row_accounted(tmp_path, oi_sources):
     assert annotation == [reasons.ORPHAN_MASK, reasons.ORPHAN_MASK]
 
 
+def test_openimages_repeated_box_row_has_its_own_reject_id(tmp_path, oi_sources):
+    work = tmp_path / "work"
+    work.mkdir()
+    frames, rejects = run_shards(openimages, oi_sources, tmp_path,
+                                 openimages.plan_shards(oi_sources, frames_per_shard=100, work_dir=work)[0])
+    (kept,) = frames
+    (repeat,) = [r for r in rejects if "twice" in r["detail"]]
+    assert repeat["item_id"] == kept["frame_id"] + "#repeat1"
+    assert kept["frame_id"] not in {r["item_id"] for r in rejects}
+
+
+def _partition_lines(parts):
+    return [part.read_text() for part in parts]
+
+
+def test_openimages_spill_opens_few_files_and_partitions_as_before(tmp_path, oi_sources, monkeypatch):
+    # V7 train at frames_per_shard 256 is 57,000 partitions: they must not be open at once.
+    import resource
+
+    root = Path(oi_sources.openimages_root)
+    with open(root / "boxes.csv", "a") as csv:
+        for i in range(300):
+            csv.write(f"b{i:015x},xclick,/m/01,1,0.25,0.75,0.25,0.75,0,0,0,0,0\n")
+    plans = {}
+    for spill_files in (7, 100_000):  # few buckets; one bucket per partition (the old single pass)
+        monkeypatch.setattr(openimages, "SPILL_FILES", spill_files)
+        work = tmp_path / f"work{spill_files}"
+        work.mkdir()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if spill_files == 7:  # room for the 7 spill files and little else
+            resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 24, hard))
+        try:
+            parts, _ = openimages.plan_shards(oi_sources, frames_per_shard=1, work_dir=work)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert len(parts) == 306 and sorted(p.name for p in work.glob("*.jsonl")) == [p.name for p in parts]
+        plans[spill_files] = _partition_lines(parts)
+    assert plans[7] == plans[100_000]  # the same rows in each partition, in CSV order
+    frames, rejects = run_shards(openimages, oi_sources, tmp_path, parts)
+    assert len(frames) + sum(r["item_kind"] == "frame" for r in rejects) == 306 - 1  # the bad row: a CSV reject
+
+
 def test_openimages_path_escape_is_rejected(tmp_path, oi_sources):
     seg = tmp_path / "oi" / "seg.csv"
     seg.write_text(SEG_HEADER + "../../../etc/passwd,a000000000000001,/m/01,00000001,0.25,0.75,0.25,0.75,0.9,\n")
@@ -128,6 +172,8 @@ def test_mvimgnet_object(tmp_path):
         (images / f"00{i}.jpg").write_bytes(jpeg(i))
     (masks / "5" / "0000beef" / "001.jpg.png").write_bytes(png_mask((320, 240), (80, 60, 240, 180)))
     (images / "003.jpg").write_bytes(jpeg(3)[:500])  # truncated
+    (images / "005.webp").write_bytes(b"RIFF")  # not an image suffix: a reject, never read
+    (images / ".DS_Store").write_bytes(b"\0")  # hidden: not data
     sparse = root / "5" / "0000beef" / "sparse" / "0"
     sparse.mkdir(parents=True)
     poses = [colmap.ImagePose(id=i, qvec=(1.0, 0.0, 0.0, 0.0), tvec=(0.0, 0.0, float(i)), camera_id=1,
@@ -149,6 +195,7 @@ def test_mvimgnet_object(tmp_path):
     assert sorted((r["path"], r["reason"]) for r in rejects) == [
         ("5/0000beef/images/003.jpg", reasons.UNREADABLE_IMAGE),
         ("5/0000beef/images/004.jpg", reasons.MISSING_FILE),
+        ("5/0000beef/images/005.webp", reasons.NOT_AN_IMAGE),
     ]
 
 

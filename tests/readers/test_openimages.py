@@ -55,6 +55,28 @@ def test_class_descriptions_quoted_commas_bom_crlf(tmp_path):
     assert names == {"/m/011k07": "Tortoise", "/m/0abc": "Ball, sports", "/m/0q": 'Say "hi"'}
 
 
+@pytest.mark.parametrize("bom", [False, True])
+def test_class_descriptions_without_header(tmp_path, bom):
+    # oidv7-class-descriptions-boxable.csv and the V6 files have no header row
+    text = '/m/011k07,Tortoise\n/g/11bc6,"Ball, sports"\n'
+    names = oi.read_class_descriptions(write_bytes(tmp_path, "c.csv", text, bom=bom))
+    assert names == {"/m/011k07": "Tortoise", "/g/11bc6": "Ball, sports"}
+
+
+def test_class_descriptions_of_another_format_is_a_clear_error(tmp_path):
+    with pytest.raises(oi.OpenImagesFormatError, match="neither the header LabelName,DisplayName"):
+        oi.read_class_descriptions(write_bytes(tmp_path, "c.csv", "id,name\n1,cup\n"))
+
+
+def test_bytes_that_are_not_utf8_make_a_bad_row_not_an_abort(tmp_path):
+    path = tmp_path / "b.csv"
+    path.write_bytes(f"{BOX_HEADER}\n".encode() + b"aa,xcl\xffick,/m/x,1,0.1,0.5,0.2,0.9,0,0,0,0,0\n"
+                     + b"bb,xclick,/m/x,1,0.1,0.5,0.2,0.9,0,0,0,0,0\n")
+    bad, good = list(oi.iter_boxes(path))
+    assert isinstance(bad, oi.BadRow) and bad.line == 2 and "not UTF-8" in bad.detail
+    assert isinstance(good, oi.Box) and good.image_id == "bb"
+
+
 def test_segmentation_rows(tmp_path):
     text = ("MaskPath,ImageID,LabelName,BoxID,BoxXMin,BoxXMax,BoxYMin,BoxYMax,PredictedIoU,Clicks\n"
             'ab_m0k4j_1a2b3c4d.png,ab,/m/0k4j,1a2b3c4d,0.1,0.5,0.2,0.9,0.8,"0.3 0.4 1;0.5 0.5 0"\n'
