@@ -65,6 +65,7 @@ class Backbones:
     image_encoder: CLIPVisionModel
     profile: str  # "tiny", "sd15" or "sd15-random"
     files: tuple[Path, ...] = ()  # the weight files read (sd15): what a training state was made with
+    seed: int | None = None  # the seed of random weights (tiny, sd15-random); None for real weights
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -130,6 +131,7 @@ def build_random_backbones(configs: dict[str, dict], *, seed: int = 0, profile: 
         tokenizer=clip_tokenizer_from_open_clip(configs["text"]["max_position_embeddings"]),
         image_encoder=CLIPVisionModel(CLIPVisionConfig(**configs["vision"])),
         profile=profile,
+        seed=seed,
     )
     return freeze(backbones)
 

@@ -116,12 +116,27 @@ def load_trainable(model, directory: str | Path) -> None:
             param.copy_(tensors[name])
 
 
+def _check_backbones(directory: str | Path, params: ModelParams, backbones) -> None:
+    """Refuse backbones of another kind than the checkpoint trained on: another profile, or other random weights.
+
+    Real weights are found by path on each machine, so only their profile is compared (the shapes
+    are checked when the weights load).
+    """
+    trained = params.backbone
+    if backbones.profile != trained.profile or (trained.profile == "tiny" and backbones.seed != trained.tiny_seed):
+        given = backbones.profile + (f" seed {backbones.seed}" if backbones.seed is not None else "")
+        wanted = trained.profile + (f" seed {trained.tiny_seed}" if trained.profile == "tiny" else "")
+        raise ValueError(f"{directory}: trained on {wanted} backbones, given {given} (model.backbone in params.yaml)")
+
+
 def load_model(directory: str | Path, backbones=None):
     """A CustomContrastModel with the checkpoint's config and weights (backbones loaded if not given)."""
     from cc_model.backbones import load_backbones
     from cc_model.model import CustomContrastModel
 
     params, _, _ = read_checkpoint(directory)
+    if backbones is not None:
+        _check_backbones(directory, params, backbones)
     model = CustomContrastModel(backbones=backbones or load_backbones(params.backbone), params=params)
     load_trainable(model, directory)
     return model

@@ -162,7 +162,7 @@ class SamplingParams:
     steps: int = 50  # DDIM denoising steps
     guidance_scale: float = 7.5  # classifier-free guidance against the empty caption and no image
     subject_location: bool = True  # timestep-specific subject location (DESIGN.md section 2)
-    location_threshold: float = 0.5  # A_g (max-normalised) at or above this is the subject's location
+    location_threshold: float = 0.5  # A_g, rescaled to [0, 1] between its min and max, at or above this is the subject's location
     seed: int = 0  # seeds the initial latents
 
     def __post_init__(self) -> None:
@@ -183,7 +183,7 @@ class EvaluateParams:
     dino_path: str = "facebook/dino-vits16"  # DINO-I's ViT: a local transformers folder or a repo id in the HF cache
     images_per_prompt: int = 4  # generated images per (subject, prompt)
     batch_size: int = 8  # images generated per call
-    segment_subjects: bool = True  # CLIP-I / DINO-I on subjects cut out by SAM (segment.sam_*); False: whole images
+    segment_subjects: bool = True  # CLIP-I / DINO-I on subjects cut out by SAM (segment.sam_*); False: whole images (the conditioning photo is SAM's cut-out either way)
     live_classes: list[str] = field(default_factory=lambda: ["cat", "dog"])  # classes that take the live prompts
     device: Literal["auto", "cpu", "cuda"] = "auto"
 

@@ -5,13 +5,17 @@ One sample is one row of ``<export>/<split>/part-*.parquet``, a reference frame 
 - ``target`` / ``mask``: the reference image as the diffusion target, the largest square that is
   centred on the subject as far as the image allows, resized to the UNet's pixel size; the subject
   mask over that square (the localisation loss).
-- ``reference`` / ``positive``: the *segmented* subjects x^ (box crop, background painted
-  ``background_rgb``, padded square; flows.embed.preprocess.segment_subject, the x^ whose embeddings
-  give r_ij), resized to the image encoder's side, in [0, 1].
-- the positive is the row whose ``frame_id`` is ``positive_frame_id`` (a multi-view positive, same
-  split), or, for an augmentation positive, the reference replayed through
-  :func:`flows.pairs.augment.apply_recipe` with the background photo from ``backgrounds.parquet``:
-  exactly the positive the pairs stage described.
+- ``reference``: the *segmented* subject x^ (box crop, background painted ``background_rgb``,
+  padded square; flows.embed.preprocess.segment_subject, the x^ whose embeddings give r_ij),
+  resized to the image encoder's side, in [0, 1].
+- ``positive``: a multi-view positive is the row whose ``frame_id`` is ``positive_frame_id``
+  (same split), segmented the same way: another view of the subject. An augmentation positive is
+  the reference replayed through :func:`flows.pairs.augment.apply_recipe` with the background photo
+  from ``backgrounds.parquet`` (exactly the positive the pairs stage described), and the encoder
+  sees that whole image, padded square (:func:`pad_square`). Cut to the subject's box and painted
+  like the reference, it would lose the crop (the subject's position and size in the frame) and
+  the new background, leaving a copy of the reference, flipped or not: no "other view, position,
+  size" for MACL to contrast.
 - ``input_ids``: the caption tokenized by the model's tokenizer; the shard's ``placeholder_index``
   must point at the placeholder in them.
 
@@ -164,6 +168,14 @@ def target_view(image: Image.Image, mask: np.ndarray, size: int) -> tuple[Image.
     return square, np.asarray(square_mask.resize((size, size), Image.NEAREST)) > 127
 
 
+def pad_square(image: Image.Image, background: Sequence[int]) -> Image.Image:
+    """The whole image, centred on a square of ``background`` (an encoder's input is square, never squashed)."""
+    side = max(image.size)
+    canvas = Image.new("RGB", (side, side), tuple(int(v) for v in background))
+    canvas.paste(image.convert("RGB"), ((side - image.width) // 2, (side - image.height) // 2))
+    return canvas
+
+
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> (3, H, W) float32 in [0, 1]."""
     return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
@@ -246,7 +258,9 @@ class ExportDataset(torch.utils.data.Dataset):
 
     def subject(self, image: Image.Image, mask: np.ndarray) -> torch.Tensor:
         """x^: the segmented subject on a square, at the image encoder's side, (3, S, S) in [0, 1]."""
-        square = segment_subject(image, mask, subject_bbox(mask), self.background_rgb)
+        return self.encoder_input(segment_subject(image, mask, subject_bbox(mask), self.background_rgb))
+
+    def encoder_input(self, square: Image.Image) -> torch.Tensor:
         return to_tensor(square.resize((self.image_size, self.image_size), Image.BICUBIC))
 
     def __getitem__(self, i: int) -> dict[str, Any]:
@@ -254,7 +268,13 @@ class ExportDataset(torch.utils.data.Dataset):
             image, mask = self.image_and_mask(i)
             positive, positive_mask = self.positive(i, image, mask)
             target, target_mask = target_view(image, mask, self.pixel_size)
-            reference_x, positive_x = self.subject(image, mask), self.subject(positive, positive_mask)
+            reference_x = self.subject(image, mask)
+            if self.positive_rows[i] >= 0:  # another view
+                positive_x = self.subject(positive, positive_mask)
+            else:  # the recipe's crop, scale, flip and background, all of them
+                if not positive_mask.any():
+                    raise ValueError("the augmentation positive has no subject pixel left")
+                positive_x = self.encoder_input(pad_square(positive, self.background_rgb))
         except ValueError as exc:
             raise ExportDataError(f"sample {self.index['sample_id'][i].as_py()}: {exc}") from exc
         caption = self.index["caption"][i].as_py()

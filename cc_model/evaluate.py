@@ -15,7 +15,8 @@ so an image does not depend on the batch it was generated in. Every image is sco
 - ``clip_t``: CLIP cosine of the image and the prompt with the placeholder word removed;
 - ``clip_i`` / ``dino_i``: CLIP / DINO cosine of the generated subject and each of the subject's
   photos, averaged; both sides are SAM cut-outs when ``evaluate.segment_subjects`` is on (the
-  paper's protocol), else whole images. SAM's box prompt is the box of the generated image's
+  paper's protocol), else whole images. The switch is the metrics' only: the conditioning photo
+  is always SAM's cut-out, the input the model trained on. SAM's box prompt is the box of the generated image's
   last subject-location mask (``sampling.subject_location``), so a small subject in a scene is
   cut out rather than the scene; photos, and images without a location, get a box around the
   whole image.
@@ -50,7 +51,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from cc_model.backbones import clip_pixels, load_backbones  # noqa: E402
 from cc_model.checkpoint import load_model  # noqa: E402
-from cc_model.data import subject_bbox, to_tensor  # noqa: E402
+from cc_model.data import pad_square, subject_bbox, to_tensor  # noqa: E402
 from cc_model.dreambench import Subject, read_dreambench  # noqa: E402
 from cc_model.inference import generate  # noqa: E402
 from cc_model.metrics import clip_image_embeddings, clip_text_embeddings, dino_embeddings, load_metric_models  # noqa: E402
@@ -94,15 +95,13 @@ def location_box(location: np.ndarray | None, width: int, height: int) -> np.nda
 
 class SubjectCutter:
     """Subject cut-outs x^: SAM from a box around the subject location when there is one (generated
-    images), else around the whole image (photos); without SAM, the image itself."""
+    images), else around the whole image (photos)."""
 
-    def __init__(self, runner: SamRunner | None, background_rgb):
+    def __init__(self, runner: SamRunner, background_rgb):
         self.runner, self.background = runner, tuple(int(v) for v in background_rgb)
 
     def cut(self, images: list[Image.Image], locations: list[np.ndarray | None] | None = None) -> list[Image.Image]:
         """``locations``: per image a binary subject-location mask (cc_model.inference.Generated.location), or None."""
-        if self.runner is None:
-            return [self.square(image) for image in images]
         prompts = []
         for k, image in enumerate(images):
             w, h = image.size
@@ -114,17 +113,18 @@ class SubjectCutter:
             mask = masks.masks[:, :, 0].astype(bool)
             # an empty mask (possible with random weights) leaves the whole photo, padded square
             out.append(segment_subject(image, mask, subject_bbox(mask), self.background) if mask.any()
-                       else self.square(image))
+                       else pad_square(image, self.background))
         return out
 
-    def square(self, image: Image.Image) -> Image.Image:
-        """The whole photo on a square of the background colour (the model's inputs are squares, not squashed)."""
-        mask = np.ones((image.height, image.width), dtype=bool)
-        return segment_subject(image, mask, (0.0, 0.0, float(image.width), float(image.height)), self.background)
+    def for_metrics(self, images: list[Image.Image], segment: bool,
+                    locations: list[np.ndarray | None] | None = None) -> list[Image.Image]:
+        """What CLIP-I and DINO-I compare: the cut-outs, or (``evaluate.segment_subjects`` off) whole images, padded square."""
+        return self.cut(images, locations) if segment else [pad_square(image, self.background) for image in images]
 
 
-def plan_jobs(subjects: list[Subject], bench, params: Params) -> list[Job]:
-    placeholder, seed, jobs = params.model.placeholder_token, params.sampling.seed, []
+def plan_jobs(subjects: list[Subject], bench, params: Params, *, placeholder: str) -> list[Job]:
+    """``placeholder``: the checkpoint's placeholder word, the one its S+ tokens replace."""
+    seed, jobs = params.sampling.seed, []
     template = params.export.caption_template
     for subject in subjects:
         prompts = [("reconstruction", "reconstruction", template.format(placeholder=placeholder,
@@ -201,20 +201,23 @@ class Scorer:
         self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         if self.dtype != torch.float32:
             cast_frozen(self.model, self.dtype)
-        self.runner = SamRunner(sam_for_params(params.segment), device) if config.segment_subjects else None
+        # SAM always cuts out the conditioning photo, as training's x^ is; segment_subjects is the metrics' choice
+        self.runner = SamRunner(sam_for_params(params.segment), device)
         self.cutter = SubjectCutter(self.runner, params.embed.background_rgb)
+        self.segment_metrics = config.segment_subjects
         photos = {s.name: [Image.open(p).convert("RGB") for p in s.images] for s in subjects}
-        cut_photos = {name: self.cutter.cut(images) for name, images in photos.items()}
-        self.reference_clip = {name: clip_image_embeddings(self.metric, im) for name, im in cut_photos.items()}
-        self.reference_dino = {name: dino_embeddings(self.metric, im) for name, im in cut_photos.items()}
+        compared = {name: self.cutter.for_metrics(images, self.segment_metrics) for name, images in photos.items()}
+        self.reference_clip = {name: clip_image_embeddings(self.metric, im) for name, im in compared.items()}
+        self.reference_dino = {name: dino_embeddings(self.metric, im) for name, im in compared.items()}
         size = self.model.image_encoder.config.image_size
-        self.conditioning = {name: clip_pixels(to_tensor(im[0].resize((size, size), Image.BICUBIC))[None], size)[0]
-                             for name, im in cut_photos.items()}  # x^ of the first photo, as the model trained on
+        cut_first = {name: self.cutter.cut(images[:1])[0] for name, images in photos.items()}
+        self.conditioning = {name: clip_pixels(to_tensor(im.resize((size, size), Image.BICUBIC))[None], size)[0]
+                             for name, im in cut_first.items()}  # x^ of the first photo, as the model trained on
 
     @property
     def random_weights(self) -> bool:
         return (self.model.profile != "sd15" or self.metric.random_weights
-                or (self.runner is not None and self.runner.random_weights))
+                or self.runner.random_weights)
 
     def score(self, batch: list[Job]) -> list[dict]:
         unet = self.model.unet.config
@@ -226,7 +229,7 @@ class Scorer:
         images = [Image.fromarray((im.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
                   for im in out.images]
         locations = None if out.location is None else list(out.location.bool().cpu().numpy())
-        cut = self.cutter.cut(images, locations)
+        cut = self.cutter.for_metrics(images, self.segment_metrics, locations)
         clip_i, dino_i = clip_image_embeddings(self.metric, cut), dino_embeddings(self.metric, cut)
         clip_t = (clip_image_embeddings(self.metric, images) *
                   clip_text_embeddings(self.metric, [job.clip_t_text for job in batch])).sum(dim=-1)
@@ -245,7 +248,11 @@ def evaluate_checkpoint(params: Params, *, checkpoint: Path) -> dict:
     bench = read_dreambench(params.sources.dreambench_root, live_classes=config.live_classes)
     subjects = list(bench.subjects)
     scorer = Scorer(params, checkpoint=checkpoint, subjects=subjects, device=device)
-    jobs = plan_jobs(subjects, bench, params)
+    placeholder = scorer.model.params.placeholder_token  # the model's own: a prompt without it gets no S+
+    if placeholder != params.model.placeholder_token:
+        log.warning("evaluate: the checkpoint's placeholder is %r, model.placeholder_token is %r: prompts use %r",
+                    placeholder, params.model.placeholder_token, placeholder)
+    jobs = plan_jobs(subjects, bench, params, placeholder=placeholder)
     size = config.batch_size * PIECE_BATCHES
     pieces = [jobs[i:i + size] for i in range(0, len(jobs), size)]
     work = ResumableWork(out_dir / ".work", work_key(params, checkpoint=checkpoint, device=device))
@@ -275,7 +282,8 @@ def evaluate_checkpoint(params: Params, *, checkpoint: Path) -> dict:
     if firsts:
         _grid(firsts).save(out_dir / "grid.png")
     segmentation = ("SAM, prompted with the box of each generated image's subject location (photos, and images "
-                    "without one: a box around the whole image)" if scorer.runner else "none (whole images)")
+                    "without one: a box around the whole image)" if scorer.segment_metrics else
+                    "none for the metrics (whole images); SAM cuts out the conditioning photo")
     metrics = summarise(rows) | {"random_weights": scorer.random_weights, "subject_segmentation": segmentation}
     if metrics["random_weights"]:
         log.warning("evaluate: random weights (model, metric models or SAM): the scores are meaningless")

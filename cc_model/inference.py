@@ -7,9 +7,9 @@ unconditional half has the empty caption and no visual tokens, exactly the rows 
 conditioning dropout trains. The guided noise is eps_u + g (eps_c - eps_u).
 
 Timestep-specific subject location (DESIGN.md section 2): the attention maps of step t form
-A_g, whose binary mask (A_g >= ``location_threshold``) confines the visual attention and the
-placeholder's text attention at the next step (cc_model.attention.SubjectLocation). The first
-step runs unmasked.
+A_g, whose binary mask (A_g rescaled to [0, 1] between its minimum and maximum, at or above
+``location_threshold``) confines the visual attention and the placeholder's text attention at
+the next step (cc_model.attention.SubjectLocation). The first step runs unmasked.
 """
 
 from __future__ import annotations

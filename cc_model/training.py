@@ -47,6 +47,7 @@ from cc_model.data import (ExportDataError, SubjectBatchSampler, dataset_for, ha
 from cc_model.model import CustomContrastModel, TrainBatch, cast_frozen, diffusion_inputs
 from flows.config.params import Params
 from flows.errors import UserFacingError
+from flows.imports import ROOT, project_files
 from flows.progress import Progress
 from flows.resume import device_identity, file_identity, library_versions
 from flows.tables import write_stats
@@ -55,9 +56,9 @@ STATE_NAME = "state.pt"
 LAST_STEPS = 10  # stats.json averages each loss term over this many final steps
 # Train params that change how a run executes, not what it computes: left out of the resume key.
 RUN_ONLY = ("max_steps", "save_every", "num_workers", "out_dir", "device")
-FLOWS = Path(__file__).parents[1] / "flows"
-CODE = (Path(__file__).parent, FLOWS / "embed" / "preprocess.py", FLOWS / "pairs" / "augment.py", FLOWS / "tables.py",
-        FLOWS / "schemas.py")
+# The resume key's code: the project files the train stage runs (its imports, transitively), so
+# editing evaluation or generation code never restarts a training run.
+CODE = tuple(sorted(project_files("cc_model.train")))
 logger = logging.getLogger("flows.train")
 RANK_SEED_STRIDE = 1_000_003  # process r's generator starts from seed + r * this (process 0: the seed itself)
 
@@ -140,9 +141,8 @@ def state_key(params: Params, *, inputs: list[Path], device: torch.device) -> st
     for path in inputs:
         for file in sorted(path.rglob("*.parquet")) if path.is_dir() else [path]:
             digest.update(f"{file_identity(file)}\n".encode())
-    for root in CODE:
-        for source in sorted(root.rglob("*.py")) if root.is_dir() else [root]:
-            digest.update(source.name.encode() + source.read_bytes())
+    for source in CODE:
+        digest.update(source.encode() + (ROOT / source).read_bytes())
     return digest.hexdigest()
 
 
@@ -194,7 +194,11 @@ class TrainingState:
             return Resumed(0, 0, 0, [])
         state = torch.load(self.path, map_location="cpu", weights_only=True)
         if state.get("key") != self.key:
-            logger.info("train: %s was made from other data, params or code; starting afresh", self.path)
+            kept = self.path.with_name("state.previous.pt")  # not overwritten by this run's first save
+            os.replace(self.path, kept)
+            logger.warning("train: %s was made from other data, params or code (state.pt's resume key: shards, "
+                           "params, near-duplicates, backbone files, device type, libraries, the train stage's "
+                           "code); starting afresh at step 0, the old state moved to %s", self.path, kept)
             return Resumed(0, 0, 0, [])
         trainable = model.trainable_named_parameters()
         with torch.no_grad():

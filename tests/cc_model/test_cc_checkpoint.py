@@ -131,6 +131,15 @@ def test_backbone_paths_are_machine_local_and_not_compared(tmp_path, make_model,
             load_trainable(make_model(with_backbone(**here, **changes)), tmp_path)
 
 
+def test_load_model_refuses_backbones_of_other_random_weights(tmp_path, make_model):
+    from cc_model.backbones import build_random_backbones, tiny_configs
+
+    save_trainable(make_model(), tmp_path)  # tiny, seed 0
+    load_model(tmp_path, backbones=build_random_backbones(tiny_configs(), seed=0))
+    with pytest.raises(ValueError, match="trained on tiny seed 0 backbones, given tiny seed 1"):
+        load_model(tmp_path, backbones=build_random_backbones(tiny_configs(), seed=1))
+
+
 def test_an_extra_tensor_is_refused(tmp_path, make_model):
     save_trainable(make_model(), tmp_path)
     _, _, tensors = read_checkpoint(tmp_path)

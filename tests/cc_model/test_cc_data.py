@@ -21,6 +21,7 @@ from cc_model.data import (
     RowGroups,
     SubjectBatchSampler,
     hard_negative_lists,
+    pad_square,
     subject_bbox,
     target_view,
     to_tensor,
@@ -62,6 +63,8 @@ def test_multiview_positive_is_the_positive_frames_row(exported):
         expected, expected_mask = decoded(by_frame[row["positive_frame_id"]])
         assert np.array_equal(np.asarray(positive), np.asarray(expected))
         assert np.array_equal(positive_mask, expected_mask)
+        x_hat = segment_subject(expected, expected_mask, subject_bbox(expected_mask), BACKGROUND)  # another view, cut out
+        torch.testing.assert_close(dataset[i]["positive"], to_tensor(x_hat.resize((24, 24), Image.BICUBIC)))
         checked += 1
     assert checked >= 8
 
@@ -81,9 +84,19 @@ def test_augmentation_positive_replays_the_recipe_with_its_background(exported):
         positive, positive_mask = dataset.positive(i, *dataset.image_and_mask(i))
         assert np.array_equal(np.asarray(positive), np.asarray(expected))
         assert np.array_equal(positive_mask, expected_mask)
-        item = dataset[i]  # the image encoder's input is the segmented positive x^
-        x_hat = segment_subject(expected, expected_mask, subject_bbox(expected_mask), BACKGROUND)
-        torch.testing.assert_close(item["positive"], to_tensor(x_hat.resize((24, 24), Image.BICUBIC)))
+        item = dataset[i]  # the image encoder sees the whole recipe image: its crop, scale, flip, background
+        framed = pad_square(expected, BACKGROUND)
+        torch.testing.assert_close(item["positive"], to_tensor(framed.resize((24, 24), Image.BICUBIC)))
+        # not the reference again: cut to the box and painted, only the flip would remain
+        reference = item["reference"].flip(-1) if recipe.flip else item["reference"]
+        assert (item["positive"] - reference).abs().mean() > 0.02
+
+
+def test_pad_square_centres_the_whole_image():
+    image = Image.fromarray(np.full((4, 10, 3), 200, dtype=np.uint8))
+    square = np.asarray(pad_square(image, BACKGROUND))
+    assert square.shape == (10, 10, 3)
+    assert (square[3:7] == 200).all() and (square[:3] == BACKGROUND).all() and (square[7:] == BACKGROUND).all()
 
 
 def test_item_shapes_ranges_and_placeholder(exported):

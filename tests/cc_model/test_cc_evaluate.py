@@ -122,6 +122,18 @@ def test_generated_images_are_cut_out_around_their_subject_location(evaluated, m
     assert "subject location" in metrics["subject_segmentation"]
 
 
+def test_segment_subjects_switches_the_metrics_not_the_conditioning(evaluated):
+    # the model is conditioned on SAM's cut-out of the photo, as it trained, whatever the metrics compare
+    _, cut = evaluated("cut", images_per_prompt=1)
+    metrics, whole = evaluated("whole", images_per_prompt=1, segment_subjects=False)
+
+    def images(out):
+        return [r["image_jpeg"] for r in pq.read_table(out / "scores.parquet").to_pylist()]
+
+    assert images(cut) == images(whole)
+    assert metrics["subject_segmentation"].startswith("none for the metrics")
+
+
 def test_an_image_does_not_depend_on_its_batch(evaluated):
     _, four = evaluated("four", segment_subjects=False)
     _, one = evaluated("one", segment_subjects=False, batch_size=1)

@@ -77,15 +77,28 @@ def test_a_killed_run_resumes_to_the_unbroken_runs_weights(exported, tmp_path, m
         torch.testing.assert_close(weights(tmp_path / "longer")[name], value, rtol=0, atol=0)
 
 
-def test_a_state_from_other_params_or_shards_is_not_continued(exported, tmp_path):
+def test_a_state_from_other_params_or_shards_is_not_continued(exported, tmp_path, caplog):
     import os
 
     train(exported, tmp_path / "run", max_steps=2)
-    assert train(exported, tmp_path / "run", max_steps=2, lr=1e-4)["started_at_step"] == 0
+    with caplog.at_level("WARNING", logger="flows.train"):
+        assert train(exported, tmp_path / "run", max_steps=2, lr=1e-4)["started_at_step"] == 0
+    assert "starting afresh at step 0, the old state moved to" in caplog.text
+    previous = torch.load(tmp_path / "run" / ".work" / "state.previous.pt", weights_only=True)
+    assert previous["step"] == 2  # the lr=1e-5 run's state: kept, not overwritten
     assert train(exported, tmp_path / "run", max_steps=3, lr=1e-4, num_workers=1)["started_at_step"] == 2
     shard = sorted((exported / "export" / "train").glob("*.parquet"))[0]
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))  # a rewritten shard
     assert train(exported, tmp_path / "run", max_steps=3, lr=1e-4)["started_at_step"] == 0
+
+
+def test_the_resume_key_hashes_the_code_training_runs_not_evaluation():
+    from cc_model.training import CODE
+
+    assert {"cc_model/model.py", "cc_model/losses.py", "cc_model/train.py", "flows/pairs/augment.py",
+            "flows/embed/preprocess.py"} <= set(CODE)
+    assert not {"cc_model/evaluate.py", "cc_model/inference.py", "cc_model/metrics.py",
+                "cc_model/dreambench.py"} & set(CODE)
 
 
 def test_fewer_steps_than_the_saved_state_is_refused(exported, tmp_path):
