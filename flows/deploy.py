@@ -4,8 +4,9 @@ Registers the deployment ``pipeline/<schedule.name>`` (flows.pipeline: ``dvc rep
 project) on the Prefect server named by ``PREFECT_API_URL``, with the cron schedule of
 params.yaml's ``schedule:`` section, and serves it: this process runs every scheduled (or
 hand-started) run in a subprocess until it is stopped; stopping it pauses the schedule. One
-run at a time (a deployment concurrency limit of 1), since two ``dvc repro`` in one project
-would collide on DVC's lock.
+run at a time (the serving process's limit, RUNS_AT_ONCE), since two ``dvc repro`` in one
+project would collide on DVC's lock; a run cancelled or killed stops DVC and its stage with it
+(flows.pipeline, flows/supervise.py).
 
 A schedule needs a server that outlives this process (``prefect server start``); the
 project's default ephemeral server runs no schedules, so the command refuses to start without
@@ -55,7 +56,6 @@ def build_deployment(schedule: ScheduleParams, *, params_path: str = "params.yam
         paused=schedule.paused,
         parameters={"targets": list(schedule.targets), "params_path": params_path,
                     "project": str(Path(project).resolve())},
-        concurrency_limit=1,
         description=f"dvc repro {' '.join(schedule.targets) or '(every stage)'} at '{schedule.cron}' "
                     f"({schedule.timezone})",
         tags=["dvc", "pipeline"],
@@ -80,14 +80,21 @@ def project_of(params_path: str | Path) -> Path:
     return path.parent
 
 
+# Runs one at a time, counted by the serving process (serve's limit), not by a server-side
+# concurrency limit: the server keeps that limit's slot in memory, so a server restart during a
+# run left the slot taken and every later run waiting for it forever.
+RUNS_AT_ONCE = 1
+
+
 def serve_until_stopped(deployment, *, retry_s: float = 30.0, attempts: int | None = None) -> None:
-    """``serve`` the deployment; when it stops on an error (the server went away: Prefect's runner
-    gives up after a few failed polls), log it and serve again after ``retry_s``. Ctrl-C stops it."""
+    """``serve`` the deployment, RUNS_AT_ONCE run at a time; when it stops on an error (the server
+    went away: Prefect's runner gives up after a few failed polls), log it and serve again after
+    ``retry_s``. Ctrl-C stops it."""
     attempt = 0
     while True:
         attempt += 1
         try:
-            serve(deployment)
+            serve(deployment, limit=RUNS_AT_ONCE)
             return
         except Exception as exc:  # noqa: BLE001 - any failure of the runner: keep the schedule alive
             if attempts is not None and attempt >= attempts:

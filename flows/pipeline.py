@@ -27,6 +27,7 @@ from flows.config.params import load_params  # noqa: E402
 from flows.summary import dvc_changed_stages, summary_lines  # noqa: E402
 
 RAN = re.compile(r"^Running stage '([^']+)'")
+SUPERVISE = Path(__file__).with_name("supervise.py")  # run as a script: the project may be another folder
 
 
 class DvcReproError(RuntimeError):
@@ -45,14 +46,21 @@ def dvc_repro(targets: list[str], project: str) -> list[str]:
     command = [sys.executable, "-m", "dvc", "repro", *targets]
     logger.info("%s (in %s)", " ".join(command[1:]), project)
     ran, tail = [], deque(maxlen=40)
-    with subprocess.Popen(command, cwd=project, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, bufsize=1) as proc:
-        for line in proc.stdout:
-            line = line.rstrip()
-            tail.append(line)
-            logger.info("dvc: %s", line)
-            if match := RAN.match(line):
-                ran.append(match.group(1))
+    # through flows.supervise: DVC and its stages stop with this run (cancelled, or its process killed)
+    env = dict(stage_env(), CC_SUPERVISE_PARENT=str(os.getpid()))
+    with subprocess.Popen([sys.executable, str(SUPERVISE), *command], cwd=project, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        try:
+            for line in proc.stdout:
+                line = line.rstrip()
+                tail.append(line)
+                logger.info("dvc: %s", line)
+                if match := RAN.match(line):
+                    ran.append(match.group(1))
+        except BaseException:  # Prefect's cancellation or termination: stop DVC and the stage it runs
+            proc.terminate()
+            proc.wait()
+            raise
     if proc.returncode != 0:
         raise DvcReproError(f"dvc repro exited with {proc.returncode}; last lines:\n" + "\n".join(tail))
     return ran

@@ -2,7 +2,8 @@
 
 A stage's line comes from its stats.json only if its output table is there too (a failed
 run leaves the stats of an earlier one beside no output); stages that ``dvc status`` calls
-changed are marked out of date, so old numbers never pass for current ones.
+changed, and every stage downstream of one, are marked out of date, so old numbers never pass
+for current ones.
 """
 
 from __future__ import annotations
@@ -27,14 +28,27 @@ STALE = "  [out of date: run dvc repro]"
 
 
 def dvc_changed_stages(cwd: str | Path = ".") -> set[str] | None:
-    """Stage names ``dvc status`` reports as changed; None where it cannot say (no dvc, not a DVC project)."""
+    """Stages ``dvc repro`` would run: those ``dvc status`` reports as changed, and every stage
+    downstream of one (its inputs are about to change, though ``dvc status`` cannot see that yet).
+    None where it cannot say (no dvc, not a DVC project)."""
     if shutil.which("dvc") is None:
         return None
     try:
         proc = subprocess.run(["dvc", "status", "--json"], cwd=cwd, capture_output=True, text=True, timeout=120)
-        return set(json.loads(proc.stdout)) if proc.returncode == 0 else None
+        changed = {name.split(":")[-1] for name in json.loads(proc.stdout)} if proc.returncode == 0 else None
     except (OSError, ValueError, subprocess.TimeoutExpired):
         return None
+    return changed if not changed else changed | downstream_stages(changed, cwd)
+
+
+def downstream_stages(stages: set[str], cwd: str | Path = ".") -> set[str]:
+    """The stages that depend, directly or through others, on any of ``stages`` (DVC's stage graph)."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(str(cwd)) as repo:
+        graph = repo.index.graph  # an edge runs from a stage to the stage whose output it reads
+        return {later.name for stage in graph.nodes if stage.name in stages for later in nx.ancestors(graph, stage)}
 
 
 def summary_lines(params: Params, changed: set[str] | None = None) -> list[str]:

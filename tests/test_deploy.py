@@ -7,6 +7,7 @@ The served process registers pipeline/<name> with its cron schedule, and a run o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -33,7 +34,8 @@ def test_deployment_carries_the_schedule_and_parameters(tmp_path):
     (cron,) = deployment.schedules
     assert cron.schedule.cron == "15 * * * *" and cron.schedule.timezone == "Europe/Paris"
     assert deployment.parameters == {"targets": ["filter"], "params_path": "p.yaml", "project": str(tmp_path)}
-    assert deployment.concurrency_limit == 1  # two dvc repro in one project would collide
+    # one run at a time is the serving process's limit (flows.deploy.RUNS_AT_ONCE), not a server-side one
+    assert deployment.concurrency_limit is None
 
 
 def test_bad_schedules_fail_naming_the_key():
@@ -56,11 +58,11 @@ def test_serving_needs_a_server(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: a schedule needs a Prefect server")
 
 
-def dvc_project(path: Path) -> Path:
-    """A git + DVC project with one stage that writes out.txt, and a schedule section."""
+def dvc_project(path: Path, name: str = "test-nightly") -> Path:
+    """A git + DVC project with one stage that writes out.txt, and a schedule section (deployment ``name``)."""
     path.mkdir()
     (path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"make": {"cmd": STAGE, "outs": ["out.txt"]}}}))
-    (path / "params.yaml").write_text(yaml.safe_dump({"schedule": {"name": "test-nightly", "cron": "0 3 * * *"}}))
+    (path / "params.yaml").write_text(yaml.safe_dump({"schedule": {"name": name, "cron": "0 3 * * *"}}))
     for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
         subprocess.run(command, cwd=path, check=True, capture_output=True)
     return path
@@ -146,7 +148,8 @@ def test_serving_resumes_after_the_server_goes_away(monkeypatch):
 
     calls = []
 
-    def runner_that_loses_its_server_twice(deployment):
+    def runner_that_loses_its_server_twice(deployment, *, limit):
+        assert limit == 1  # one run at a time, counted by this process
         calls.append(deployment)
         if len(calls) < 3:
             raise RuntimeError("Service exceeded error threshold")
@@ -157,3 +160,92 @@ def test_serving_resumes_after_the_server_goes_away(monkeypatch):
     calls.clear()
     with pytest.raises(RuntimeError, match="threshold"):
         deploy.serve_until_stopped("d", retry_s=0, attempts=2)
+
+
+@contextlib.contextmanager
+def served(project: Path, tmp_path: Path, name: str):
+    """``python -m flows.deploy`` serving ``project`` (schedule ``name``, unique per test: the server is
+    shared) against the harness's server; yields its deployment."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PREFECT_API_URL=PREFECT_API_URL.value(),
+               PREFECT_HOME=str(tmp_path / "prefect-home"))
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "flows.deploy", "params.yaml"], cwd=project, env=env,
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield asyncio.run(wait_for_deployment(f"pipeline/{name}", timeout=120))
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+
+
+async def final_state(run_id, timeout: float = 240):
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout
+    async with get_client() as client:
+        while time.monotonic() < deadline:
+            run = await client.read_flow_run(run_id)
+            if run.state.is_final():
+                return run.state
+            await asyncio.sleep(1.0)
+    raise TimeoutError(f"flow run {run_id} did not finish in {timeout} s")
+
+
+def test_runs_started_together_take_turns(prefect_harness, tmp_path):
+    # no server-side concurrency slot (a server restart would leave it taken): the serving process runs one at a time
+    from prefect.deployments import run_deployment
+
+    project = dvc_project(tmp_path / "project", "take-turns")
+    slow = ("python -c \"import pathlib, time; log = pathlib.Path('times.txt'); t0 = time.time(); time.sleep(2); "
+            "log.write_text(log.read_text() + f'{t0} {time.time()}\\n' if log.exists() else f'{t0} {time.time()}\\n')\"")
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"make": {"cmd": slow, "always_changed": True}}}))
+    with served(project, tmp_path, "take-turns"):
+        runs = [run_deployment("pipeline/take-turns", timeout=0, as_subflow=False) for _ in range(2)]
+        states = [asyncio.run(final_state(run.id)) for run in runs]
+    assert all(state.is_completed() for state in states), (states, (tmp_path / "serve.log").read_text()[-3000:])
+    (a0, a1), (b0, b1) = sorted(tuple(map(float, line.split())) for line in (project / "times.txt").read_text().splitlines())
+    assert a1 <= b0  # the second stage started after the first had ended
+
+
+def test_a_cancelled_run_stops_dvc_and_its_stage(prefect_harness, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.states import Cancelling
+
+    project = dvc_project(tmp_path / "project", "cancelled")
+    stuck = "python -c \"import os, pathlib, time; pathlib.Path('stage.pid').write_text(str(os.getpid())); time.sleep(600)\""
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"make": {"cmd": stuck, "always_changed": True}}}))
+    with served(project, tmp_path, "cancelled"):
+        run = run_deployment("pipeline/cancelled", timeout=0, as_subflow=False)
+        pid_file = project / "stage.pid"
+        deadline = time.monotonic() + 180
+        while not pid_file.is_file() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert pid_file.is_file(), (tmp_path / "serve.log").read_text()[-3000:]
+        stage = int(pid_file.read_text())
+
+        async def cancel():
+            async with get_client() as client:
+                await client.set_flow_run_state(run.id, Cancelling(), force=True)
+
+        asyncio.run(cancel())
+        state = asyncio.run(final_state(run.id, timeout=120))
+        deadline = time.monotonic() + 60
+        while _alive(stage) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    assert state.is_cancelled(), state
+    assert not _alive(stage), "the stage outlived its cancelled run"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie waiting for its new parent to reap it is gone
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False

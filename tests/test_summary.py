@@ -48,3 +48,30 @@ def test_summary_shows_the_evaluation(tmp_path):
                                                      "R-DI": 0.7, "E-DI": 0.6, "random_weights": False}))
     lines = summary_lines(Params(evaluate=EvaluateParams(out_dir=str(tmp_path))))
     assert "evaluate: images=104, CT=0.31, R-CI=0.9, E-CI=0.8, R-DI=0.7, E-DI=0.6, random_weights=False" in lines
+
+
+def test_stages_downstream_of_a_changed_one_are_out_of_date_too(tmp_path, monkeypatch):
+    # dvc status names only the stage whose own inputs changed; the ones that read its outputs rerun too
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from flows.summary import dvc_changed_stages
+
+    write = "python -c \"import sys, pathlib; pathlib.Path(sys.argv[2]).write_text(pathlib.Path(sys.argv[1]).read_text())\""
+    stages = {"a": {"cmd": f"{write} in.txt a.txt", "deps": ["in.txt"], "outs": ["a.txt"]},
+              "b": {"cmd": f"{write} a.txt b.txt", "deps": ["a.txt"], "outs": ["b.txt"]},
+              "c": {"cmd": f"{write} b.txt c.txt", "deps": ["b.txt"], "outs": ["c.txt"]},
+              "other": {"cmd": f"{write} in2.txt o.txt", "deps": ["in2.txt"], "outs": ["o.txt"]}}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    (tmp_path / "in.txt").write_text("1")
+    (tmp_path / "in2.txt").write_text("1")
+    monkeypatch.setenv("PATH", f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    for command in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "repro", "-q"]):
+        subprocess.run(command, cwd=tmp_path, check=True, capture_output=True)
+    assert dvc_changed_stages(tmp_path) == set()
+    (tmp_path / "in.txt").write_text("2")
+    assert dvc_changed_stages(tmp_path) == {"a", "b", "c"}
