@@ -183,7 +183,8 @@ class SimilarityParams:
     block_rows: int = 4096  # at most this many query rows per block (torch/triton: fewer if the memory budget says so)
     near_duplicate_r: float = 0.95  # different subjects at or above this r are near-duplicates
     # frame level: neighbours searched beyond k (up to the largest subject's frames - 1), so that an
-    # object's own views cannot push another subject's near-duplicate frame out of the list
+    # object's own views do not fill the list; a list still cut at or above near_duplicate_r is
+    # completed by a slower threshold search, so this trades speed only, never completeness
     near_duplicate_extra_k: int = 64
     hard_negatives: int = 8  # hard negatives listed per subject
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU when present

@@ -29,9 +29,10 @@ def similarity_flow(params_path: str = "params.yaml") -> dict:
                             params.similarity)
     logger = get_run_logger()
     logger.info("similarity: %s", stats)
-    if not stats["frame_near_duplicates_complete"]:
-        logger.warning("similarity: a subject has more frames than k + similarity.near_duplicate_extra_k can look "
-                       "past; frame-level near-duplicates of other subjects may be missed (subject level is complete)")
+    deep = stats["rows_searched_past_k"]
+    if deep["frames"] or deep["subjects"]:
+        logger.info("similarity: %d frame and %d subject rows had near-duplicates down to their last listed "
+                    "neighbour and were searched by threshold against every row", deep["frames"], deep["subjects"])
     return stats
 
 

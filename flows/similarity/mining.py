@@ -33,6 +33,13 @@ def neighbour_table(indices: np.ndarray, values: np.ndarray, *, subject: np.ndar
     return {"i": i, "j": j, "r": r, "near_duplicate": other & (r >= threshold)}
 
 
+def flag_pairs(pairs: dict[str, np.ndarray], *, subject: np.ndarray | None, threshold: float) -> dict[str, np.ndarray]:
+    """(i, j, r) pairs (flows.similarity.above.pairs_above) as a neighbour table, flagged like ``neighbour_table``."""
+    i, j, r = pairs["i"], pairs["j"], pairs["r"]
+    other = i != j if subject is None else subject[i] != subject[j]
+    return {"i": i, "j": j, "r": r, "near_duplicate": other & (r >= threshold)}
+
+
 def near_duplicate_subject_pairs(table: dict[str, np.ndarray], *, subject: np.ndarray | None) -> dict[str, np.ndarray]:
     """Flagged rows of a neighbour table as unordered subject pairs (a < b), each once with its max r."""
     flagged = table["near_duplicate"]

@@ -9,8 +9,10 @@ Near-duplicate subjects are found at two levels: subject means (an object crawle
 frames. An object's own views are its frames' nearest neighbours (MVImgNet has ~30 per
 object), so the frame search goes k + (largest subject's frames - 1) deep, capped by
 ``near_duplicate_extra_k``: another subject's frame then cannot hide behind them. The
-neighbours table keeps the first k of each row (the plain top-k); stats say whether the
-cap made the frame level incomplete.
+neighbours table keeps the first k of each row (the plain top-k). A row whose searched list
+still ends at or above ``near_duplicate_r`` (a cluster of look-alikes larger than the list, or
+own views past the cap) is scored against every row by threshold (flows.similarity.above), so
+the near-duplicate pairs are complete at both levels; stats count those rows.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ import pyarrow.parquet as pq
 
 from flows.config.params import SimilarityParams
 from flows.schemas import HARD_NEGATIVES, NEAR_DUPLICATES, NEIGHBOURS
+from flows.similarity.above import deep_rows, pairs_above
 from flows.similarity.mining import (
+    flag_pairs,
     hard_negatives,
     near_duplicate_pairs_blockwise,
     near_duplicate_subject_pairs,
@@ -116,16 +120,24 @@ def compute_similarity(embeddings: Path, out_dir: Path, params: SimilarityParams
     extra = min(own_views, params.near_duplicate_extra_k)
     device = resolve_device(params.device)
     progress = Progress("similarity", len(vectors) + len(means), unit="query rows (frames, then subjects)")
+    threshold = params.near_duplicate_r
     f_idx, f_val = topk_cosine(vectors, k=params.k + extra, block_rows=params.block_rows, device=device,
                                progress=progress.update)
+    # rows whose list ends at or above the threshold may have more near-duplicates: all of theirs, exactly
+    deep_frames = deep_rows(f_val, threshold, candidates=len(vectors) - 1)
+    past_k_frames = pairs_above(vectors, deep_frames, threshold, device=device)
     del vectors
     s_idx, s_val = topk_cosine(means, k=params.k, block_rows=params.block_rows, device=device,
                                progress=progress.update)
+    deep_subjects = deep_rows(s_val, threshold, candidates=len(means) - 1)
+    past_k_subjects = pairs_above(means, deep_subjects, threshold, device=device)
     del means
-    subject_table = neighbour_table(s_idx, s_val, subject=None, threshold=params.near_duplicate_r)
+    subject_table = neighbour_table(s_idx, s_val, subject=None, threshold=threshold)
     duplicates = union_subject_pairs(  # frame level over the whole search depth, without its (N * depth)-row table
-        near_duplicate_pairs_blockwise(f_idx, f_val, subject=codes, threshold=params.near_duplicate_r),
-        near_duplicate_subject_pairs(subject_table, subject=None))
+        near_duplicate_pairs_blockwise(f_idx, f_val, subject=codes, threshold=threshold),
+        near_duplicate_subject_pairs(subject_table, subject=None),
+        near_duplicate_subject_pairs(flag_pairs(past_k_frames, subject=codes, threshold=threshold), subject=codes),
+        near_duplicate_subject_pairs(flag_pairs(past_k_subjects, subject=None, threshold=threshold), subject=None))
     negatives = hard_negatives(subject_table, exclude=duplicates, h=params.hard_negatives)
     frame_search_k = int(f_idx.shape[1])
     kept = min(params.k, frame_search_k)  # columns are sorted: the first k are the plain top-k
@@ -153,6 +165,8 @@ def compute_similarity(embeddings: Path, out_dir: Path, params: SimilarityParams
     stats = {"frames": len(frame_ids), "subjects": len(subjects), "k": params.k,
              "frame_neighbour_rows": f_idx.shape[0] * kept, "subject_neighbour_rows": len(subject_table["i"]),
              "near_duplicate_subject_pairs": len(duplicates["r"]), "hard_negative_rows": len(negatives["r"]),
-             "frame_search_k": frame_search_k, "frame_near_duplicates_complete": extra == own_views,
+             "frame_search_k": frame_search_k,
+             # lists cut at or above near_duplicate_r, completed by a threshold search (flows.similarity.above)
+             "rows_searched_past_k": {"frames": len(deep_frames), "subjects": len(deep_subjects)},
              "device": device}
     return write_stats(out_dir, stats, timing={"seconds": round(seconds, 3)})  # last: the run is complete

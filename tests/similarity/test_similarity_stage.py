@@ -91,11 +91,50 @@ def test_a_near_duplicate_frame_is_found_behind_the_subjects_own_views(tmp_path)
     params = SimilarityParams(k=3, near_duplicate_r=0.95, hard_negatives=2, device="cpu")
     stats, dups = near_duplicates(params, "out")
     assert dups == [("a", "b")]
-    assert stats["frame_search_k"] == 3 + 5 and stats["frame_near_duplicates_complete"]
+    assert stats["frame_search_k"] == 3 + 5 and stats["rows_searched_past_k"]["frames"] == 0
     frames = [n for n in iter_rows(tmp_path / "out" / "neighbours.parquet", NEIGHBOURS) if n["level"] == "frame"]
     assert len(frames) == len(subjects) * 3  # the table keeps the plain top-k
+    # without the deeper search the top 3 are the own cluster, still >= 0.95: those rows are
+    # searched past k by threshold, and the pair is found all the same
     stats, dups = near_duplicates(dataclasses.replace(params, near_duplicate_extra_k=0), "out2")
-    assert dups == [] and stats["frame_search_k"] == 3 and not stats["frame_near_duplicates_complete"]
+    assert dups == [("a", "b")] and stats["frame_search_k"] == 3 and stats["rows_searched_past_k"]["frames"] == 8
+
+
+def _cluster_embeddings(path, clusters: list[int], *, d: int = 32, spread: float = 0.004, seed: int = 0):
+    """One frame per subject; subjects in clusters of the given sizes around random centres, then noise rows."""
+    rng = np.random.default_rng(seed)
+    vectors, names = [], []
+    for c, size in enumerate(clusters):
+        centre = rng.normal(size=d)
+        centre /= np.linalg.norm(centre)
+        for m in range(size):
+            vectors.append(centre + spread * rng.normal(size=d))
+            names.append(f"c{c}-{m:03d}")
+    for m in range(40):
+        vectors.append(rng.normal(size=d))
+        names.append(f"noise-{m:03d}")
+    vectors = np.array(vectors, np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors = vectors.astype(np.float16)
+    write_table(path, embeddings_schema(d), [{"frame_id": n, "subject_id": n, "embedding": v.tolist(), "model_id": "m"}
+                                            for n, v in zip(names, vectors)])
+    return names, vectors.astype(np.float32)
+
+
+@pytest.mark.parametrize("k", [4, 16])
+def test_near_duplicates_of_clusters_larger_than_k_are_all_found(tmp_path, k):
+    # 20 and 30 look-alike subjects: each row's top k is full of its cluster, and the pairs past
+    # the k-th are found by the threshold search; the table equals brute force
+    names, vectors = _cluster_embeddings(tmp_path / "emb.parquet", [20, 30, 3])
+    threshold = 0.99
+    gram = vectors @ vectors.T
+    expected = {tuple(sorted((names[a], names[b]))) for a, b in zip(*np.nonzero(gram >= threshold)) if a != b}
+    params = SimilarityParams(k=k, near_duplicate_r=threshold, hard_negatives=2, device="cpu")
+    stats = compute_similarity(tmp_path / "emb.parquet", tmp_path / "out", params)
+    found = {(d["subject_a"], d["subject_b"]) for d in iter_rows(tmp_path / "out" / "near_duplicates.parquet",
+                                                                NEAR_DUPLICATES)}
+    assert len(expected) > 400 and found == expected  # C(20,2) + C(30,2) + C(3,2) = 628 at this spread
+    assert stats["rows_searched_past_k"]["subjects"] >= 50 - 2 * k
 
 
 def test_read_embeddings_fills_one_array_across_row_groups_and_batches(tmp_path, monkeypatch):
