@@ -167,8 +167,8 @@ def build_report(inputs: ReportInputs, sources: SourcesParams, out_dir: Path, *,
     hists = {
         "subject area fraction": (AREA_BINS, _histogram(inputs.masks, MASKS, "area_frac", AREA_BINS)),
         "positive angle (deg)": (ANGLE_BINS, _histogram(inputs.pairs, PAIRS, "angle_deg", ANGLE_BINS)),
-        "subject similarity r": (SIMILARITY_BINS, _histogram(inputs.neighbours, NEIGHBOURS, "r", SIMILARITY_BINS,
-                                                            where=("level", "subject"))),
+        "subject similarity r (each subject's top-k neighbours)": (
+            SIMILARITY_BINS, _histogram(inputs.neighbours, NEIGHBOURS, "r", SIMILARITY_BINS, where=("level", "subject"))),
     }
     for name, (edges, counts) in hists.items():
         _write_csv(out_dir / f"hist_{name.split()[1]}.csv", edges, counts)
@@ -176,7 +176,7 @@ def build_report(inputs: ReportInputs, sources: SourcesParams, out_dir: Path, *,
 
     shown = _chosen_pairs(inputs.pairs, n_pairs)
     subjects, neighbours = _chosen_subjects(inputs.neighbours, n_subjects, n_neighbours)
-    representative = _representatives(inputs.frames, set(subjects) | {r["j"] for s in subjects for r in neighbours[s]})
+    representative = _representatives(inputs.masks, set(subjects) | {r["j"] for s in subjects for r in neighbours[s]})
     wanted = {p["frame_id"] for p in shown} | {p["positive_frame_id"] for p in shown if p["positive_frame_id"]}
     wanted |= set(representative.values())
     lookup = _frame_lookup(inputs, wanted)
@@ -251,10 +251,10 @@ def _chosen_subjects(path: Path, n_subjects: int, n_neighbours: int) -> tuple[li
     return subjects, neighbours
 
 
-def _representatives(frames: Path, subjects: set[str]) -> dict[str, str]:
-    """subject -> its first frame_id in table order."""
+def _representatives(masks: Path, subjects: set[str]) -> dict[str, str]:
+    """subject -> its first frame_id with a mask (a frame segment rejected has none to draw), in table order."""
     first: dict[str, str] = {}
-    for batch in _select(frames, FRAMES, ["frame_id", "subject_id"], [("subject_id", "in", subjects)]):
+    for batch in _select(masks, MASKS, ["frame_id", "subject_id"], [("subject_id", "in", subjects)]):
         for fid, subject in zip(batch.column("frame_id").to_pylist(), batch.column("subject_id").to_pylist()):
             if subject not in first:
                 first[subject] = fid

@@ -76,9 +76,9 @@ def old_frame_lookup(inputs, wanted):
     return found
 
 
-def old_representatives(frames, subjects):
+def old_representatives(masks, subjects):
     first = {}
-    for batch in iter_batches(frames, FRAMES, columns=["frame_id", "subject_id"]):
+    for batch in iter_batches(masks, MASKS, columns=["frame_id", "subject_id"]):
         for fid, subject in zip(batch.column("frame_id").to_pylist(), batch.column("subject_id").to_pylist()):
             if subject in subjects and subject not in first:
                 first[subject] = fid
@@ -192,4 +192,4 @@ def test_frame_lookup_and_representatives_match_the_row_by_row_code(tables):
     assert build._frame_lookup(inputs, wanted) == old_frame_lookup(inputs, wanted)
     assert build._frame_lookup(inputs, set()) == {}
     subjects = {"mvimgnet:1/bbbbbbbb", "openimages:0001/k", "not a subject"}
-    assert build._representatives(inputs.frames, subjects) == old_representatives(inputs.frames, subjects)
+    assert build._representatives(inputs.masks, subjects) == old_representatives(inputs.masks, subjects)
