@@ -45,7 +45,7 @@ from flows.embed.preprocess import (
 from flows.schemas import REJECTS, embeddings_schema
 from flows.progress import Progress
 from flows.resume import ResumableWork, device_identity, file_identity, library_versions, work_key
-from flows.tables import ROW_GROUP_ROWS, TableWriter, concat_tables, write_stats
+from flows.tables import ROW_GROUP_ROWS, TableWriter, concat_tables, iter_batches, write_stats
 
 STAGE = "embed"
 PART_ROWS = 262_144  # work rows per resumable part (rounded up to whole batches): ~5 min of a GPU
@@ -86,8 +86,10 @@ def segment_rejected(path: Path | None) -> pa.Array:
     """
     if path is None or not path.exists():
         return pa.array([], pa.string())
-    table = read_columns(path, REJECTS, ["item_id", "stage"])
-    return table.filter(pc.equal(table["stage"], "segment"))["item_id"].combine_chunks()
+    # streamed: the table also holds every ingest and filter reject (millions of rows), which are not kept
+    ids = [batch.filter(pc.equal(batch["stage"], "segment"))["item_id"]
+           for batch in iter_batches(path, REJECTS, columns=["item_id", "stage"])]
+    return pa.concat_arrays(ids) if ids else pa.array([], pa.string())
 
 
 def embed_frames(frames_path: Path, masks_path: Path, out_dir: Path, params: EmbedParams,

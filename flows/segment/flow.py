@@ -90,7 +90,7 @@ def _segment_on(pool: Pool, sources: SourcesParams, filtering: FilterParams, par
     runner = stage.LazyRunner(params, device)
     counters, models = {}, []
     todo = {shard.name: count_rows(shard) for shard in shards if not finished[shard.name]}
-    progress = Progress("segment", sum(todo.values()), every_s=0)  # a line per shard this run segments
+    progress = Progress("segment", sum(todo.values()))  # every 15 s: a line per shard was ~25k lines at MVImgNet scale
     if pool.executor is not None:
         finished |= _segment_on_cluster(pool, work, [s for s in shards if not finished[s.name]], sources, filtering,
                                         params, progress, todo)

@@ -105,6 +105,22 @@ def segment_rejected_file(tmp_path, frame_id):
     return path
 
 
+def test_segment_rejected_streams_the_cumulative_rejects_and_keeps_segments_own(tmp_path, monkeypatch):
+    import functools
+
+    from flows.accounting import FRAME, reject_row
+    from flows.embed import stage
+    from flows.tables import write_table
+
+    monkeypatch.setattr(stage, "iter_batches", functools.partial(stage.iter_batches, batch_rows=3))  # several batches
+    rows = [reject_row(item_id=f"f{i}", source="mvimgnet", kind=FRAME, path="x", stage=stage_name,
+                       reason=reasons.EMPTY_MASK if stage_name == "segment" else reasons.BLURRY, detail="")
+            for i, stage_name in enumerate(["ingest", "segment", "filter", "filter", "segment", "ingest", "segment"])]
+    write_table(tmp_path / "rejects.parquet", REJECTS, rows)
+    assert stage.segment_rejected(tmp_path / "rejects.parquet").to_pylist() == ["f1", "f4", "f6"]
+    assert stage.segment_rejected(tmp_path / "none.parquet").to_pylist() == []
+
+
 def test_frames_the_segment_stage_rejected_are_not_counted_twice(tmp_path, tiny_clip):
     inputs = make_inputs(tmp_path / "in", n=5, unmasked=(1, 3))
     segment_rejects = segment_rejected_file(tmp_path, inputs.frame_ids[1])
