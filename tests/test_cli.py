@@ -34,3 +34,20 @@ def test_a_bug_keeps_its_traceback(tmp_path):
 
     with pytest.raises(KeyError):
         run_stage(main, [str(params)])
+
+
+def test_the_error_line_is_the_commands_last_line(tmp_path):
+    # Prefect's temporary server logs "Stopping temporary server" at exit; the error line comes after it
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "params.yaml").write_text(f"sources:\n  mvimgnet_mask_root: {tmp_path / 'masks-typo'}\n"
+                                          "  enabled: [mvimgnet]\n")
+    proc = subprocess.run([sys.executable, "-m", "flows.ingest", "params.yaml"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(root),
+                                                       "PREFECT_HOME": str(tmp_path / "prefect")})
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: sources.mvimgnet_root:") and "sources.mvimgnet_mask_root:" in last, proc.stderr[-2000:]
