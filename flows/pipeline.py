@@ -86,6 +86,9 @@ def publish_summary(params_path: str, project: str, ran: list[str]) -> str:
 def pipeline_flow(targets: list[str] | None = None, params_path: str = "params.yaml", project: str = ".") -> dict:
     """``dvc repro [targets]`` in ``project``, then the accounting as an artifact."""
     project = str(Path(project).resolve())
+    # read at every run (the deployment serves for months): a misspelt key fails here even when the
+    # targets leave out check_params, and before DVC starts
+    load_params(Path(project) / params_path)
     ran = dvc_repro(list(targets or []), project)
     publish_summary(params_path, project, ran)
     get_run_logger().info("pipeline: stages run: %s", ran or "none")

@@ -130,6 +130,17 @@ def test_a_failing_stage_fails_the_pipeline_run_with_dvcs_last_lines(prefect_har
         pipeline_flow(project=str(project))
 
 
+def test_a_bad_params_file_fails_the_run_before_dvc_starts(prefect_harness, tmp_path):
+    from flows.config.typed import ParamsError
+    from flows.pipeline import pipeline_flow
+
+    project = dvc_project(tmp_path / "project")
+    (project / "params.yaml").write_text("similarity:\n  kk: 3\n")
+    with pytest.raises(ParamsError, match="similarity.kk: unknown key"):
+        pipeline_flow(targets=["make"], project=str(project))
+    assert not (project / "out.txt").exists()
+
+
 def test_the_project_is_the_params_files_dvc_folder(tmp_path):
     from flows.deploy import NotAProjectError, project_of
 
