@@ -190,15 +190,17 @@ class TrainingState:
     def load(self, model: CustomContrastModel, optimizer: torch.optim.Optimizer,
              generator: torch.Generator) -> Resumed:
         """Restore a matching state, or start at step 0 when there is none to continue."""
-        if not self.path.is_file():
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:  # none, or a mismatched one that process 0 has just moved aside (below)
             return Resumed(0, 0, 0, [])
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
         if state.get("key") != self.key:
-            kept = self.path.with_name("state.previous.pt")  # not overwritten by this run's first save
-            os.replace(self.path, kept)
-            logger.warning("train: %s was made from other data, params or code (state.pt's resume key: shards, "
-                           "params, near-duplicates, backbone files, device type, libraries, the train stage's "
-                           "code); starting afresh at step 0, the old state moved to %s", self.path, kept)
+            if self.ranks.main:  # one process moves it; the others only start afresh
+                kept = self.path.with_name("state.previous.pt")  # not overwritten by this run's first save
+                os.replace(self.path, kept)
+                logger.warning("train: %s was made from other data, params or code (state.pt's resume key: shards, "
+                               "params, near-duplicates, backbone files, device type, libraries, the train "
+                               "stage's code); starting afresh at step 0, the old state moved to %s", self.path, kept)
             return Resumed(0, 0, 0, [])
         trainable = model.trainable_named_parameters()
         with torch.no_grad():

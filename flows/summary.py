@@ -38,7 +38,12 @@ def dvc_changed_stages(cwd: str | Path = ".") -> set[str] | None:
         changed = {name.split(":")[-1] for name in json.loads(proc.stdout)} if proc.returncode == 0 else None
     except (OSError, ValueError, subprocess.TimeoutExpired):
         return None
-    return changed if not changed else changed | downstream_stages(changed, cwd)
+    if not changed:
+        return changed
+    try:
+        return changed | downstream_stages(changed, cwd)
+    except Exception:  # noqa: BLE001 - DVC's API failing must not hide what dvc status said
+        return changed
 
 
 def downstream_stages(stages: set[str], cwd: str | Path = ".") -> set[str]:
@@ -48,7 +53,9 @@ def downstream_stages(stages: set[str], cwd: str | Path = ".") -> set[str]:
 
     with Repo(str(cwd)) as repo:
         graph = repo.index.graph  # an edge runs from a stage to the stage whose output it reads
-        return {later.name for stage in graph.nodes if stage.name in stages for later in nx.ancestors(graph, stage)}
+        # .dvc-file stages (dvc add, dvc import) have no name: they are never a dvc.yaml stage's name
+        return {later_name for stage in graph.nodes if getattr(stage, "name", None) in stages
+                for later in nx.ancestors(graph, stage) if (later_name := getattr(later, "name", None))}
 
 
 def summary_lines(params: Params, changed: set[str] | None = None) -> list[str]:

@@ -23,6 +23,7 @@ import sys
 import time
 
 GRACE_S = 20.0  # between SIGTERM and SIGKILL of the group: time for stages to close their files
+POLL_S = 0.2  # how often the wait looks for a stop signal
 PR_SET_PDEATHSIG = 1
 
 
@@ -59,24 +60,23 @@ def main(argv: list[str]) -> int:
     parent = int(os.environ.pop("CC_SUPERVISE_PARENT", os.getppid()))
     die_with_parent(parent)
     stopped: list[int] = []
-
-    def on_signal(signum, _frame):
-        stopped.append(signum)
-        raise KeyboardInterrupt  # out of proc.wait(), into the cleanup below
-
+    # the handler only records: a signal that lands while Popen starts the child (before ``proc``
+    # exists) is acted on right after, never lost with the child left running
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
-    proc = None
-    try:
-        proc = subprocess.Popen(argv, start_new_session=True)
-        return proc.wait()
-    except KeyboardInterrupt:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_IGN)  # one stop at a time
-        return 128 + (stopped[0] if stopped else signal.SIGINT)
-    finally:
-        if proc is not None and proc.poll() is None:
-            stop_group(proc)
+        signal.signal(sig, lambda signum, _frame: stopped.append(signum))
+    proc = subprocess.Popen(argv, start_new_session=True)
+    while not stopped:
+        try:
+            return exit_status(proc.wait(timeout=POLL_S))
+        except subprocess.TimeoutExpired:
+            continue
+    stop_group(proc)
+    return 128 + stopped[0]
+
+
+def exit_status(returncode: int) -> int:
+    """The shell's convention: a command killed by signal s exits with 128 + s (Popen reports -s)."""
+    return returncode if returncode >= 0 else 128 - returncode
 
 
 if __name__ == "__main__":

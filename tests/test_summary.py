@@ -68,9 +68,10 @@ def test_stages_downstream_of_a_changed_one_are_out_of_date_too(tmp_path, monkey
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
     (tmp_path / "in.txt").write_text("1")
     (tmp_path / "in2.txt").write_text("1")
+    (tmp_path / "raw.txt").write_text("data a user tracks with dvc add")  # a .dvc-file stage has no name
     monkeypatch.setenv("PATH", f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
-    for command in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "repro", "-q"]):
+    for command in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "add", "-q", "raw.txt"], ["dvc", "repro", "-q"]):
         subprocess.run(command, cwd=tmp_path, check=True, capture_output=True)
     assert dvc_changed_stages(tmp_path) == set()
     (tmp_path / "in.txt").write_text("2")

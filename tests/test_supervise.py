@@ -44,6 +44,8 @@ def pids_of(path: Path, count: int = 2) -> list[int]:
 
 def test_the_commands_exit_status_passes_through():
     assert subprocess.run([sys.executable, str(SUPERVISE), "sh", "-c", "exit 3"]).returncode == 3
+    killed = subprocess.run([sys.executable, str(SUPERVISE), "sh", "-c", "kill -9 $$"])
+    assert killed.returncode == 128 + signal.SIGKILL  # the shell's convention, not 256 - 9
 
 
 def test_sigterm_stops_the_command_and_its_children(tmp_path):

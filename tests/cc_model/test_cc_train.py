@@ -92,6 +92,18 @@ def test_a_state_from_other_params_or_shards_is_not_continued(exported, tmp_path
     assert train(exported, tmp_path / "run", max_steps=3, lr=1e-4)["started_at_step"] == 0
 
 
+def test_only_process_0_moves_a_mismatched_state_aside(tmp_path):
+    # every DDP process loads the state; one moving it must not break the others' load
+    from cc_model.training import Ranks, TrainingState
+
+    torch.save({"key": "old"}, tmp_path / STATE_NAME)
+    other = TrainingState(tmp_path, "new", Ranks(rank=1, world=2))
+    assert other.load(None, None, None).step == 0 and (tmp_path / STATE_NAME).is_file()  # left for process 0
+    assert TrainingState(tmp_path, "new", Ranks(rank=0, world=2)).load(None, None, None).step == 0
+    assert not (tmp_path / STATE_NAME).exists() and (tmp_path / "state.previous.pt").is_file()
+    assert other.load(None, None, None).step == 0  # a process that reads after the move starts afresh too
+
+
 def test_the_resume_key_hashes_the_code_training_runs_not_evaluation():
     from cc_model.training import CODE
 
