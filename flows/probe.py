@@ -94,10 +94,11 @@ def decode_mask(data: bytes, *, width: int, height: int) -> np.ndarray:
 
 
 def _check_mask_shape(shape: tuple[int, int], *, width: int, height: int) -> None:
-    """Raise unless a (h, w) mask is the image scaled by one factor, up to rounding (1.5 px, 1%)."""
+    """Raise unless a (h, w) mask is the image scaled by one factor, up to rounding: each side's
+    scale may be off by one pixel of that side (a side rounded down or up), plus 1%."""
     mask_h, mask_w = shape
-    expected_h = height * mask_w / width  # the height of the mask if it kept the image's aspect
-    if abs(mask_h - expected_h) > 1.5 + 0.01 * expected_h:
+    scale_x, scale_y = mask_w / width, mask_h / height
+    if abs(scale_x - scale_y) > 1 / width + 1 / height + 0.01 * max(scale_x, scale_y):
         raise UnreadableFile(reasons.UNREADABLE_MASK, f"mask is {mask_w}x{mask_h}, not the {width}x{height} "
                                                       f"image's aspect at any scale (transposed or cropped?)")
 

@@ -25,6 +25,13 @@ def test_a_mask_at_the_image_aspect_is_resized_to_the_image(size):
     assert mask.mean() == pytest.approx(0.25, abs=0.02)
 
 
+@pytest.mark.parametrize("image, size", [((305, 4000), (31, 400)), ((4000, 305), (400, 31)),
+                                          ((4000, 3000), (80, 60)), ((1024, 683), (512, 342))])
+def test_rounding_of_a_thin_masks_short_side_is_allowed(image, size):
+    # 305 x 0.1 = 30.5 -> 31: 1.6% off on that side, within a pixel of rounding
+    assert decode_mask(png(*size), width=image[0], height=image[1]).shape == (image[1], image[0])
+
+
 @pytest.mark.parametrize("size", [(360, 480), (480, 300), (200, 120)])
 def test_a_mask_of_another_aspect_is_unreadable_not_stretched(size):
     with pytest.raises(UnreadableFile, match=r"not the 480x360 image's aspect") as caught:

@@ -60,10 +60,10 @@ def ingest_shard(spec: Path, sources: SourcesParams, *, probe_side: int, out: Sh
 def _ingest_object(root: Path, mask_root: Path, categories: dict[str, str], class_id: str,
                    object_id: str, probe_side: int, writer: ShardWriter) -> None:
     images_dir = root / class_id / object_id / "images"
-    files = sorted(p.name for p in images_dir.iterdir()  # not hidden files (.DS_Store, ._001.jpg): not data
-                   if p.is_file() and not p.name.startswith(".")) if images_dir.is_dir() else []
+    files = sorted(p.name for p in images_dir.iterdir() if p.is_file()) if images_dir.is_dir() else []
     on_disk = [name for name in files if name.lower().endswith(reader.IMAGE_SUFFIXES)]
-    for name in sorted(set(files) - set(on_disk)):  # accounted for, never read
+    others = sorted(set(files) - set(on_disk))
+    for name in others:  # accounted for (.DS_Store too), never read
         writer.rejects.append(reject_row(
             item_id=ids.mvimgnet_frame_id(class_id, object_id, name), source=SOURCE, kind=FRAME,
             path=reader.frame_relpath(class_id, object_id, name), stage=STAGE, reason=reasons.NOT_AN_IMAGE,
@@ -77,7 +77,7 @@ def _ingest_object(root: Path, mask_root: Path, categories: dict[str, str], clas
             kind=ANNOTATION, path=f"{class_id}/{object_id}/sparse/0/images.bin", stage=STAGE,
             reason=reasons.BAD_ANNOTATION, detail=f"COLMAP model unreadable, frames kept without pose: {exc}"))
     class_name = categories.get(class_id)
-    for index, frame in enumerate(sorted(set(on_disk) | set(poses))):
+    for index, frame in enumerate(sorted((set(on_disk) | set(poses)) - set(others))):  # others: rejected above
         frame_id = ids.mvimgnet_frame_id(class_id, object_id, frame)
         rel = reader.frame_relpath(class_id, object_id, frame)
 

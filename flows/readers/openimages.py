@@ -148,15 +148,18 @@ def read_class_descriptions(path: str | Path) -> dict[str, str]:
     with _open(path) as handle:
         rows = csv.reader(handle)
         first = next(rows, [])
-        if not _is_label(first[0] if first else ""):
-            if [f.strip() for f in first[:2]] != list(CLASS_COLUMNS):
-                raise OpenImagesFormatError(f"{path}: neither the header LabelName,DisplayName nor a "
-                                            f"'/m/...,name' row first (got {','.join(first)[:80]!r})")
-            first = []
+        header = [f.strip() for f in first]
+        if first and _is_label(first[0]):  # no header: LabelName, DisplayName
+            label, name, rows = 0, 1, [first, *rows]
+        elif set(CLASS_COLUMNS) <= set(header):  # columns found by name, in any order, among others
+            label, name = header.index("LabelName"), header.index("DisplayName")
+        else:
+            raise OpenImagesFormatError(f"{path}: neither a header with LabelName and DisplayName nor a "
+                                        f"'/m/...,name' row first (got {','.join(first)[:80]!r})")
         names = {}
-        for row in ([first] if first else []) + list(rows):
-            if len(row) >= 2 and row[0].strip():
-                names[row[0].strip()] = row[1].strip()
+        for row in rows:
+            if len(row) > max(label, name) and row[label].strip():
+                names[row[label].strip()] = row[name].strip()
         return names
 
 

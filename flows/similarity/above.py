@@ -11,10 +11,15 @@ whatever the cluster sizes. Its cost is (deep rows) x N x d, nothing when no lis
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 SCORE_BLOCK_BYTES = {"cuda": 1 << 30, "cpu": 128 << 20}  # one (query rows, columns) float32 score block
 QUERY_ROWS = 1024  # query rows scored at once (fewer when the columns would exceed the block)
+WARN_MULTIPLY_ADDS = 10**13  # above this the threshold search is logged with its cost (minutes on a GPU)
+
+log = logging.getLogger(__name__)
 
 
 def deep_rows(values: np.ndarray, threshold: float, *, candidates: int) -> np.ndarray:
@@ -28,17 +33,28 @@ def deep_rows(values: np.ndarray, threshold: float, *, candidates: int) -> np.nd
     return np.flatnonzero(values[:, -1] >= threshold).astype(np.int64)
 
 
-def pairs_above(x: np.ndarray, rows: np.ndarray, threshold: float, *, device: str = "cpu") -> dict[str, np.ndarray]:
+def pairs_above(x: np.ndarray, rows: np.ndarray, threshold: float, *, device: str = "cpu",
+                subject: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """(i, j, r) for every i in ``rows`` and j != i with x_i . x_j >= ``threshold``, exactly.
 
     x: (N, d) L2-normalised rows (float16 or float32), scored in float32 (torch, on ``device``).
+    subject: (N,) subject codes; pairs within one subject (an object's own views) are not kept.
     Returns columns i, j (int64) and r (float32), one row per pair found (in block order).
+    Memory is the pairs found: the sum over clusters of look-alikes of (rows in it) x (its size).
     """
+    empty = {"i": np.zeros(0, np.int64), "j": np.zeros(0, np.int64), "r": np.zeros(0, np.float32)}
+    if len(rows) == 0:
+        return empty
     import torch
 
     n, d = x.shape
+    if len(rows) * n * d > WARN_MULTIPLY_ADDS:
+        log.warning("similarity: %d rows have near-duplicates past their listed neighbours; scoring them against "
+                    "all %d rows is %.1f TFLOP (similarity.near_duplicate_r may be too low for these embeddings)",
+                    len(rows), n, 2 * len(rows) * n * d / 1e12)
     dev = torch.device(device)
     base = torch.from_numpy(np.ascontiguousarray(x)).to(dev)
+    codes = None if subject is None else torch.from_numpy(np.asarray(subject, np.int64)).to(dev)
     columns = max(1, min(n, SCORE_BLOCK_BYTES[dev.type] // (4 * min(QUERY_ROWS, max(1, len(rows))))))
     found: dict[str, list[np.ndarray]] = {"i": [], "j": [], "r": []}
     for q0 in range(0, len(rows), QUERY_ROWS):
@@ -48,13 +64,11 @@ def pairs_above(x: np.ndarray, rows: np.ndarray, threshold: float, *, device: st
             scores = query @ base[c0:c0 + columns].float().T  # (b, c)
             q, c = (scores >= threshold).nonzero(as_tuple=True)
             i, j = query_rows[q], c + c0
-            keep = i != j
+            keep = i != j if codes is None else codes[i] != codes[j]
             found["i"].append(i[keep].cpu().numpy())
             found["j"].append(j[keep].cpu().numpy())
             found["r"].append(scores[q, c][keep].cpu().numpy())
-    return {"i": np.concatenate(found["i"] or [np.zeros(0, np.int64)]).astype(np.int64),
-            "j": np.concatenate(found["j"] or [np.zeros(0, np.int64)]).astype(np.int64),
-            "r": np.concatenate(found["r"] or [np.zeros(0, np.float32)]).astype(np.float32)}
+    return {name: np.concatenate(found[name] or [empty[name]]).astype(empty[name].dtype) for name in empty}
 
 
 __all__ = ["deep_rows", "pairs_above"]

@@ -125,7 +125,7 @@ def compute_similarity(embeddings: Path, out_dir: Path, params: SimilarityParams
                                progress=progress.update)
     # rows whose list ends at or above the threshold may have more near-duplicates: all of theirs, exactly
     deep_frames = deep_rows(f_val, threshold, candidates=len(vectors) - 1)
-    past_k_frames = pairs_above(vectors, deep_frames, threshold, device=device)
+    past_k_frames = pairs_above(vectors, deep_frames, threshold, device=device, subject=codes)
     del vectors
     s_idx, s_val = topk_cosine(means, k=params.k, block_rows=params.block_rows, device=device,
                                progress=progress.update)

@@ -38,7 +38,7 @@ def test_every_bad_path_is_named_in_one_error(roots, tmp_path):
     for key in ("sources.mvimgnet_mask_root", "sources.mvimgnet_categories", "sources.openimages_boxes_csv",
                 "sources.openimages_classes_csv"):
         assert key in message
-    assert "mv_mask is not a folder" in message and "neither the header LabelName,DisplayName" in message
+    assert "mv_mask is not a folder" in message and "neither a header with LabelName and DisplayName" in message
 
 
 def test_disabled_sources_are_not_checked(roots, tmp_path):

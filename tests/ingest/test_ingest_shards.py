@@ -173,7 +173,7 @@ def test_mvimgnet_object(tmp_path):
     (masks / "5" / "0000beef" / "001.jpg.png").write_bytes(png_mask((320, 240), (80, 60, 240, 180)))
     (images / "003.jpg").write_bytes(jpeg(3)[:500])  # truncated
     (images / "005.webp").write_bytes(b"RIFF")  # not an image suffix: a reject, never read
-    (images / ".DS_Store").write_bytes(b"\0")  # hidden: not data
+    (images / ".DS_Store").write_bytes(b"\0")  # not an image either: accounted for
     sparse = root / "5" / "0000beef" / "sparse" / "0"
     sparse.mkdir(parents=True)
     poses = [colmap.ImagePose(id=i, qvec=(1.0, 0.0, 0.0, 0.0), tvec=(0.0, 0.0, float(i)), camera_id=1,
@@ -193,6 +193,7 @@ def test_mvimgnet_object(tmp_path):
     assert (first["box_xmin"], first["box_ymin"], first["box_xmax"], first["box_ymax"]) == (0.25, 0.25, 0.75, 0.75)
     assert second["mask_path"] is None and second["mask_largest_cc_frac"] is None
     assert sorted((r["path"], r["reason"]) for r in rejects) == [
+        ("5/0000beef/images/.DS_Store", reasons.NOT_AN_IMAGE),
         ("5/0000beef/images/003.jpg", reasons.UNREADABLE_IMAGE),
         ("5/0000beef/images/004.jpg", reasons.MISSING_FILE),
         ("5/0000beef/images/005.webp", reasons.NOT_AN_IMAGE),

@@ -63,8 +63,13 @@ def test_class_descriptions_without_header(tmp_path, bom):
     assert names == {"/m/011k07": "Tortoise", "/g/11bc6": "Ball, sports"}
 
 
+def test_class_descriptions_columns_by_name(tmp_path):
+    text = "DisplayName,Extra,LabelName\nTortoise,x,/m/011k07\n"
+    assert oi.read_class_descriptions(write_bytes(tmp_path, "c.csv", text)) == {"/m/011k07": "Tortoise"}
+
+
 def test_class_descriptions_of_another_format_is_a_clear_error(tmp_path):
-    with pytest.raises(oi.OpenImagesFormatError, match="neither the header LabelName,DisplayName"):
+    with pytest.raises(oi.OpenImagesFormatError, match="neither a header with LabelName and DisplayName"):
         oi.read_class_descriptions(write_bytes(tmp_path, "c.csv", "id,name\n1,cup\n"))
 
 
