@@ -66,6 +66,22 @@ def dvc_repro(targets: list[str], project: str) -> list[str]:
     return ran
 
 
+class ParamsCheckError(RuntimeError):
+    """The project's params.yaml failed the project's own check (``python -m flows.config``)."""
+
+
+@task(cache_policy=NO_CACHE)
+def check_params(params_path: str, project: str) -> None:
+    """Validate params.yaml at every run, before DVC starts (the deployment serves for months): a
+    misspelt key fails even when the targets leave out the check_params stage. It runs the
+    check_params stage's command in the project, so the project's own code judges its keys."""
+    proc = subprocess.run([sys.executable, "-m", "flows.config", params_path], cwd=project, env=stage_env(),
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines() or [f"exit status {proc.returncode}"]
+        raise ParamsCheckError(f"{Path(project) / params_path}: {lines[-1]}")
+
+
 @task(cache_policy=NO_CACHE)
 def publish_summary(params_path: str, project: str, ran: list[str]) -> str:
     """The accounting of flows.summary as a markdown artifact (key ``pipeline-summary``)."""
@@ -86,13 +102,11 @@ def publish_summary(params_path: str, project: str, ran: list[str]) -> str:
 def pipeline_flow(targets: list[str] | None = None, params_path: str = "params.yaml", project: str = ".") -> dict:
     """``dvc repro [targets]`` in ``project``, then the accounting as an artifact."""
     project = str(Path(project).resolve())
-    # read at every run (the deployment serves for months): a misspelt key fails here even when the
-    # targets leave out check_params, and before DVC starts
-    load_params(Path(project) / params_path)
+    check_params(params_path, project)
     ran = dvc_repro(list(targets or []), project)
     publish_summary(params_path, project, ran)
     get_run_logger().info("pipeline: stages run: %s", ran or "none")
     return {"stages_run": ran}
 
 
-__all__ = ["DvcReproError", "pipeline_flow", "stage_env"]
+__all__ = ["DvcReproError", "ParamsCheckError", "pipeline_flow", "stage_env"]

@@ -131,12 +131,11 @@ def test_a_failing_stage_fails_the_pipeline_run_with_dvcs_last_lines(prefect_har
 
 
 def test_a_bad_params_file_fails_the_run_before_dvc_starts(prefect_harness, tmp_path):
-    from flows.config.typed import ParamsError
-    from flows.pipeline import pipeline_flow
+    from flows.pipeline import ParamsCheckError, pipeline_flow
 
     project = dvc_project(tmp_path / "project")
     (project / "params.yaml").write_text("similarity:\n  kk: 3\n")
-    with pytest.raises(ParamsError, match="similarity.kk: unknown key"):
+    with pytest.raises(ParamsCheckError, match="params.yaml: error: similarity.kk: unknown key"):
         pipeline_flow(targets=["make"], project=str(project))
     assert not (project / "out.txt").exists()
 
