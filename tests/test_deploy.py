@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from flows.config.params import ScheduleParams
+from test_supervise import alive
 from flows.config.typed import ParamsError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,18 +245,7 @@ def test_a_cancelled_run_stops_dvc_and_its_stage(prefect_harness, tmp_path):
         asyncio.run(cancel())
         state = asyncio.run(final_state(run.id, timeout=120))
         deadline = time.monotonic() + 60
-        while _alive(stage) and time.monotonic() < deadline:
+        while alive(stage) and time.monotonic() < deadline:
             time.sleep(0.5)
     assert state.is_cancelled(), state
-    assert not _alive(stage), "the stage outlived its cancelled run"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie waiting for its new parent to reap it is gone
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
+    assert not alive(stage), "the stage outlived its cancelled run"

@@ -26,15 +26,14 @@ def neighbour_table(indices: np.ndarray, values: np.ndarray, *, subject: np.ndar
     Columns: i, j (int64 rows), r (float32 cosine), near_duplicate (bool: other subject, r >= threshold).
     """
     rows, k = indices.shape
-    i = np.repeat(np.arange(row_offset, row_offset + rows, dtype=np.int64), k)
-    j = indices.reshape(-1).astype(np.int64)
-    r = values.reshape(-1).astype(np.float32)
-    other = i != j if subject is None else subject[i] != subject[j]
-    return {"i": i, "j": j, "r": r, "near_duplicate": other & (r >= threshold)}
+    pairs = {"i": np.repeat(np.arange(row_offset, row_offset + rows, dtype=np.int64), k),
+             "j": indices.reshape(-1).astype(np.int64), "r": values.reshape(-1).astype(np.float32)}
+    return flag_pairs(pairs, subject=subject, threshold=threshold)
 
 
 def flag_pairs(pairs: dict[str, np.ndarray], *, subject: np.ndarray | None, threshold: float) -> dict[str, np.ndarray]:
-    """(i, j, r) pairs (flows.similarity.above.pairs_above) as a neighbour table, flagged like ``neighbour_table``."""
+    """(i, j, r) pairs (a top-k answer's, or flows.similarity.above.pairs_above's) as a neighbour table:
+    ``near_duplicate`` marks other subjects at r >= threshold."""
     i, j, r = pairs["i"], pairs["j"], pairs["r"]
     other = i != j if subject is None else subject[i] != subject[j]
     return {"i": i, "j": j, "r": r, "near_duplicate": other & (r >= threshold)}
