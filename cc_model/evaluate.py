@@ -210,7 +210,8 @@ class Scorer:
         self.reference_clip = {name: clip_image_embeddings(self.metric, im) for name, im in compared.items()}
         self.reference_dino = {name: dino_embeddings(self.metric, im) for name, im in compared.items()}
         size = self.model.image_encoder.config.image_size
-        cut_first = {name: self.cutter.cut(images[:1])[0] for name, images in photos.items()}
+        cut_first = {name: compared[name][0] if self.segment_metrics else self.cutter.cut(images[:1])[0]
+                     for name, images in photos.items()}  # SAM once per photo
         self.conditioning = {name: clip_pixels(to_tensor(im.resize((size, size), Image.BICUBIC))[None], size)[0]
                              for name, im in cut_first.items()}  # x^ of the first photo, as the model trained on
 

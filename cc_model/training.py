@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -56,11 +57,16 @@ STATE_NAME = "state.pt"
 LAST_STEPS = 10  # stats.json averages each loss term over this many final steps
 # Train params that change how a run executes, not what it computes: left out of the resume key.
 RUN_ONLY = ("max_steps", "save_every", "num_workers", "out_dir", "device")
-# The resume key's code: the project files the train stage runs (its imports, transitively), so
-# editing evaluation or generation code never restarts a training run.
-CODE = tuple(sorted(project_files("cc_model.train")))
 logger = logging.getLogger("flows.train")
 RANK_SEED_STRIDE = 1_000_003  # process r's generator starts from seed + r * this (process 0: the seed itself)
+
+
+@functools.cache
+def train_code() -> tuple[str, ...]:
+    """The resume key's code: the project files the train stage runs (its imports, transitively), so
+    editing evaluation or generation code never restarts a training run. Read when a key is made,
+    not at import (the walk parses ~30 files)."""
+    return tuple(sorted(project_files("cc_model.train")))
 
 
 @dataclass(frozen=True)
@@ -141,7 +147,7 @@ def state_key(params: Params, *, inputs: list[Path], device: torch.device) -> st
     for path in inputs:
         for file in sorted(path.rglob("*.parquet")) if path.is_dir() else [path]:
             digest.update(f"{file_identity(file)}\n".encode())
-    for source in CODE:
+    for source in train_code():
         digest.update(source.encode() + (ROOT / source).read_bytes())
     return digest.hexdigest()
 
