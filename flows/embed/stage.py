@@ -134,34 +134,40 @@ def embed_frames(frames_path: Path, masks_path: Path, out_dir: Path, params: Emb
     progress = Progress("embed", tally.masked - min(skip, tally.masked))
     steady = _SteadyRate(progress.clock, drained=LAUNCHED_AHEAD)
     part: _Part | None = None
-    try:
-        for batch in _encode(stream, tally.masked - min(skip, tally.masked), clip, params, torch_device):
-            progress.update(len(batch.indices))
-            steady.batch_done(len(batch.indices))
-            index = int(batch.indices[0]) // part_rows
-            if part is None or part.index != index:
-                if part is not None:
-                    parts.append(part.finish(work))
-                part = _Part(work, index, schema)
-            part.write(batch, stream.frames_of(batch), clip.model_id)
-        if part is not None:
-            parts.append(part.finish(work))
-            part = None
-    finally:
-        if part is not None:
-            part.abort()
-    seconds = progress.close()
-    loop_end = time.monotonic()
-    names = [f"part-{n:05d}" for n in range(len(parts))]
-    concat_tables([work.folder / f"{name}.embeddings.parquet" for name in names], out_dir / "embeddings.parquet",
-                  schema)
+    # The output is written beside the parts as the batches come, so nothing is re-read and
+    # re-encoded after the loop (10 GB of embeddings at OpenImages scale); a resumed run first
+    # copies its finished parts in. Row groups of exactly ROW_GROUP_ROWS make the bytes the same
+    # either way. It is renamed into place only once the counts add up.
+    with _BufferedBatches(out_dir / "embeddings.parquet", schema) as output:
+        for n in range(len(parts)):
+            for rows in iter_batches(work.folder / f"part-{n:05d}.embeddings.parquet", schema):
+                output.write(rows)
+        try:
+            for batch in _encode(stream, tally.masked - min(skip, tally.masked), clip, params, torch_device):
+                progress.update(len(batch.indices))
+                steady.batch_done(len(batch.indices))
+                index = int(batch.indices[0]) // part_rows
+                if part is None or part.index != index:
+                    if part is not None:
+                        parts.append(part.finish(work))
+                    part = _Part(work, index, schema)
+                output.write(part.write(batch, stream.frames_of(batch), clip.model_id))
+            if part is not None:
+                parts.append(part.finish(work))
+                part = None
+        finally:
+            if part is not None:
+                part.abort()
+        seconds = progress.close()
+        loop_end = time.monotonic()
+        names = [f"part-{n:05d}" for n in range(len(parts))]
+        embedded = sum(record["embedded"] for record in parts)
+        for record in parts:
+            rejected.update(record["rejected"])
+        check_accounting(frames_in=tally.frames_in, embedded=embedded, rejected=rejected,
+                         rejected_by_segment=tally.skipped)
     concat_tables([unmasked_path] + [work.folder / f"{name}.rejects.parquet" for name in names],
                   out_dir / "rejects.parquet", REJECTS)
-    embedded = sum(record["embedded"] for record in parts)
-    for record in parts:
-        rejected.update(record["rejected"])
-    check_accounting(frames_in=tally.frames_in, embedded=embedded, rejected=rejected,
-                     rejected_by_segment=tally.skipped)
     stats = {
         "count": embedded, "rejected": dict(sorted(rejected.items())), "frames_in": tally.frames_in,
         "rejected_by_segment": tally.skipped,
@@ -249,15 +255,17 @@ class _Part:
         self.rejected: Counter[str] = Counter()
         self.rows = 0
 
-    def write(self, batch: EncodedBatch, frames: pa.Table, model_id: str) -> None:
+    def write(self, batch: EncodedBatch, frames: pa.Table, model_id: str) -> pa.RecordBatch:
+        """Write one encoded batch; return its embedding rows."""
         ok = np.array([not r for r in batch.reasons], dtype=bool)
-        self.embeddings.write(_embedding_rows(frames.filter(pa.array(ok)), batch.embeddings[ok], model_id,
-                                              self.embeddings.schema))
+        rows = _embedding_rows(frames.filter(pa.array(ok)), batch.embeddings[ok], model_id, self.embeddings.schema)
+        self.embeddings.write(rows)
         for i in np.flatnonzero(~ok):
             self.rejects.write_row(_reject(frames.slice(int(i), 1).to_pylist()[0], batch.reasons[i],
                                            batch.details[i]))
             self.rejected[batch.reasons[i]] += 1
         self.rows += len(batch.indices)
+        return rows
 
     def finish(self, work: ResumableWork) -> dict:
         """Close both files (atomically), then mark the part done; returns its record."""
@@ -392,7 +400,8 @@ def _embedding_rows(keys: pa.Table, embeddings: np.ndarray, model_id: str, schem
 
 
 class _BufferedBatches:
-    """TableWriter for small record batches: gathers them into row groups of ROW_GROUP_ROWS."""
+    """TableWriter for record batches of any size: row groups of exactly ROW_GROUP_ROWS rows (the
+    last one shorter), so the file's bytes do not depend on how its rows were split into batches."""
 
     def __init__(self, path: Path, schema: pa.Schema):
         self.schema, self.path = schema, path
@@ -402,16 +411,21 @@ class _BufferedBatches:
 
     @property
     def rows_written(self) -> int:
-        return self._writer.rows_written
+        return self._writer.rows_written + self._rows
 
     def write(self, batch: pa.RecordBatch) -> None:
         self._pending.append(batch)
         self._rows += batch.num_rows
         if self._rows >= ROW_GROUP_ROWS:
-            self._flush()
+            table = pa.Table.from_batches(self._pending)
+            full = table.num_rows - table.num_rows % ROW_GROUP_ROWS
+            for start in range(0, full, ROW_GROUP_ROWS):
+                self._writer.write_batch(table.slice(start, ROW_GROUP_ROWS).combine_chunks())
+            rest = table.slice(full).combine_chunks()
+            self._pending, self._rows = rest.to_batches(), rest.num_rows
 
     def _flush(self) -> None:
-        if self._pending:
+        if self._rows:
             self._writer.write_batch(pa.Table.from_batches(self._pending).combine_chunks())
         self._pending, self._rows = [], 0
 

@@ -275,7 +275,7 @@ def test_a_failed_run_keeps_its_finished_parts_and_the_rerun_embeds_only_the_res
         if part.index == 1 and len(written) == 2:  # the third batch: part 0 is finished
             raise RuntimeError("the machine went away")
         written.append(int(batch.indices[0]))
-        real_write(part, batch, frames, model_id)
+        return real_write(part, batch, frames, model_id)
 
     monkeypatch.setattr(stage._Part, "write", dies_in_the_second_part)
     with pytest.raises(RuntimeError, match="went away"):
@@ -284,7 +284,7 @@ def test_a_failed_run_keeps_its_finished_parts_and_the_rerun_embeds_only_the_res
     assert not (out / "embeddings.parquet").exists() and not (out / "stats.json").exists()
     written.clear()
     monkeypatch.setattr(stage._Part, "write", lambda part, batch, frames, model_id: (
-        written.append(int(batch.indices[0])), real_write(part, batch, frames, model_id)))
+        written.append(int(batch.indices[0])), real_write(part, batch, frames, model_id))[1])
     stats = embed_frames(inputs.frames, inputs.masks, out, embed_params(out), inputs.sources, clip=tiny_clip,
                          part_rows=5)
     assert written == [6, 9, 12]  # the batches of the unfinished parts only
@@ -294,7 +294,7 @@ def test_a_failed_run_keeps_its_finished_parts_and_the_rerun_embeds_only_the_res
     assert not (out / ".work").exists()
 
 
-def _fail_in_the_second_part(inputs, out, clip, monkeypatch):
+def _fail_in_the_second_part(inputs, out, clip, monkeypatch, part_rows=3):
     """A run (parts of 3 rows) that dies in part 1, part 0 finished; the stage works again afterwards."""
     from flows.embed import stage
 
@@ -303,12 +303,13 @@ def _fail_in_the_second_part(inputs, out, clip, monkeypatch):
     def dies_in_the_second_part(part, *args):
         if part.index == 1:
             raise RuntimeError("stop")
-        real_write(part, *args)
+        return real_write(part, *args)
 
     with monkeypatch.context() as patched:
         patched.setattr(stage._Part, "write", dies_in_the_second_part)
         with pytest.raises(RuntimeError):
-            embed_frames(inputs.frames, inputs.masks, out, embed_params(out), inputs.sources, clip=clip, part_rows=3)
+            embed_frames(inputs.frames, inputs.masks, out, embed_params(out), inputs.sources, clip=clip,
+                         part_rows=part_rows)
 
 
 def test_work_of_another_model_or_params_is_not_resumed(tmp_path, tiny_clip, monkeypatch):
@@ -334,6 +335,28 @@ def test_a_finished_part_cut_short_on_disk_is_embedded_again(tmp_path, tiny_clip
     _fail_in_the_second_part(inputs, out, tiny_clip, monkeypatch)
     (out / ".work" / "part-00000.embeddings.parquet").write_bytes(b"")  # its record survived a power cut; it did not
     embed_frames(inputs.frames, inputs.masks, out, embed_params(out), inputs.sources, clip=tiny_clip, part_rows=3)
+    assert (out / "embeddings.parquet").read_bytes() == (clean / "embeddings.parquet").read_bytes()
+
+
+def test_the_output_has_the_same_row_groups_however_its_rows_came(tmp_path, tiny_clip, monkeypatch):
+    """The output is written as the batches come, a resumed run first copying its finished parts in:
+    row groups of exactly ROW_GROUP_ROWS (here 4) make the bytes a fresh run's, whatever the batch
+    and part boundaries (batches of 3, parts of 6, a reject inside)."""
+    import pyarrow.parquet as pq
+
+    from flows.embed import stage
+
+    monkeypatch.setattr(stage, "ROW_GROUP_ROWS", 4)
+    inputs = make_inputs(tmp_path / "in", n=14, unmasked=(2,), corrupt=(9,))  # 12 embedded
+    clean = tmp_path / "clean"
+    embed_frames(inputs.frames, inputs.masks, clean, embed_params(clean), inputs.sources, clip=tiny_clip,
+                 part_rows=5)
+    file = pq.ParquetFile(clean / "embeddings.parquet")
+    assert [file.metadata.row_group(i).num_rows for i in range(file.num_row_groups)] == [4, 4, 4]
+    out = tmp_path / "out"
+    _fail_in_the_second_part(inputs, out, tiny_clip, monkeypatch, part_rows=5)
+    assert not (out / "embeddings.parquet").exists()
+    embed_frames(inputs.frames, inputs.masks, out, embed_params(out), inputs.sources, clip=tiny_clip, part_rows=5)
     assert (out / "embeddings.parquet").read_bytes() == (clean / "embeddings.parquet").read_bytes()
 
 
