@@ -182,6 +182,10 @@ class Timeline:
             "decoder_and_post_s": round(sum(self._seconds(m[2], m[3]) for m in b), 3),
             "host_before_first_launch_s": round(self.first_launch - start, 3),
             "host_after_last_launch_s": round(end - self.last_return, 3),
+            # per batch, to tell a start-up cost from a per-batch one
+            "to_encoder_input_ms_per_batch": [round(1000 * self._seconds(b[0][0], b[0][1]), 1)]
+            + [round(1000 * self._seconds(p[3], m[1]), 1) for p, m in zip(b, b[1:])],
+            "encoder_ms_per_batch": [round(1000 * self._seconds(m[1], m[2]), 1) for m in b],
         }
 
 

@@ -82,9 +82,15 @@ VERSIONS
 # call ends inside the device tool's timeout with every finished result under $OUT.
 DEADLINE=${GPU_CHECKS_DEADLINE:-570}
 
+# GPU_CHECKS_ONLY="embed segment": run only the named checks (a short follow-up call).
+ONLY=${GPU_CHECKS_ONLY:-}
+
 check() {  # check NAME SECONDS SCRIPT ARGS...: stdout to $OUT/NAME.out, stderr to the log
     local name=$1 seconds=$2 script=$3
     shift 3
+    if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then
+        return
+    fi
     local start=$SECONDS left=$((DEADLINE - SECONDS))
     if [ "$left" -lt 30 ]; then
         echo "{\"check\": \"$name\", \"exit\": null, \"skipped\": \"deadline\"}" >>"$RESULTS"
