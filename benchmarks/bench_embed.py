@@ -161,7 +161,7 @@ def stage_rate(frames: Path, masks: Path, sources: SourcesParams, clip, params: 
                device) -> tuple[float, dict]:
     """img/s of embed_frames, wall clock, everything included but loading the model; and where the
     rest went: seconds outside the encoding loop (reading and joining the inputs, the work key,
-    the final concatenation and stats; and the two sides apart), seconds to the first batch (workers, first pieces), and
+    closing the output tables and stats; and the two sides apart), seconds to the first batch (workers, first pieces), and
     the stage's rate from its first batch to the last before the drain (timing.json's steady_img_s)."""
     out = Path(params.out_dir)
     start = time.perf_counter()
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
             "preprocess_only_img_s": round(prep, 1),
             "bare_img_s_all": [round(v, 1) for v in bare], "stage_img_s_all": [round(v, 1) for v in stage],
             "stage_outside_loop_s_all": [round(p["outside_loop_s"], 2) for p in parts],
-            # its two sides: before the loop (inputs, work key) and after it (concatenation, stats)
+            # its two sides: before the loop (inputs, work key) and after it (closing the outputs, stats)
             "stage_setup_s_all": [p["setup_s"] for p in parts],
             "stage_outputs_s_all": [p["outputs_s"] for p in parts],
             "stage_first_batch_s_all": [p["first_batch_s"] for p in parts],

@@ -11,8 +11,9 @@ tables' order before any model runs), a second feeds the joined rows to the Data
 
 The embedded rows are written in parts of ``part_rows`` work rows in a resumable work folder
 (flows.resume, ``out_dir/.work``): a run that fails keeps its finished parts, and the next
-run with the same inputs, params, model and code embeds only the rest. The parts are then
-concatenated, so the outputs are the same either way.
+run with the same inputs, params, model and code embeds only the rest. The output table is
+written as the batches come (a resumed run first copies its finished parts in), in row groups of
+a fixed size, so the outputs are the same either way.
 """
 
 from __future__ import annotations
@@ -131,17 +132,19 @@ def embed_frames(frames_path: Path, masks_path: Path, out_dir: Path, params: Emb
                  "params, model and code", work.folder, min(skip, tally.masked), tally.masked)
     stream = _WorkStream(frames_path, masks_path, sources, batch_size=params.batch_size, chunk_rows=chunk_rows,
                          skip_rows=skip)
-    progress = Progress("embed", tally.masked - min(skip, tally.masked))
-    steady = _SteadyRate(progress.clock, drained=LAUNCHED_AHEAD)
     part: _Part | None = None
     # The output is written beside the parts as the batches come, so nothing is re-read and
     # re-encoded after the loop (10 GB of embeddings at OpenImages scale); a resumed run first
     # copies its finished parts in. Row groups of exactly ROW_GROUP_ROWS make the bytes the same
-    # either way. It is renamed into place only once the counts add up.
-    with _BufferedBatches(out_dir / "embeddings.parquet", schema) as output:
+    # either way. It is made in the work folder (where a killed run's temporary file is cleaned
+    # up with the folder) and moved into place only once the counts add up.
+    output_path = work.folder / "output.embeddings.parquet"
+    with _BufferedBatches(output_path, schema) as output:
         for n in range(len(parts)):
             for rows in iter_batches(work.folder / f"part-{n:05d}.embeddings.parquet", schema):
                 output.write(rows)
+        progress = Progress("embed", tally.masked - min(skip, tally.masked))  # the copy above counts as setup
+        steady = _SteadyRate(progress.clock, drained=LAUNCHED_AHEAD)
         try:
             for batch in _encode(stream, tally.masked - min(skip, tally.masked), clip, params, torch_device):
                 progress.update(len(batch.indices))
@@ -166,8 +169,11 @@ def embed_frames(frames_path: Path, masks_path: Path, out_dir: Path, params: Emb
             rejected.update(record["rejected"])
         check_accounting(frames_in=tally.frames_in, embedded=embedded, rejected=rejected,
                          rejected_by_segment=tally.skipped)
+        if output.rows_written != embedded:  # the output is a second write path: it is counted too
+            raise AccountingError(f"{output.rows_written} rows in the output != {embedded} embedded")
     concat_tables([unmasked_path] + [work.folder / f"{name}.rejects.parquet" for name in names],
                   out_dir / "rejects.parquet", REJECTS)
+    os.replace(output_path, out_dir / "embeddings.parquet")  # the same file system: atomic
     stats = {
         "count": embedded, "rejected": dict(sorted(rejected.items())), "frames_in": tally.frames_in,
         "rejected_by_segment": tally.skipped,

@@ -360,6 +360,60 @@ def test_the_output_has_the_same_row_groups_however_its_rows_came(tmp_path, tiny
     assert (out / "embeddings.parquet").read_bytes() == (clean / "embeddings.parquet").read_bytes()
 
 
+def test_while_it_runs_the_stage_writes_nothing_beside_its_work_folder(tmp_path, tiny_clip, monkeypatch):
+    """A run killed outright (SIGKILL, the OOM killer) must leave no temporary file where DVC and git
+    look: the output is made in the work folder and moved into place at the end."""
+    from flows.embed import stage
+
+    inputs = make_inputs(tmp_path / "in", n=8)
+    out = tmp_path / "out"
+    real_write, seen = stage._Part.write, []
+
+    def looks_around(part, *args):
+        seen.append(sorted(p.name for p in out.iterdir()))
+        return real_write(part, *args)
+
+    monkeypatch.setattr(stage._Part, "write", looks_around)
+    embed_frames(inputs.frames, inputs.masks, out, embed_params(out), inputs.sources, clip=tiny_clip, part_rows=3)
+    assert seen and all(names == [".work"] for names in seen), seen
+
+
+def test_no_output_table_unless_both_are_written(tmp_path, tiny_clip, monkeypatch):
+    from flows.embed import stage
+
+    inputs = make_inputs(tmp_path / "in", n=6)
+    out = tmp_path / "out"
+
+    def disk_full(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(stage, "concat_tables", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        embed_frames(inputs.frames, inputs.masks, out, embed_params(out), inputs.sources, clip=tiny_clip)
+    assert sorted(p.name for p in out.iterdir()) == [".work"]
+
+
+def test_rows_lost_on_the_way_to_the_output_fail_the_run(tmp_path, tiny_clip, monkeypatch):
+    """The output is a second write path beside the parts: its rows are counted against theirs."""
+    from flows.accounting import AccountingError
+    from flows.embed import stage
+
+    inputs = make_inputs(tmp_path / "in", n=8)
+    out = tmp_path / "out"
+    real_write, dropped = stage._BufferedBatches.write, []
+
+    def loses_one_batch(writer, batch):
+        if writer.path.name.startswith("output") and not dropped:
+            dropped.append(batch.num_rows)
+            return None
+        return real_write(writer, batch)
+
+    monkeypatch.setattr(stage._BufferedBatches, "write", loses_one_batch)
+    with pytest.raises(AccountingError, match="rows in the output"):
+        embed_frames(inputs.frames, inputs.masks, out, embed_params(out), inputs.sources, clip=tiny_clip)
+    assert dropped and not (out / "embeddings.parquet").exists()
+
+
 def test_steady_rate_leaves_out_the_start_up_and_the_drain():
     """timing.json: the time to the first batch (workers starting, first pieces), and the rate from the
     first batch to the last one handed back before the drain (the batches still queued on the device
