@@ -205,6 +205,29 @@ def bench_stage(runner: SamRunner, root: Path, batch: int, workers: int | None,
     return end - start, stats
 
 
+def pycocotools_encode_masks(masks):
+    """flows.segment.masks.encode_masks as it was: pycocotools' encode, toBbox and area."""
+    from pycocotools import mask as mask_utils
+
+    height, width, _ = masks.shape
+    rles = mask_utils.encode(np.asfortranarray(masks, dtype=np.uint8))
+    return [{"rle_counts": rle["counts"], "bbox_x": float(box[0]), "bbox_y": float(box[1]), "bbox_w": float(box[2]),
+             "bbox_h": float(box[3]), "area_frac": float(area) / (height * width)}
+            for rle, box, area in zip(rles, mask_utils.toBbox(rles), mask_utils.area(rles))]
+
+
+def compare_rle(runner: SamRunner, root: Path, batch: int, workers: int | None) -> tuple[float, dict]:
+    """The stage again on the same data, its RLE done by pycocotools (which holds the GIL per call)."""
+    shutil.rmtree(root / "segment", ignore_errors=True)
+    ours, stage.encode_masks = stage.encode_masks, pycocotools_encode_masks
+    timeline = Timeline(runner)
+    try:
+        return bench_stage(runner, root, batch, workers, timeline)
+    finally:
+        timeline.close()
+        stage.encode_masks = ours
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="tiny")
@@ -216,6 +239,9 @@ def main() -> None:
                         help="generated image size; default: the encoder input's long side, 4:3")
     parser.add_argument("--workers", type=int, default=None, help="loader threads (default: min(8, cores))")
     parser.add_argument("--keep", action="store_true", help="keep the generated data")
+    parser.add_argument("--compare-rle", action="store_true",
+                        help="also run the stage with pycocotools' RLE (encode, toBbox, area) in place of "
+                             "flows.segment.masks.encode_masks, right after the first run")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -235,6 +261,7 @@ def main() -> None:
         finally:
             timeline.close()
         print(f"# stage: {args.n_images / seconds:.3f} img/s", file=sys.stderr, flush=True)
+        compared = compare_rle(runner, root / "run", args.batch, args.workers) if args.compare_rle else None
         encoder_after = bench_encoder(runner, args.batch, args.n_images)
     finally:
         if not args.keep:
@@ -252,6 +279,10 @@ def main() -> None:
         "ratio": round(stage_rate / encoder, 3),
         "stage_seconds": round(seconds, 3), "timeline": stats["timeline"],
         "stage_stats": {k: stats[k] for k in ("input_frames", "masks", "rejected", "methods")},
+        **({} if compared is None else {
+            "pycocotools_rle_stage_images_per_s": round(args.n_images / compared[0], 3),
+            "pycocotools_rle_ratio": round(args.n_images / compared[0] / encoder, 3),
+            "pycocotools_rle_timeline": compared[1]["timeline"]}),
     }, indent=2))
 
 

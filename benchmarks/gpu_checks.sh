@@ -55,7 +55,7 @@ else
     # engines at their default block size, then the stage's own call (block_rows from params.yaml)
     SIM="--n 1000000 --d 768 --k 32 --skip-naive --stage-block-rows 4096 --triton-levels 16,16,16 32,16 \
          --triton-tiles 128,128,64,8,3 128,256,64,8,4"
-    SEG="--profile vit_h-random --batch 8 --n-images 256"  # 128 left ~1 s of fixed costs in 6 s
+    SEG="--profile vit_h-random --batch 8 --n-images 256 --compare-rle"  # 128 left ~1 s of fixed costs in 6 s
     TRAIN="--profile sd15-random --dtype bf16 --batch 16 --steps 10 --repeats 5"  # noise ~0.05 at 5 x 3
     PROFILE="--profile sd15-random --dtype bf16 --batch 16 --steps 3"
     if [ -d .gpuwheels ]; then

@@ -30,17 +30,61 @@ def read_mask_file(path: Path, *, width: int, height: int) -> np.ndarray:
 def encode_masks(masks: np.ndarray) -> list[dict]:
     """RLE of N masks given as a Fortran-ordered (H, W, N) uint8 array (pycocotools' layout).
 
-    Returns per mask: rle_counts (bytes), bbox_x/y/w/h (COCO, pixels) and area_frac.
+    Returns per mask: rle_counts (bytes), bbox_x/y/w/h (COCO, pixels) and area_frac. A mask is
+    its nonzero pixels. The counts are byte for byte ``pycocotools.mask.encode``'s, the box its
+    ``toBbox`` and the area its ``area`` (tests compare them on many masks); they are computed
+    here in numpy, whose loops release the GIL. pycocotools holds the GIL for a whole call:
+    encoding the masks of a random-weights SAM (~100k runs each) took the segment stage's RLE
+    thread as long as the GPU took for the batch, and starved the thread that queues the next
+    batch (H200: the device idled 50-70 ms before half the batches).
     """
-    height, width, _ = masks.shape
-    rles = mask_utils.encode(np.asfortranarray(masks, dtype=np.uint8))
-    boxes = mask_utils.toBbox(rles)  # (N, 4) x, y, w, h
-    areas = mask_utils.area(rles)
-    return [
-        {"rle_counts": rle["counts"], "bbox_x": float(box[0]), "bbox_y": float(box[1]),
-         "bbox_w": float(box[2]), "bbox_h": float(box[3]), "area_frac": float(area) / (height * width)}
-        for rle, box, area in zip(rles, boxes, areas)
-    ]
+    height, width, n = masks.shape
+    out = []
+    for k in range(n):
+        mask = masks[:, :, k]  # (H, W), column after column in memory when masks is Fortran-ordered
+        flat = mask.ravel(order="F") != 0  # (H*W,) column-major, COCO's pixel order
+        area = int(np.count_nonzero(flat))
+        box = (0.0, 0.0, 0.0, 0.0)
+        if area:
+            cols = np.flatnonzero(flat.reshape(width, height).any(axis=1))
+            rows = np.flatnonzero(mask.any(axis=1))
+            box = (float(cols[0]), float(rows[0]), float(cols[-1] - cols[0] + 1), float(rows[-1] - rows[0] + 1))
+        out.append({"rle_counts": _coco_counts_string(_run_lengths(flat)), "bbox_x": box[0], "bbox_y": box[1],
+                    "bbox_w": box[2], "bbox_h": box[3], "area_frac": area / (height * width) if height * width else 0.0})
+    return out
+
+
+def _run_lengths(flat: np.ndarray) -> np.ndarray:
+    """COCO's uncompressed counts of a flat bool mask: run lengths alternating 0s and 1s, 0s first
+    (so a mask starting with a 1 starts with a run of length 0)."""
+    if flat.size == 0:
+        return np.zeros(1, np.int64)
+    ends = np.flatnonzero(flat[1:] != flat[:-1]) + 1  # where each run but the last ends
+    counts = np.diff(ends, prepend=0, append=flat.size)  # (runs,)
+    return np.concatenate(([0], counts)) if flat[0] else counts
+
+
+def _coco_counts_string(counts: np.ndarray) -> bytes:
+    """pycocotools' rleToString: each count (from the fourth on, less the count two before it) in
+    signed 5-bit chunks, least significant first, bit 5 set on all but the last, plus 48 (ASCII
+    48-111). A value takes the fewest chunks L whose 5L bits hold it in two's complement."""
+    x = counts.astype(np.int64)
+    x[3:] -= counts[1:-2]
+    magnitude = np.where(x < 0, ~x, x)  # what the bits beside the sign bit must hold
+    length = np.ones(x.size, np.int64)  # chunks per value
+    longer = np.flatnonzero(magnitude >= 16)  # the values past 1 chunk: few, in a mask of any shape
+    while longer.size:
+        length[longer] += 1
+        longer = longer[magnitude[longer] >= 1 << (5 * int(length[longer[0]]) - 1)]
+    start = np.cumsum(length) - length
+    out = np.empty(int(length[-1] + start[-1]), np.uint8)
+    at = np.arange(x.size)
+    for level in range(int(length.max())):
+        if level:
+            at = at[length[at] > level]  # the values with a chunk at this level
+        chunk = (x[at] >> (5 * level)) & 0x1F | (length[at] > level + 1).astype(np.int64) << 5
+        out[start[at] + level] = chunk + 48
+    return out.tobytes()
 
 
 def encode_mask(mask: np.ndarray) -> dict:

@@ -53,6 +53,51 @@ def test_encode_masks_takes_a_fortran_stack_like_pycocotools():
         assert np.array_equal(decode_rle(row["rle_counts"], width=17, height=13), stack[:, :, n])
 
 
+def _coco_masks(rng):
+    """(H, W) uint8 masks of every kind COCO RLE meets: empty, full, single pixels, lines, noise
+    of many densities (runs of 1 pixel, counts differences of both signs and of many 5-bit
+    chunks), blobs touching each edge, runs that wrap from a column's bottom to the next top."""
+    shapes = [(1, 1), (1, 9), (9, 1), (2, 3), (13, 17), (64, 48), (300, 700)]
+    for h, w in shapes:
+        yield np.zeros((h, w), np.uint8)
+        yield np.ones((h, w), np.uint8)
+        for density in (0.001, 0.05, 0.5, 0.95):
+            yield (rng.random((h, w)) < density).astype(np.uint8)
+        single = np.zeros((h, w), np.uint8)
+        single[rng.integers(h), rng.integers(w)] = 1
+        yield single
+        edge = np.zeros((h, w), np.uint8)
+        edge[h // 2:, : max(1, w // 3)] = 1  # to the bottom edge: the run wraps into the next column's top
+        edge[: max(1, h // 4), w // 3:] = 1
+        yield edge
+        yy, xx = np.mgrid[:h, :w]
+        yield (((yy - h / 2) / max(1, h / 3)) ** 2 + ((xx - w / 2) / max(1, w / 3)) ** 2 < 1).astype(np.uint8)
+    yield np.tile(np.array([[0, 1], [1, 0]], np.uint8), (200, 300))  # 120,000 runs of 1
+    long = np.zeros((2000, 3000), np.uint8)
+    long[5:1995, 1:2999] = 1  # counts of millions: the longest chunk strings
+    yield long
+
+
+def test_encode_masks_equals_pycocotools_on_every_kind_of_mask():
+    """The counts bytes, box and area are pycocotools' encode, toBbox and area, exactly."""
+    rng = np.random.default_rng(0)
+    for mask in _coco_masks(rng):
+        stack = np.asfortranarray(np.stack([mask, 1 - mask], axis=2))  # (H, W, 2) and the inverse
+        rows = encode_masks(stack)
+        for n, row in enumerate(rows):
+            reference = mask_utils.encode(np.asfortranarray(stack[:, :, n]))
+            assert row["rle_counts"] == reference["counts"], (mask.shape, n)
+            assert [row["bbox_x"], row["bbox_y"], row["bbox_w"], row["bbox_h"]] == \
+                mask_utils.toBbox(reference).tolist(), (mask.shape, n)
+            assert row["area_frac"] == mask_utils.area(reference) / mask.size
+
+
+def test_encode_masks_reads_any_nonzero_value_as_the_mask():
+    mask = np.zeros((6, 5), np.uint8)
+    mask[1:4, 2] = 255
+    assert encode_masks(np.asfortranarray(mask[:, :, None]))[0] == encode_mask(mask > 0)
+
+
 @pytest.mark.parametrize("content, reason", [(None, reasons.MISSING_FILE), (b"", reasons.EMPTY_FILE),
                                              (b"\x89PNG\r\n\x1a\nbroken", reasons.UNREADABLE_MASK)])
 def test_unusable_mask_files_name_their_reason(tmp_path, content, reason):
