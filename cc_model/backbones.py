@@ -25,6 +25,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from flows.errors import UserFacingError
 from flows.runtime import configure
 
 configure()  # HF_HUB_OFFLINE=1 etc. before diffusers/transformers read their settings
@@ -49,7 +50,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class BackboneNotFoundError(FileNotFoundError):
+class BackboneNotFoundError(UserFacingError, FileNotFoundError):
     """Real weights are not on disk; the message names what is missing and how to get it."""
 
 

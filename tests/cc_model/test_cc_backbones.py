@@ -54,6 +54,16 @@ def test_sd15_missing_names_path_and_command(tmp_path):
         load_backbones(repo)
 
 
+def test_missing_weights_end_a_stage_in_one_error_line(tmp_path):
+    """train and evaluate with sd15 weights not on disk: the `error:` line, not a traceback."""
+    from flows.cli import run_stage
+
+    (tmp_path / "params.yaml").write_text("{}\n")
+    params = BackboneParams(profile="sd15", sd15_path=str(tmp_path / "nope"))
+    with pytest.raises(SystemExit, match=r"^error: .*nope.*hf download"):
+        run_stage(lambda path: load_backbones(params), [str(tmp_path / "params.yaml")])
+
+
 def test_sd15_incomplete_folder_names_missing_files(tmp_path, tiny_backbones):
     save_backbones(tiny_backbones, tmp_path / "sd", tmp_path / "ip" / "models" / "image_encoder")
     (tmp_path / "sd" / "unet" / "diffusion_pytorch_model.safetensors").unlink()
