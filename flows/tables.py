@@ -38,9 +38,15 @@ class TableWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # A unique name the writer creates itself, so the file gets the umask's mode (mkstemp's is 0600).
         self._tmp = self.path.parent / f".{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
-        # Fixed writer options so identical rows give identical bytes.
+        # Fixed writer options so identical rows give identical bytes. Float vectors (embeddings,
+        # poses, crop boxes) get no dictionary (parquet tries one on every value, then gives up)
+        # and no min/max (of their elements: no reader uses them); that halves an embeddings
+        # write, which the embed stage does in its encoding loop.
+        scalars = [field.name for field in schema if not _is_float_vector(field.type)]
+        plain = len(scalars) < len(schema)
         self._writer = pq.ParquetWriter(
-            self._tmp, schema, compression="zstd", write_statistics=True, store_schema=True
+            self._tmp, schema, compression="zstd", store_schema=True,
+            use_dictionary=scalars if plain else True, write_statistics=scalars if plain else True,
         )
 
     def write_row(self, row: Mapping[str, Any]) -> None:
@@ -84,6 +90,10 @@ class TableWriter:
             self.close()
         else:
             self.abort()
+
+
+def _is_float_vector(kind: pa.DataType) -> bool:
+    return (pa.types.is_list(kind) or pa.types.is_fixed_size_list(kind)) and pa.types.is_floating(kind.value_type)
 
 
 def write_table(path: str | Path, schema: pa.Schema, rows: Iterable[Mapping[str, Any]]) -> int:

@@ -42,3 +42,29 @@ def test_a_damaged_or_missing_table_fails_in_one_line_naming_the_file(tmp_path):
     pa.parquet.write_table(pa.table({"a": [1]}), tmp_path / "other.parquet")
     with pytest.raises(TableReadError, match=r"other\.parquet: not a rejects table \(missing"):
         list(iter_rows(tmp_path / "other.parquet", REJECTS))
+
+
+def test_float_vectors_are_written_plain_and_scalars_keep_their_dictionary_and_statistics(tmp_path):
+    """Embeddings, poses and crop boxes: parquet's dictionary attempt on every float only costs time
+    (the embed stage writes in its encoding loop), and their elements' min/max serve no reader;
+    the scalar columns, which the report's row-group pruning reads, keep both."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from flows.schemas import embeddings_schema
+    from flows.tables import TableWriter
+
+    schema = embeddings_schema(8)
+    table = pa.table({"frame_id": ["a", "b"], "subject_id": ["s", "s"],
+                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(16, np.float16)), 8),
+                      "model_id": ["m", "m"]}).select(schema.names).cast(schema)
+    with TableWriter(tmp_path / "e.parquet", schema) as writer:
+        writer.write_batch(table)
+    group = pq.ParquetFile(tmp_path / "e.parquet").metadata.row_group(0)
+    columns = {group.column(i).path_in_schema: group.column(i) for i in range(group.num_columns)}
+    vector = columns["embedding.list.element"]
+    assert not vector.is_stats_set and not any("DICTIONARY" in e for e in vector.encodings)
+    for name in ("frame_id", "subject_id", "model_id"):
+        assert columns[name].is_stats_set and "RLE_DICTIONARY" in columns[name].encodings
+    assert pq.read_table(tmp_path / "e.parquet").equals(table)
