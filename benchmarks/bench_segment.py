@@ -241,7 +241,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the generated data")
     parser.add_argument("--compare-rle", action="store_true",
                         help="also run the stage with pycocotools' RLE (encode, toBbox, area) in place of "
-                             "flows.segment.masks.encode_masks, right after the first run")
+                             "flows.segment.masks.encode_masks, right after the first run (on warm caches, "
+                             "which if anything favours pycocotools)")
     args = parser.parse_args()
 
     device = torch.device(args.device)

@@ -43,7 +43,7 @@ if [ "${GPU_CHECKS_SMOKE:-0}" = 1 ]; then
     DEVICE=cpu
     EMBED="--profile tiny --batch 16 --n-images 64 --workers 1 --repeats 1"
     SIM="--n 3000 --d 64 --k 8 --dry-run --skip-naive --device cuda"  # last --device wins: the GPU code path
-    SEG="--profile tiny --batch 2 --n-images 4"
+    SEG="--profile tiny --batch 2 --n-images 4 --compare-rle"
     TRAIN="--profile tiny --dtype fp32 --batch 2 --steps 1 --repeats 1 --warmup 1"
     PROFILE="--profile tiny --dtype fp32 --batch 2 --steps 1 --warmup 1"
 else

@@ -139,6 +139,8 @@ def embed_frames(frames_path: Path, masks_path: Path, out_dir: Path, params: Emb
     # either way. It is made in the work folder (where a killed run's temporary file is cleaned
     # up with the folder) and moved into place only once the counts add up.
     output_path = work.folder / "output.embeddings.parquet"
+    for stale in work.folder.glob(f".{output_path.name}.*.tmp"):  # a killed run's (up to the whole output)
+        stale.unlink()
     with _BufferedBatches(output_path, schema) as output:
         for n in range(len(parts)):
             for rows in iter_batches(work.folder / f"part-{n:05d}.embeddings.parquet", schema):

@@ -31,12 +31,13 @@ def encode_masks(masks: np.ndarray) -> list[dict]:
     """RLE of N masks given as a Fortran-ordered (H, W, N) uint8 array (pycocotools' layout).
 
     Returns per mask: rle_counts (bytes), bbox_x/y/w/h (COCO, pixels) and area_frac. A mask is
-    its nonzero pixels. The counts are byte for byte ``pycocotools.mask.encode``'s, the box its
-    ``toBbox`` and the area its ``area`` (tests compare them on many masks); they are computed
-    here in numpy, whose loops release the GIL. pycocotools holds the GIL for a whole call:
-    encoding the masks of a random-weights SAM (~100k runs each) took the segment stage's RLE
-    thread as long as the GPU took for the batch, and starved the thread that queues the next
-    batch (H200: the device idled 50-70 ms before half the batches).
+    its nonzero pixels. For masks of 0 and one other value (0/1, 0/255) the counts are byte for
+    byte ``pycocotools.mask.encode``'s, the box its ``toBbox`` and the area its ``area`` (tests
+    compare them on many masks); pycocotools would also cut a run where two nonzero values meet.
+    They are computed here in numpy, whose loops release the GIL, where pycocotools holds it for
+    each whole call: the segment stage runs this in a thread beside the one that queues the next
+    batch on the GPU, and a random-weights SAM's masks (~100k runs each) kept pycocotools busy
+    50-160 ms a batch on a 2-core CPU (benchmarks/bench_rle.py, benchmarks/pipeline_gpu.md).
     """
     height, width, n = masks.shape
     out = []

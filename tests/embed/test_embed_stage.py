@@ -378,6 +378,27 @@ def test_while_it_runs_the_stage_writes_nothing_beside_its_work_folder(tmp_path,
     assert seen and all(names == [".work"] for names in seen), seen
 
 
+def test_a_killed_runs_partial_output_is_removed_when_the_work_resumes(tmp_path, tiny_clip, monkeypatch):
+    """SIGKILL leaves the output's temporary file in the work folder (up to the whole output); the
+    resumed run deletes it before writing its own, so the disk holds one partial output, not two."""
+    from flows.embed import stage
+
+    inputs = make_inputs(tmp_path / "in", n=8)
+    out = tmp_path / "out"
+    _fail_in_the_second_part(inputs, out, tiny_clip, monkeypatch)
+    stale = out / ".work" / ".output.embeddings.parquet.1234.abcdef012345.tmp"
+    stale.write_bytes(b"PAR1 half a table")
+    real_write, seen = stage._Part.write, []
+
+    def looks(part, *args):
+        seen.append(stale.exists())
+        return real_write(part, *args)
+
+    monkeypatch.setattr(stage._Part, "write", looks)
+    embed_frames(inputs.frames, inputs.masks, out, embed_params(out), inputs.sources, clip=tiny_clip, part_rows=3)
+    assert seen and not any(seen)
+
+
 def test_no_output_table_unless_both_are_written(tmp_path, tiny_clip, monkeypatch):
     from flows.embed import stage
 
