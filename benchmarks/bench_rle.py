@@ -9,6 +9,9 @@ the stage sees it (8 images of 1024x768, 2 masks each, (H, W, K) Fortran-ordered
 - ``*_launch_slowdown``: how much slower a thread issuing small torch ops (as the GPU thread
   queues kernels) runs while another thread encodes batches without pause, against the same
   ops alone. pycocotools holds the GIL for a whole call; numpy releases it inside its loops.
+  ``control_launch_slowdown`` is the same beside a thread that only hashes (hashlib releases
+  the GIL): the share of the slowdown that is CPU contention, not the GIL (large on a loaded
+  2-core machine, near 1 on a many-core one).
 
 Masks: ``random_sam`` are what a random-weights SAM gives (random 256x256 logits, upscaled
 bilinear as SAM's post-processing does, thresholded at 0: ~100k runs per mask); ``smooth`` are
@@ -22,6 +25,7 @@ Timings on a shared machine move with its load: compare within one run.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import threading
@@ -97,6 +101,10 @@ def launch_slowdown(fn, batch: list[np.ndarray], ops: int, repeats: int) -> floa
     return round(beside / alone, 2)
 
 
+def hash_bytes(data: bytes) -> None:
+    hashlib.sha256(data).digest()  # releases the GIL on large inputs: a control that only uses a CPU
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=8, help="images per batch (2 masks each)")
@@ -106,6 +114,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     result = {"images": args.images, "loadavg_before": os.getloadavg()[0]}
+    result["control_launch_slowdown"] = launch_slowdown(hash_bytes, [bytes(8 << 20)] * 4, args.ops, 3)
     for name, batch in (("random_sam", random_sam_masks(args.images, args.seed)), ("smooth", smooth_masks(args.images))):
         for impl, fn in (("ours", encode_masks), ("pycocotools", pycocotools_encode)):
             result[f"{name}_{impl}_ms"] = best_ms(fn, batch, args.repeats)
