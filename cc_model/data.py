@@ -223,8 +223,26 @@ class ExportDataset(torch.utils.data.Dataset):
         self.subjects = encoded.indices.to_numpy().astype(np.int64)  # (n,) each row's subject code
         self.placeholder_index = self.index["placeholder_index"].to_numpy().astype(np.int64)
         self.tokenizer, self.placeholder_id = tokenizer, placeholder_id
+        self._check_captions(export_dir / split)
         self.pixel_size, self.image_size = pixel_size, image_size
         self.background_rgb = tuple(int(v) for v in background_rgb)
+
+    def _check_captions(self, where: Path) -> None:
+        """Each distinct caption, tokenised as the model does: within the text encoder's length, and
+        its placeholder at the rows' placeholder_index. Export counts with open_clip's tokenizer, whose
+        ftfy and HTML unescaping split some text differently (ligatures, full-width letters,
+        entities); a mismatch fails here, not at the training step that first reaches the row."""
+        distinct = pa.table({"caption": self.index["caption"], "index": self.index["placeholder_index"]})
+        distinct = distinct.group_by(["caption", "index"]).aggregate([])
+        limit = self.tokenizer.model_max_length
+        for caption, index in zip(distinct["caption"].to_pylist(), distinct["index"].to_pylist()):
+            ids = self.tokenizer(caption, truncation=False).input_ids
+            if len(ids) > limit:
+                raise ExportDataError(f"{where}: the caption {caption!r} is {len(ids)} tokens for the model's tokenizer, "
+                                      f"over its {limit}; shorten export.caption_template or the class name")
+            if not 0 <= index < len(ids) or ids[index] != self.placeholder_id:
+                raise ExportDataError(f"{where}: placeholder_index {index} does not point at the placeholder in the "
+                                      f"model's tokens of {caption!r}; rerun the export stage")
 
     def __len__(self) -> int:
         return len(self.index)
@@ -254,7 +272,7 @@ class ExportDataset(torch.utils.data.Dataset):
         if recipe.background is not None:
             jpeg = self.backgrounds.row(int(self.background_rows[i]))["image_jpeg"]
             background = Image.open(io.BytesIO(jpeg))
-        return apply_recipe(image, mask, recipe, background)
+        return apply_recipe(image, mask, recipe, background, fill=self.background_rgb)
 
     def subject(self, image: Image.Image, mask: np.ndarray) -> torch.Tensor:
         """x^: the segmented subject on a square, at the image encoder's side, (3, S, S) in [0, 1]."""
@@ -278,11 +296,8 @@ class ExportDataset(torch.utils.data.Dataset):
         except ValueError as exc:
             raise ExportDataError(f"sample {self.index['sample_id'][i].as_py()}: {exc}") from exc
         caption = self.index["caption"][i].as_py()
-        input_ids = tokenize_captions(self.tokenizer, [caption])[0]
+        input_ids = tokenize_captions(self.tokenizer, [caption])[0]  # checked against placeholder_index at init
         index = int(self.placeholder_index[i])
-        if not 0 <= index < len(input_ids) or int(input_ids[index]) != self.placeholder_id:
-            raise ExportDataError(f"sample {self.index['sample_id'][i].as_py()}: placeholder_index {index} does not "
-                                  f"point at the placeholder in the model's tokens of {caption!r}")
         return {
             "target": to_tensor(target) * 2.0 - 1.0,  # (3, P, P) in [-1, 1], the VAE's range
             "mask": torch.from_numpy(target_mask.astype(np.float32))[None],  # (1, P, P)

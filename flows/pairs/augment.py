@@ -46,10 +46,15 @@ def make_recipe(frame_id: str, index: int, box: tuple[float, float, float, float
     return Recipe(tuple(float(v) for v in crop), scale, flip, background, seed)
 
 
-def apply_recipe(image: Image.Image, mask: np.ndarray, recipe: Recipe,
-                 background: Image.Image | None = None) -> tuple[Image.Image, np.ndarray]:
+def apply_recipe(image: Image.Image, mask: np.ndarray, recipe: Recipe, background: Image.Image | None = None, *,
+                 fill: tuple[int, int, int] = (0, 0, 0)) -> tuple[Image.Image, np.ndarray]:
     """Replay ``recipe`` on an RGB image and its (H, W) bool mask; returns the positive and its mask.
 
+    The positive has the crop's size. ``scale`` resizes the crop's content inside that frame, so
+    the subject's share of it changes by scale**2 (pairs' area_ratio): below 1 the content is
+    whole and the frame's rim shows the background photo, or ``fill`` without one; above 1 the
+    content's rim is cut off, the subject kept as central as the content allows. (Scaling the
+    frame with its content would change nothing: the encoder sees every view at one size.)
     ``background`` must be the photo named by ``recipe.background`` (None if that is None).
     """
     width, height = image.size
@@ -58,13 +63,35 @@ def apply_recipe(image: Image.Image, mask: np.ndarray, recipe: Recipe,
     right, bottom = max(left + 1, int(np.ceil(x1 * width))), max(top + 1, int(np.ceil(y1 * height)))
     crop = image.crop((left, top, right, bottom))
     crop_mask = mask[top:bottom, left:right]
+    frame = Image.new("RGB", crop.size, tuple(int(v) for v in fill))
     if background is not None:
-        back = background.convert("RGB").resize(crop.size, Image.BILINEAR)
-        crop = Image.composite(crop, back, Image.fromarray(crop_mask.astype(np.uint8) * 255))
+        frame = background.convert("RGB").resize(crop.size, Image.BILINEAR)
+        crop = Image.composite(crop, frame, Image.fromarray(crop_mask.astype(np.uint8) * 255))
     size = (max(1, round(crop.width * recipe.scale)), max(1, round(crop.height * recipe.scale)))
-    crop = crop.resize(size, Image.BICUBIC)
-    crop_mask = np.asarray(Image.fromarray(crop_mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 127
+    scaled = crop.resize(size, Image.BICUBIC)
+    scaled_mask = np.asarray(Image.fromarray(crop_mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 127
+    rows, cols = np.flatnonzero(scaled_mask.any(axis=1)), np.flatnonzero(scaled_mask.any(axis=0))
+    centre = ((cols[0] + cols[-1] + 1) / 2, (rows[0] + rows[-1] + 1) / 2) if rows.size else (size[0] / 2, size[1] / 2)
+    offset = [_place(frame_side, side, c) for frame_side, side, c in zip(crop.size, size, centre)]
+    frame.paste(scaled, tuple(offset))
+    out_mask = np.zeros((crop.height, crop.width), bool)
+    _paste(out_mask, scaled_mask, *offset)
     if recipe.flip:
-        crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
-        crop_mask = crop_mask[:, ::-1]
-    return crop, np.ascontiguousarray(crop_mask)
+        frame = frame.transpose(Image.FLIP_LEFT_RIGHT)
+        out_mask = out_mask[:, ::-1]
+    return frame, np.ascontiguousarray(out_mask)
+
+
+def _place(frame: int, content: int, centre: float) -> int:
+    """Offset of scaled content in a frame of one side: the subject's centre as near the frame's
+    as the content allows (all of a smaller content inside the frame; a larger one covering it)."""
+    low, high = sorted((0, frame - content))
+    return int(min(high, max(low, round(frame / 2 - centre))))
+
+
+def _paste(target: np.ndarray, source: np.ndarray, x: int, y: int) -> None:
+    """``source`` into ``target`` with its top-left corner at (x, y), cut to ``target``."""
+    h, w = source.shape
+    top, left = max(0, y), max(0, x)
+    bottom, right = min(target.shape[0], y + h), min(target.shape[1], x + w)
+    target[top:bottom, left:right] = source[top - y:bottom - y, left - x:right - x]

@@ -80,7 +80,7 @@ def test_augmentation_positive_replays_the_recipe_with_its_background(exported):
         recipe = Recipe(tuple(row["aug_crop"]), row["aug_scale"], row["aug_flip"], row["aug_background"],
                         row["aug_seed"])
         back = Image.open(io.BytesIO(photos[recipe.background])) if recipe.background else None
-        expected, expected_mask = apply_recipe(image, mask, recipe, back)
+        expected, expected_mask = apply_recipe(image, mask, recipe, back, fill=BACKGROUND)
         positive, positive_mask = dataset.positive(i, *dataset.image_and_mask(i))
         assert np.array_equal(np.asarray(positive), np.asarray(expected))
         assert np.array_equal(positive_mask, expected_mask)
@@ -263,11 +263,29 @@ def test_bad_shards_fail_naming_what_to_rerun(exported, tmp_path):
         make_dataset(exported, embeddings=partial)
 
 
-def test_a_wrong_placeholder_index_is_refused(exported):
-    dataset = make_dataset(exported)
-    dataset.placeholder_index[0] = 1
+def _rewrite_first_row(export_dir, **values):
+    part = sorted((export_dir / "export" / "train").glob("part-*.parquet"))[0]
+    table = pq.read_table(part)
+    for name, value in values.items():
+        column = table[name].to_pylist()
+        column[0] = value
+        field = table.schema.field(name)  # its type, nullability and the schema's metadata kept
+        table = table.set_column(table.schema.get_field_index(name), field, pa.array(column, field.type))
+    pq.write_table(table, part)
+
+
+def test_a_wrong_placeholder_index_is_refused_before_training(exported):
+    """Checked for every distinct caption when the dataset is built, not at the step that reaches it."""
+    _rewrite_first_row(exported, placeholder_index=1)
     with pytest.raises(ExportDataError, match="placeholder_index 1 does not point at the placeholder"):
-        dataset[0]
+        make_dataset(exported)
+
+
+def test_a_caption_too_long_for_the_model_is_refused_before_training(exported):
+    """The model's tokenizer would cut it (and the class name with it) at 77 tokens."""
+    _rewrite_first_row(exported, caption="a photo of a sks " + "salt & pepper " * 30 + "shaker")
+    with pytest.raises(ExportDataError, match="tokens for the model's tokenizer, over its 77"):
+        make_dataset(exported)
 
 
 def test_shards_that_lost_a_positive_or_a_background_are_refused(exported):

@@ -242,3 +242,25 @@ def test_view_angle_comes_from_the_camera_axes_in_world_coordinates():
     assert len(pairs) == 2
     for p in pairs:
         assert p["angle_deg"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_scale_resizes_the_subject_inside_a_frame_of_the_crops_size():
+    """What the encoder sees: the subject's share of the frame changes by scale**2 (pairs' area_ratio).
+    Below 1 the content is whole and the rim is ``fill``; above 1 the rim is cut and the subject kept,
+    even when it sits in the crop's corner."""
+    from flows.pairs.augment import Recipe
+
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 255, (120, 160, 3), dtype=np.uint8))
+    mask = np.zeros((120, 160), bool)
+    mask[40:80, 60:100] = True  # 1600 px, 1/12 of the frame
+    whole = (0.0, 0.0, 1.0, 1.0)
+    for scale in (0.5, 0.8, 1.0, 1.25):
+        out, out_mask = apply_recipe(image, mask, Recipe(whole, scale, False, None, 0), fill=(7, 8, 9))
+        assert out.size == image.size and out_mask.shape == mask.shape
+        assert out_mask.sum() / mask.sum() == pytest.approx(scale ** 2, rel=0.08)
+    small, _ = apply_recipe(image, mask, Recipe(whole, 0.5, False, None, 0), fill=(7, 8, 9))
+    assert (np.asarray(small)[:5] == (7, 8, 9)).all()  # the rim
+    corner = np.zeros((120, 160), bool)
+    corner[:10, :10] = True
+    _, kept = apply_recipe(image, corner, Recipe(whole, 1.3, False, None, 0))
+    assert kept.sum() == pytest.approx(100 * 1.3 ** 2, rel=0.1)  # the cut fell on the far sides
