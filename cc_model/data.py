@@ -221,7 +221,6 @@ class ExportDataset(torch.utils.data.Dataset):
         encoded = pc.dictionary_encode(self.index["subject_id"]).combine_chunks()
         self.subject_names = encoded.dictionary  # subject code -> subject_id
         self.subjects = encoded.indices.to_numpy().astype(np.int64)  # (n,) each row's subject code
-        self.placeholder_index = self.index["placeholder_index"].to_numpy().astype(np.int64)
         self.tokenizer, self.placeholder_id = tokenizer, placeholder_id
         self._check_captions(export_dir / split)
         self.pixel_size, self.image_size = pixel_size, image_size
@@ -297,7 +296,6 @@ class ExportDataset(torch.utils.data.Dataset):
             raise ExportDataError(f"sample {self.index['sample_id'][i].as_py()}: {exc}") from exc
         caption = self.index["caption"][i].as_py()
         input_ids = tokenize_captions(self.tokenizer, [caption])[0]  # checked against placeholder_index at init
-        index = int(self.placeholder_index[i])
         return {
             "target": to_tensor(target) * 2.0 - 1.0,  # (3, P, P) in [-1, 1], the VAE's range
             "mask": torch.from_numpy(target_mask.astype(np.float32))[None],  # (1, P, P)

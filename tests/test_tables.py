@@ -68,3 +68,19 @@ def test_float_vectors_are_written_plain_and_scalars_keep_their_dictionary_and_s
     for name in ("frame_id", "subject_id", "model_id"):
         assert columns[name].is_stats_set and "RLE_DICTIONARY" in columns[name].encodings
     assert pq.read_table(tmp_path / "e.parquet").equals(table)
+
+
+def test_every_nested_column_of_the_schemas_is_a_float_vector():
+    """TableWriter names the scalar columns to keep dictionary and statistics; a nested column of
+    another kind (a list of ints) would lose both without a word, so none may exist unnoticed."""
+    import pyarrow as pa
+
+    from flows import schemas
+    from flows.tables import _is_float_vector
+
+    tables = [v for v in vars(schemas).values() if isinstance(v, pa.Schema)] + [schemas.embeddings_schema(8)]
+    assert len(tables) > 5
+    for schema in tables:
+        for field in schema:
+            if pa.types.is_nested(field.type):
+                assert _is_float_vector(field.type), (schema.metadata, field)

@@ -63,23 +63,33 @@ def apply_recipe(image: Image.Image, mask: np.ndarray, recipe: Recipe, backgroun
     right, bottom = max(left + 1, int(np.ceil(x1 * width))), max(top + 1, int(np.ceil(y1 * height)))
     crop = image.crop((left, top, right, bottom))
     crop_mask = mask[top:bottom, left:right]
-    frame = Image.new("RGB", crop.size, tuple(int(v) for v in fill))
-    if background is not None:
-        frame = background.convert("RGB").resize(crop.size, Image.BILINEAR)
-        crop = Image.composite(crop, frame, Image.fromarray(crop_mask.astype(np.uint8) * 255))
     size = (max(1, round(crop.width * recipe.scale)), max(1, round(crop.height * recipe.scale)))
     scaled = crop.resize(size, Image.BICUBIC)
     scaled_mask = np.asarray(Image.fromarray(crop_mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 127
-    rows, cols = np.flatnonzero(scaled_mask.any(axis=1)), np.flatnonzero(scaled_mask.any(axis=0))
-    centre = ((cols[0] + cols[-1] + 1) / 2, (rows[0] + rows[-1] + 1) / 2) if rows.size else (size[0] / 2, size[1] / 2)
-    offset = [_place(frame_side, side, c) for frame_side, side, c in zip(crop.size, size, centre)]
-    frame.paste(scaled, tuple(offset))
+    offset = [_place(frame_side, side, c) for frame_side, side, c in zip(crop.size, size, _anchor(scaled_mask))]
+    if background is None:
+        frame = Image.new("RGB", crop.size, tuple(int(v) for v in fill))
+        frame.paste(scaled, tuple(offset))
+    else:  # the subject alone onto the unscaled photo: no seam where a scaled rectangle of it would end
+        frame = background.convert("RGB").resize(crop.size, Image.BILINEAR)
+        frame.paste(scaled, tuple(offset), Image.fromarray(scaled_mask.astype(np.uint8) * 255))
     out_mask = np.zeros((crop.height, crop.width), bool)
     _paste(out_mask, scaled_mask, *offset)
     if recipe.flip:
         frame = frame.transpose(Image.FLIP_LEFT_RIGHT)
         out_mask = out_mask[:, ::-1]
     return frame, np.ascontiguousarray(out_mask)
+
+
+def _anchor(mask: np.ndarray) -> tuple[float, float]:
+    """(x, y) of the subject pixel nearest the mask's centroid, at its pixel's centre: a point of
+    the subject itself (a box's centre can fall between the pieces of a mask), which _place keeps
+    in the frame. The content's centre when the mask is empty."""
+    ys, xs = np.nonzero(mask)
+    if not xs.size:
+        return mask.shape[1] / 2, mask.shape[0] / 2
+    nearest = int(np.argmin((xs - xs.mean()) ** 2 + (ys - ys.mean()) ** 2))
+    return xs[nearest] + 0.5, ys[nearest] + 0.5
 
 
 def _place(frame: int, content: int, centre: float) -> int:

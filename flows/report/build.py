@@ -160,9 +160,12 @@ def _load(info: dict, sources: SourcesParams) -> tuple[Image.Image, np.ndarray]:
     return image, mask
 
 
-def build_report(inputs: ReportInputs, sources: SourcesParams, out_dir: Path, *,
-                 n_pairs: int = 8, n_subjects: int = 4, n_neighbours: int = 5) -> dict:
-    """Write report.md, pairs.png, neighbours.png, histograms.png and hist_*.csv; return a summary."""
+def build_report(inputs: ReportInputs, sources: SourcesParams, out_dir: Path, *, n_pairs: int = 8,
+                 n_subjects: int = 4, n_neighbours: int = 5, fill: tuple[int, int, int] = (0, 0, 0)) -> dict:
+    """Write report.md, pairs.png, neighbours.png, histograms.png and hist_*.csv; return a summary.
+
+    ``fill``: the pad colour of augmentation positives, as the training loader draws them
+    (embed.background_rgb)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     hists = {
         "subject area fraction": (AREA_BINS, _histogram(inputs.masks, MASKS, "area_frac", AREA_BINS)),
@@ -181,7 +184,7 @@ def build_report(inputs: ReportInputs, sources: SourcesParams, out_dir: Path, *,
     wanted |= set(representative.values())
     lookup = _frame_lookup(inputs, wanted)
 
-    figures.grid([_pair_row(p, lookup, sources) for p in shown], out_dir / "pairs.png")
+    figures.grid([_pair_row(p, lookup, sources, fill) for p in shown], out_dir / "pairs.png")
     figures.grid([(f"{s} -> " + ", ".join(f"{r['r']:.2f}" for r in neighbours[s]),
                    [figures.overlay(*_load(lookup[representative[x]], sources))
                     for x in [s] + [r["j"] for r in neighbours[s]]]) for s in subjects],
@@ -261,7 +264,8 @@ def _representatives(masks: Path, subjects: set[str]) -> dict[str, str]:
     return first
 
 
-def _pair_row(pair: dict, lookup: dict, sources: SourcesParams) -> tuple[str, list[Image.Image]]:
+def _pair_row(pair: dict, lookup: dict, sources: SourcesParams,
+              fill: tuple[int, int, int]) -> tuple[str, list[Image.Image]]:
     image, mask = _load(lookup[pair["frame_id"]], sources)
     if pair["kind"] == "multiview":
         positive = _load(lookup[pair["positive_frame_id"]], sources)
@@ -270,7 +274,7 @@ def _pair_row(pair: dict, lookup: dict, sources: SourcesParams) -> tuple[str, li
         recipe = Recipe(tuple(pair["aug_crop"]), pair["aug_scale"], pair["aug_flip"], pair["aug_background"],
                         pair["aug_seed"])
         back = Image.open(image_file(sources, "openimages", recipe.background)) if recipe.background else None
-        positive = apply_recipe(image, mask, recipe, back)
+        positive = apply_recipe(image, mask, recipe, back, fill=fill)
         caption = f"augmentation: scale {recipe.scale:.2f}, flip {recipe.flip}, background {recipe.background or '-'}"
     return caption, [figures.overlay(image, mask), figures.overlay(*positive)]
 

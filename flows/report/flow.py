@@ -35,7 +35,8 @@ def report_inputs(params: Params) -> ReportInputs:
 
 @task(cache_policy=NO_CACHE)
 def report_task(params: Params, out_dir: Path) -> dict:
-    return build_report(report_inputs(params), params.sources, out_dir)
+    return build_report(report_inputs(params), params.sources, out_dir,
+                        fill=tuple(int(v) for v in params.embed.background_rgb))
 
 
 @flow(name="report")

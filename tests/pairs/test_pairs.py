@@ -264,3 +264,27 @@ def test_scale_resizes_the_subject_inside_a_frame_of_the_crops_size():
     corner[:10, :10] = True
     _, kept = apply_recipe(image, corner, Recipe(whole, 1.3, False, None, 0))
     assert kept.sum() == pytest.approx(100 * 1.3 ** 2, rel=0.1)  # the cut fell on the far sides
+
+
+def test_zooming_in_keeps_a_subject_in_pieces():
+    """A box's centre can fall between the pieces of a mask (a strip at one edge, a speck at the
+    other); the frame is anchored on a subject pixel, so a scale above 1 never cuts all of it."""
+    from flows.pairs.augment import Recipe
+
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 255, (200, 200, 3), dtype=np.uint8))
+    mask = np.zeros((200, 200), bool)
+    mask[20:180, :20] = True
+    mask[98:102, 196:200] = True
+    _, kept = apply_recipe(image, mask, Recipe((0.0, 0.0, 1.0, 1.0), 1.3, False, None, 0))
+    assert kept.sum() > 0.8 * 160 * 20 * 1.3 ** 2 * (1 / 1.3)  # most of the strip: the frame is 1/1.3 of it wide
+
+
+def test_a_shrunk_subject_sits_on_the_unscaled_background_without_a_seam():
+    from flows.pairs.augment import Recipe
+
+    image, mask = _asymmetric_image_and_mask()
+    ramp = np.tile(np.linspace(0, 255, 64, dtype=np.uint8)[None, :, None], (48, 1, 3))
+    back = Image.fromarray(ramp)
+    out, out_mask = apply_recipe(image, mask, Recipe((0.0, 0.0, 1.0, 1.0), 0.7, False, "bg.jpg", 0), back)
+    expected = np.asarray(back.resize(out.size, Image.BILINEAR))
+    assert out_mask.any() and np.array_equal(np.asarray(out)[~out_mask], expected[~out_mask])
