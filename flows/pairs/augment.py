@@ -52,9 +52,10 @@ def apply_recipe(image: Image.Image, mask: np.ndarray, recipe: Recipe, backgroun
 
     The positive has the crop's size. ``scale`` resizes the crop's content inside that frame, so
     the subject's share of it changes by scale**2 (pairs' area_ratio): below 1 the content is
-    whole and the frame's rim shows the background photo, or ``fill`` without one; above 1 the
-    content's rim is cut off, the subject kept as central as the content allows. (Scaling the
-    frame with its content would change nothing: the encoder sees every view at one size.)
+    whole, on ``fill``; above 1 its rim is cut off, a subject pixel (see _anchor) kept as central
+    as the content allows. With a background photo, the scaled subject alone is pasted onto the
+    unscaled photo. (Scaling the frame with its content would change nothing: the encoder sees
+    every view at one size.)
     ``background`` must be the photo named by ``recipe.background`` (None if that is None).
     """
     width, height = image.size
@@ -93,7 +94,7 @@ def _anchor(mask: np.ndarray) -> tuple[float, float]:
 
 
 def _place(frame: int, content: int, centre: float) -> int:
-    """Offset of scaled content in a frame of one side: the subject's centre as near the frame's
+    """Offset of scaled content in a frame of one side: the anchor as near the frame's centre
     as the content allows (all of a smaller content inside the frame; a larger one covering it)."""
     low, high = sorted((0, frame - content))
     return int(min(high, max(low, round(frame / 2 - centre))))
