@@ -22,6 +22,7 @@ from flows import ids
 from flows.accounting import AccountingError
 from flows.cluster import Pool, absolute_sources, work_pool
 from flows.config.params import ClusterParams, ExportParams, SourcesParams
+from flows.errors import UserFacingError
 from flows.pairs.join import SubjectFrame, iter_joined
 from flows.parallel import ordered_map
 from flows.progress import Progress
@@ -98,13 +99,27 @@ class ImageWork:
     masks: tuple[tuple[str, bytes, tuple[int, int]], ...] = ()  # (frame_id, RLE counts, mask (w, h))
 
 
+class ImageChangedError(UserFacingError, RuntimeError):
+    """An image that ingest accepted no longer reads as it did: the source changed under the pipeline."""
+
+
+_RERUN = "the source changed after ingest read it; rerun the pipeline from ingest (`dvc repro` does)"
+
+
 def encode_image(work: ImageWork) -> tuple[bytes, tuple[int, int], list[bytes]]:
-    """(JPEG bytes, their (w, h), each mask's RLE at that size): the image decoded once for all its masks."""
-    jpeg, size, original = resized_jpeg(Path(work.path), work.side, work.quality)
+    """(JPEG bytes, their (w, h), each mask's RLE at that size): the image decoded once for all its masks.
+
+    Ingest decoded every image before it was accepted, so one that fails here, or whose size
+    differs from its masks', was replaced or damaged since: :class:`ImageChangedError`.
+    """
+    try:
+        jpeg, size, original = resized_jpeg(Path(work.path), work.side, work.quality)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # missing, truncated, not an image
+        raise ImageChangedError(f"{work.path}: {type(exc).__name__}: {exc}; {_RERUN}") from exc
     rles = []
     for frame_id, counts, mask_size in work.masks:
         if original != mask_size:
-            raise ValueError(f"{frame_id}: image is {original}, its mask {mask_size}")
+            raise ImageChangedError(f"{frame_id}: image {work.path} is {original}, its mask {mask_size}; {_RERUN}")
         rles.append(resized_rle(counts, original, size))
     return jpeg, size, rles
 

@@ -8,6 +8,7 @@ from pycocotools import mask as mask_utils
 
 from cc_model.backbones import clip_tokenizer_from_open_clip
 from flows.config.params import ExportParams, PairsParams, SourcesParams
+from flows.errors import UserFacingError
 from flows.export.shards import caption_for, export_shards
 from flows.pairs.stage import build_pairs
 from flows.schemas import BACKGROUNDS, FRAMES, MASKS, PAIRS, REJECTS, embeddings_schema
@@ -217,15 +218,32 @@ def test_resized_jpeg_decodes_large_jpegs_at_a_reduced_scale(tmp_path, monkeypat
 
 
 def test_an_image_and_its_mask_must_have_one_size(tmp_path):
-    from flows.export.shards import ImageWork, encode_image
+    from flows.export.shards import ImageChangedError, ImageWork, encode_image
 
     Image.new("RGB", (40, 30)).save(tmp_path / "a.jpg")
     rle = mask_utils.encode(np.asfortranarray(np.ones((30, 40), np.uint8)))["counts"]
     jpeg, size, (mask,) = encode_image(ImageWork(path=str(tmp_path / "a.jpg"), side=15, quality=90,
                                                  masks=(("f1", rle, (40, 30)),)))
     assert size == (20, 15) and mask_utils.area({"size": [15, 20], "counts": mask}) == 300
-    with pytest.raises(ValueError, match=r"f2: image is \(40, 30\), its mask \(30, 40\)"):
+    with pytest.raises(ImageChangedError, match=r"f2: image .*a.jpg is \(40, 30\), its mask \(30, 40\); the source changed"):
         encode_image(ImageWork(path=str(tmp_path / "a.jpg"), side=15, quality=90, masks=(("f2", rle, (30, 40)),)))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "not_an_image"])
+def test_an_image_damaged_after_ingest_is_a_clear_error(tmp_path, damage):
+    from flows.export.shards import ImageChangedError, ImageWork, encode_image
+
+    path = tmp_path / "a.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(path, quality=90)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:2000])
+    elif damage == "missing":
+        path.unlink()
+    else:
+        path.write_bytes(b"<html>not found</html>")
+    with pytest.raises(ImageChangedError, match=r"a\.jpg: .*Error: .*; the source changed after ingest") as caught:
+        encode_image(ImageWork(path=str(path), side=100, quality=90))
+    assert isinstance(caught.value, UserFacingError)  # the CLI ends in one error: line
 
 
 def test_every_row_carries_its_pairs_row(tables):
