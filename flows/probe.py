@@ -86,11 +86,54 @@ def decode_mask(data: bytes, *, width: int, height: int) -> np.ndarray:
     Raises :class:`UnreadableFile` (empty_file or unreadable_mask).
     """
     image = _decode(data, "mask", reasons.EMPTY_FILE, reasons.UNREADABLE_MASK)
-    gray = np.asarray(image.convert("L"))
+    gray = _mask_gray(image)
     if gray.shape != (height, width):
         _check_mask_shape(gray.shape, width=width, height=height)
         gray = cv2.resize(gray, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
     return gray > MASK_THRESHOLD
+
+
+def _mask_gray(image: Image.Image) -> np.ndarray:
+    """A mask image's (H, W) uint8 levels, where the level is what the mask means.
+
+    - 1-bit or 8-bit grayscale (0 background, 255 subject): OpenImages' masks;
+    - a cutout, the subject's colours over a transparent background: the alpha channel is the
+      mask (CarveKit's output; AnyDoor reads MVImgNet's masks by their last channel). An alpha
+      that is all opaque says nothing and is dropped;
+    - an RGB or palette image whose colours are all grays reads as grayscale (PNG optimisers
+      write two-colour masks as palettes).
+
+    Other kinds would read as the wrong mask through their brightness, so they raise
+    :class:`UnreadableFile` (unreadable_mask) saying what they are: a class-index palette
+    (VOC style: dark colours, empty at 127), a colour mask, a 16-bit or float mask (a 0/1
+    one would read empty, a 0..65535 one dilated).
+    """
+    if image.mode == "PA" or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+    if image.mode in ("LA", "RGBA"):
+        alpha = image.getchannel("A")
+        if alpha.getextrema() != (255, 255):
+            return np.asarray(alpha)
+        image = image.convert(image.mode[:-1])
+    mode = image.mode
+    if mode in ("1", "L"):
+        return np.asarray(image.convert("L"))
+    if mode == "P":
+        used = np.flatnonzero(np.bincount(np.asarray(image).ravel(), minlength=256))
+        colours = np.asarray(image.getpalette("RGB") or [], dtype=np.uint8).reshape(-1, 3)
+        if used.max() < len(colours) and (colours[used] == colours[used, :1]).all():
+            return np.asarray(image.convert("L"))
+        raise UnreadableFile(reasons.UNREADABLE_MASK, "mask is a colour palette PNG (class indices?), not a "
+                                                      "1-bit or 8-bit grayscale mask (0 background, 255 subject)")
+    if mode == "RGB":
+        pixels = np.asarray(image)
+        if (pixels == pixels[..., :1]).all():
+            return np.ascontiguousarray(pixels[..., 0])
+        raise UnreadableFile(reasons.UNREADABLE_MASK, "mask is a colour RGB image, not a 1-bit or 8-bit "
+                                                      "grayscale mask (0 background, 255 subject)")
+    raise UnreadableFile(reasons.UNREADABLE_MASK, f"mask image is mode {mode} (16-bit or float); expected a "
+                                                  f"1-bit or 8-bit grayscale mask (0 background, 255 subject) "
+                                                  f"or a cutout with the subject in the alpha channel")
 
 
 def _check_mask_shape(shape: tuple[int, int], *, width: int, height: int) -> None:

@@ -37,3 +37,69 @@ def test_a_mask_of_another_aspect_is_unreadable_not_stretched(size):
     with pytest.raises(UnreadableFile, match=r"not the 480x360 image's aspect") as caught:
         decode_mask(png(*size), width=480, height=360)
     assert caught.value.reason == reasons.UNREADABLE_MASK
+
+
+def _encoded(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _quarter(mode_values: np.ndarray) -> np.ndarray:
+    values = np.zeros((36, 48), dtype=mode_values.dtype)
+    values[:18, :24] = mode_values
+    return values
+
+
+def _cutout(mode: str) -> Image.Image:
+    """The subject's colours over a transparent background (CarveKit's output): dark subject, bright rim."""
+    colours = np.random.default_rng(0).integers(0, 100, (36, 48, 3), dtype=np.uint8)
+    colours[18:] = 250  # outside the subject: colours a brightness reading would take for the mask
+    image = Image.fromarray(np.dstack([colours, _quarter(np.uint8(255))]), mode="RGBA")
+    return image if mode == "RGBA" else image.convert(mode)
+
+
+def _gray_palette_mask() -> Image.Image:
+    image = Image.fromarray(_quarter(np.uint8(1)), mode="P")  # what PNG optimisers write for a 2-colour mask
+    image.putpalette([0, 0, 0, 255, 255, 255])
+    return image
+
+
+def _opaque(mode: str) -> Image.Image:
+    gray = Image.fromarray(_quarter(np.uint8(255)))
+    return Image.merge(mode, [gray] * (len(mode) - 1) + [Image.new("L", gray.size, 255)])
+
+
+@pytest.mark.parametrize("make", [
+    lambda: Image.fromarray(_quarter(np.uint8(255))),                      # 8-bit gray
+    lambda: Image.fromarray(_quarter(np.uint8(255))).convert("1"),         # 1-bit
+    lambda: Image.fromarray(_quarter(np.uint8(255))).convert("RGB"),       # gray saved as RGB
+    _gray_palette_mask,
+    lambda: _opaque("LA"),
+    lambda: _opaque("RGBA"),
+    lambda: _cutout("RGBA"),
+    lambda: _cutout("LA"),
+    lambda: _cutout("P"),  # a palette with transparency (tRNS)
+], ids=["L", "1", "gray RGB", "gray palette", "opaque LA", "opaque RGBA", "RGBA cutout", "LA cutout", "P cutout"])
+def test_every_grayscale_encoding_of_a_mask_reads_the_same(make):
+    mask = decode_mask(_encoded(make()), width=48, height=36)
+    assert mask.sum() == 18 * 24 and mask[:18, :24].all()
+
+
+def _voc_palette_mask() -> Image.Image:
+    image = Image.fromarray(_quarter(np.uint8(1)), mode="P")  # class 1 in VOC's colour map: dark red
+    image.putpalette([0, 0, 0, 128, 0, 0])
+    return image
+
+
+@pytest.mark.parametrize("make, says", [
+    (_voc_palette_mask, "colour palette"),
+    (lambda: Image.fromarray(_quarter(np.uint16(1))).convert("I;16"), "16-bit"),
+    (lambda: Image.merge("RGB", [Image.fromarray(_quarter(np.uint8(255)))] + [Image.new("L", (48, 36))] * 2),
+     "colour RGB"),
+], ids=["VOC palette", "16-bit 0/1", "red on black"])
+def test_a_mask_whose_brightness_is_not_the_mask_is_unreadable_with_what_it_is(make, says):
+    # read as brightness, each of these would be an empty (or dilated) mask, rejected as too small
+    with pytest.raises(UnreadableFile, match=says) as caught:
+        decode_mask(_encoded(make()), width=48, height=36)
+    assert caught.value.reason == reasons.UNREADABLE_MASK
