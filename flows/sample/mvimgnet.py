@@ -2,7 +2,8 @@
 
     <mv_root>/<class_id>/<object_id>/images/001.jpg ...
     <mv_root>/<class_id>/<object_id>/sparse/0/{cameras.bin,images.bin,points3D.bin}
-    <mask_root>/<class_id>/<object_id>/001.jpg.png ...
+    <mask_root>/<class_id>/<object_id>/001.jpg.png ...   8-bit grayscale, or (every other object) a cutout:
+                                                      the frame's colours, the mask as alpha
     <mv_root>/mvimgnet_category.txt          lines "id,name", no header
 
 The COLMAP model holds the true render poses and the pinhole intrinsics of the render, plus a
@@ -110,14 +111,20 @@ def _backdrops(obj: ObjectPlan, width: int, height: int) -> list[np.ndarray]:
     return out
 
 
-def _write_frame(rgb: np.ndarray, mask: np.ndarray, fault: str | None, image_path: Path, mask_path: Path) -> None:
-    """Write one frame and its mask, planting the frame's fault if it has one."""
+def _write_frame(rgb: np.ndarray, mask: np.ndarray, fault: str | None, image_path: Path, mask_path: Path,
+                 *, cutout: bool) -> None:
+    """Write one frame and its mask (a grayscale PNG, or a cutout with the mask as alpha), planting the frame's
+    fault if it has one."""
     photos.write_jpeg(faults.blur(rgb) if fault == "blurred_frame" else rgb, image_path)
     if fault == "truncated_jpeg":
         faults.truncate(image_path)
     if fault == "fragmented_mask":
-        photos.write_mask_png(faults.fragment(mask), mask_path)
-    elif fault != "missing_mask":
+        mask = faults.fragment(mask)
+    if fault == "missing_mask":
+        return
+    if cutout:
+        photos.write_cutout_png(rgb, mask, mask_path)
+    else:
         photos.write_mask_png(mask, mask_path)
 
 
@@ -133,7 +140,7 @@ def write_object(obj: ObjectPlan, width: int, height: int, mv_root: Path, mask_r
         composites.append(photos.over(backdrop, rgba))
         name = frame_name(v)
         _write_frame(composites[-1], masks[-1], frame_faults.get(v), obj_dir / "images" / name,
-                     mask_root / obj.class_id / obj.object_id / f"{name}.png")
+                     mask_root / obj.class_id / obj.object_id / f"{name}.png", cutout=obj.index % 2 == 1)
 
     camera = Camera(1, obj.camera_model, width, height,
                     intrinsics(obj.camera_model, width, height, obj.render.view_angle_deg))

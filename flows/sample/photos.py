@@ -145,6 +145,14 @@ def write_mask_png(mask: np.ndarray, path: Path) -> None:
     path.write_bytes(buf.getvalue())
 
 
+def write_cutout_png(rgb: np.ndarray, mask: np.ndarray, path: Path) -> None:
+    """A mask as a cutout: the frame's colours, alpha 255 on the subject and 0 elsewhere (CarveKit's output)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    Image.fromarray(np.dstack([rgb, np.where(mask, 255, 0)]).astype(np.uint8), mode="RGBA").save(buf, format="PNG")
+    path.write_bytes(buf.getvalue())
+
+
 def write_rgba_png(rgba: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()

@@ -165,7 +165,8 @@ def test_provided_masks_equal_ground_truth_and_tiny_sam_ran(project):
             continue
         frame = frames[m["frame_id"]]
         root = params["sources"]["mvimgnet_mask_root" if frame["source"] == "mvimgnet" else "openimages_root"]
-        truth = Image.open(project / root / frame["mask_path"]).convert("L")
+        truth = Image.open(project / root / frame["mask_path"])
+        truth = truth.getchannel("A") if truth.mode == "RGBA" else truth.convert("L")  # a cutout's mask is its alpha
         # OpenImages masks are stored smaller: nearest-neighbour resize, pixel centres aligned
         truth = np.asarray(truth.resize((m["width"], m["height"]), Image.NEAREST)) > 127
         decoded = mask_utils.decode({"size": [m["height"], m["width"]], "counts": m["rle_counts"]}).astype(bool)

@@ -19,6 +19,13 @@ def blur_score(im: Image.Image, side: int = 256) -> float:
     return float(ndimage.laplace(np.asarray(g, dtype=np.float64)).var())
 
 
+def mask_levels(path: Path) -> np.ndarray:
+    """A sample mask PNG's (H, W) uint8 levels: the alpha of a cutout (RGBA), else the gray (mode L)."""
+    with Image.open(path) as m:
+        assert m.mode in ("L", "RGBA"), m.mode
+        return np.asarray(m.getchannel("A") if m.mode == "RGBA" else m)
+
+
 def largest_component_share(mask: np.ndarray) -> float:
     labels, n = ndimage.label(mask)  # 4-connectivity: the stricter reading
     return float(np.bincount(labels.ravel())[1:].max() / mask.sum()) if n else 0.0

@@ -14,7 +14,8 @@ from PIL import Image
 
 from flows import reasons
 from flows.sample import faults, openimages as oi
-from tests.sample.helpers import blur_score, clean_mvimgnet_frames, fault_paths, largest_component_share
+from tests.sample.helpers import (blur_score, clean_mvimgnet_frames, fault_paths, largest_component_share,
+                                  mask_levels)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def test_mvimgnet_filter_faults(records, small_sample):
     (missing,) = _by_fault(records, "missing_mask")
     assert not mask_of(missing).exists()
     (frag,) = _by_fault(records, "fragmented_mask")
-    mask = np.asarray(Image.open(mask_of(frag))) > 127
+    mask = mask_levels(mask_of(frag)) > 127
     assert largest_component_share(mask) < 0.5 and mask.mean() > 0.02
     few = _by_fault(records, "too_few_views")
     objects = {r["path"].rsplit("/", 2)[0] for r in few}

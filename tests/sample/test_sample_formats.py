@@ -14,7 +14,8 @@ from scipy import ndimage
 from flows.readers.colmap import angle_between_views, camera_center, read_model
 from flows.sample import openimages as oi
 from flows.sample.plan import plan_objects
-from tests.sample.helpers import blur_score, clean_mvimgnet_frames, fault_paths, largest_component_share
+from tests.sample.helpers import (blur_score, clean_mvimgnet_frames, fault_paths, largest_component_share,
+                                  mask_levels)
 
 
 def _objects(root: Path) -> list[Path]:
@@ -57,7 +58,7 @@ def test_colmap_holds_the_render_poses(small_sample, small_params):
             rel = f"{obj.parent.name}/{obj.name}/images/{img.name}"
             if not mask_path.exists() or ("mvimgnet", rel) in fault_paths(small_sample):
                 continue
-            mask = ndimage.binary_dilation(np.asarray(Image.open(mask_path)) > 127, iterations=2)
+            mask = ndimage.binary_dilation(mask_levels(mask_path) > 127, iterations=2)
             cam = xyz @ img.rotation.T + np.asarray(img.tvec)  # (P, 3)
             uv = cam @ k.T
             uv = uv[:, :2] / uv[:, 2:]  # (P, 2) pixels, centres at +0.5
@@ -76,20 +77,28 @@ def test_colmap_holds_the_render_poses(small_sample, small_params):
 def test_mvimgnet_masks_and_clean_frames(small_sample, small_params):
     frames = clean_mvimgnet_frames(small_sample)
     assert len(frames) >= 10
+    modes = set()
     for image_path, mask_path in frames:
         with Image.open(image_path) as im:
             im.load()
             assert min(im.size) >= 256 and im.size == (small_params.frame_width, small_params.frame_height)
             assert blur_score(im) > 80.0  # filter default min_blur_score is 40
         with Image.open(mask_path) as m:
-            assert m.mode == "L" and m.size == im.size
-            mask = np.asarray(m)
+            assert m.size == im.size
+            modes.add(m.mode)
+            if m.mode == "RGBA":  # a cutout: the frame's own colours where the subject is
+                cutout = np.asarray(m)
+                colours = np.asarray(Image.open(image_path).convert("RGB"), dtype=np.int16)
+                subject = cutout[..., 3] == 255
+                assert np.abs(cutout[..., :3][subject] - colours[subject]).mean() < 8  # JPEG's loss only
+        mask = mask_levels(mask_path)
         assert set(np.unique(mask)) <= {0, 255}
         mask = mask > 127
         assert 0.05 <= mask.mean() <= 0.5
         ys, xs = np.nonzero(mask)
         assert 0.5 <= (np.ptp(xs) + 1) / (np.ptp(ys) + 1) <= 2.0
         assert largest_component_share(mask) > 0.9
+    assert modes == {"L", "RGBA"}  # both kinds of mask file the readers meet: grayscale and cutout
 
 
 def _csv(path: Path) -> tuple[list[str], list[dict]]:
