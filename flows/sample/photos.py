@@ -146,10 +146,12 @@ def write_mask_png(mask: np.ndarray, path: Path) -> None:
 
 
 def write_cutout_png(rgb: np.ndarray, mask: np.ndarray, path: Path) -> None:
-    """A mask as a cutout: the frame's colours, alpha 255 on the subject and 0 elsewhere (CarveKit's output)."""
+    """A mask as a cutout (CarveKit's output): the frame's colours on the subject, alpha 255 there; elsewhere
+    black and transparent (the background's colours would quadruple the file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
-    Image.fromarray(np.dstack([rgb, np.where(mask, 255, 0)]).astype(np.uint8), mode="RGBA").save(buf, format="PNG")
+    rgba = np.dstack([np.where(mask[..., None], rgb, 0), np.where(mask, 255, 0)]).astype(np.uint8)
+    Image.fromarray(rgba, mode="RGBA").save(buf, format="PNG")
     path.write_bytes(buf.getvalue())
 
 
