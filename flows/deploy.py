@@ -10,7 +10,8 @@ project would collide on DVC's lock; a run cancelled or killed stops DVC and its
 
 A schedule needs a server that outlives this process (``prefect server start``); the
 project's default ephemeral server runs no schedules, so the command refuses to start without
-``PREFECT_API_URL``. If the server goes away, Prefect's runner stops after a few failed polls;
+``PREFECT_API_URL``, or with one where no Prefect API answers (:func:`check_server`). If the
+server goes away later, Prefect's runner stops after a few failed polls;
 this command then serves again every 30 s until the server is back (a run in flight when the
 server went down fails: its stages report to the server). The project is the folder of the
 params.yaml given, which must hold dvc.yaml.
@@ -99,15 +100,41 @@ def serve_until_stopped(deployment, *, retry_s: float = 30.0, attempts: int | No
         except Exception as exc:  # noqa: BLE001 - any failure of the runner: keep the schedule alive
             if attempts is not None and attempt >= attempts:
                 raise
-            log.warning("deploy: serving stopped (%s: %s); serving again in %.0f s", type(exc).__name__, exc, retry_s)
+            log.warning("deploy: serving stopped (%s: %s; PREFECT_API_URL=%s); serving again in %.0f s",
+                        type(exc).__name__, exc, os.environ.get("PREFECT_API_URL"), retry_s)
             time.sleep(retry_s)
+
+
+def check_server(url: str, *, timeout_s: float = 15.0) -> None:
+    """Raise :class:`NoServerError` naming ``url`` unless a Prefect API answers there (``GET url/health``).
+
+    Only at start: a wrong URL (nothing listening, ``/api`` left off) fails in one line, where
+    :func:`serve_until_stopped` would retry it forever like a server that is briefly down.
+    """
+    import httpx
+
+    health = url.rstrip("/") + "/health"
+    try:
+        response = httpx.get(health, timeout=timeout_s)
+    except httpx.HTTPError as exc:
+        raise NoServerError(f"PREFECT_API_URL={url}: no Prefect server answers there ({type(exc).__name__}: "
+                            f"{exc}); start one with `prefect server start`, or fix the URL") from None
+    try:
+        healthy = response.status_code == 200 and response.json() is True
+    except ValueError:  # a page, not the API's JSON
+        healthy = False
+    if not healthy:
+        raise NoServerError(f"PREFECT_API_URL={url}: GET {health} gave HTTP {response.status_code}, not a Prefect "
+                            f"API's health answer; the URL is the server's API, e.g. http://127.0.0.1:4200/api")
 
 
 def main(argv: list[str]) -> None:
     params_path = argv[0] if argv else "params.yaml"
-    if not os.environ.get("PREFECT_API_URL"):
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
         raise NoServerError("a schedule needs a Prefect server: run `prefect server start`, then set "
                             "PREFECT_API_URL=http://127.0.0.1:4200/api and run this again")
+    check_server(url)
     project = project_of(params_path)
     schedule = load_params(project / "params.yaml").schedule
     serve_until_stopped(build_deployment(schedule, params_path="params.yaml", project=project))
@@ -119,4 +146,5 @@ if __name__ == "__main__":
     run_stage(lambda path: main([path]), sys.argv[1:])
 
 
-__all__ = ["NoServerError", "NotAProjectError", "build_deployment", "main", "project_of", "serve_until_stopped"]
+__all__ = ["NoServerError", "NotAProjectError", "build_deployment", "check_server", "main", "project_of",
+           "serve_until_stopped"]

@@ -59,6 +59,28 @@ def test_serving_needs_a_server(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: a schedule needs a Prefect server")
 
 
+def test_a_url_where_no_server_answers_fails_naming_it(tmp_path):
+    (tmp_path / "params.yaml").write_text("schedule:\n  name: nightly\n")
+    url = "http://127.0.0.1:9/api"  # the discard port: nothing listens
+    proc = subprocess.run([sys.executable, "-m", "flows.deploy", "params.yaml"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT), PREFECT_API_URL=url,
+                                                           PREFECT_HOME=str(tmp_path / "h")))
+    assert proc.returncode == 1  # before: a warning every 30 s, for ever
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: PREFECT_API_URL={url}: no Prefect server answers")
+
+
+def test_a_url_without_api_fails_and_the_right_one_passes(prefect_harness):
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.deploy import NoServerError, check_server
+
+    api = PREFECT_API_URL.value()
+    check_server(api)
+    with pytest.raises(NoServerError, match=r"gave HTTP \d+, not a Prefect API's health answer; the URL is the "
+                                            r"server's API, e.g. http://127.0.0.1:4200/api"):
+        check_server(api.removesuffix("/api"))
+
+
 def dvc_project(path: Path, name: str = "test-nightly") -> Path:
     """A git + DVC project with one stage that writes out.txt, and a schedule section (deployment ``name``)."""
     path.mkdir()

@@ -240,7 +240,7 @@ def _check_scheduler_address(address: str) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class ClusterParams:
-    """Where ingest's shard probing and export's image encoding run (flows/cluster.py).
+    """Where ingest's shard probing, segment's SAM shards and export's image encoding run (flows/cluster.py).
 
     No DVC stage lists it: the outputs are the same bytes wherever the work runs (tested).
     """
@@ -293,7 +293,7 @@ class Params:
     sampling: SamplingParams = field(default_factory=SamplingParams)  # cc_model: generation (cc_model.inference)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)  # cc_model: DreamBench scores (stage evaluate)
     schedule: ScheduleParams = field(default_factory=ScheduleParams)  # the scheduled deployment (flows.deploy)
-    cluster: ClusterParams = field(default_factory=ClusterParams)  # a Dask cluster for ingest and export
+    cluster: ClusterParams = field(default_factory=ClusterParams)  # a Dask cluster for ingest, segment and export
 
     def __post_init__(self) -> None:
         if self.export.placeholder_token != self.model.placeholder_token:

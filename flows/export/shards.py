@@ -217,6 +217,7 @@ def export_shards(*, frames: Path, masks: Path, embeddings: Path, pairs: Path, p
     with work_pool(cluster, local_workers=params.workers) as pool:
         if pool.executor is not None:  # the workers run in other folders, maybe on other machines
             sources = absolute_sources(sources)
+            log.info("export: image work goes to the Dask cluster at %s (%d worker threads)", pool.where, pool.workers)
         return _export_in(work, pool, inputs, sources, rule, out_dir, params, chunk_references, grouping)
 
 

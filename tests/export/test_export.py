@@ -182,15 +182,17 @@ def test_shards_are_the_same_for_any_number_of_workers(tables):
     assert backgrounds and all(row["image_jpeg"] for row in backgrounds)
 
 
-def test_shards_encoded_on_a_dask_cluster_equal_the_local_ones(tables, dask_cluster, monkeypatch):
+def test_shards_encoded_on_a_dask_cluster_equal_the_local_ones(tables, dask_cluster, monkeypatch, caplog):
     from flows.config.params import ClusterParams
 
     params = ExportParams(image_side=48, rows_per_shard=4, workers=1)
     here = export(tables, params)
     monkeypatch.chdir(tables)  # roots relative to here; the workers run in another folder
-    there = export(tables, params, cluster=ClusterParams(address=dask_cluster.scheduler_address),
-                   relative_roots=True)
+    with caplog.at_level("INFO", logger="flows.export"):
+        there = export(tables, params, cluster=ClusterParams(address=dask_cluster.scheduler_address),
+                       relative_roots=True)
     assert here == there and len(here[1]) > 4
+    assert f"image work goes to the Dask cluster at {dask_cluster.scheduler_address} (2 worker threads)" in caplog.text
     assert (tables / "export" / "backgrounds.parquet").is_file()
 
 
