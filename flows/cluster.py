@@ -63,7 +63,8 @@ def fingerprint() -> dict[str, object]:
     for source in sorted(FLOWS.rglob("*.py")):
         digest.update(f"{source.relative_to(FLOWS).as_posix()}\n".encode())
         digest.update(source.read_bytes())
-    return {"flows": digest.hexdigest(), "libraries": library_versions(*BYTE_LIBRARIES)}
+    # "where" is only told, never compared: machines keep the project in different folders
+    return {"flows": digest.hexdigest(), "libraries": library_versions(*BYTE_LIBRARIES), "where": str(FLOWS)}
 
 
 def mismatches(local: dict[str, object], workers: dict[str, dict[str, object]]) -> list[str]:
@@ -71,7 +72,8 @@ def mismatches(local: dict[str, object], workers: dict[str, dict[str, object]]) 
     lines = []
     for worker, theirs in sorted(workers.items()):
         if theirs.get("flows") != local["flows"]:
-            lines.append(f"{worker}: its flows/ code differs from this machine's")
+            lines.append(f"{worker}: its flows/ code ({theirs.get('where', 'a folder it does not name')}) differs "
+                         f"from this machine's ({local.get('where')})")
         ours_libs, their_libs = local["libraries"], theirs.get("libraries", {})
         for name in sorted(ours_libs):
             if their_libs.get(name) != ours_libs[name]:

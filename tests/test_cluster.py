@@ -83,9 +83,10 @@ def test_no_scheduler_at_the_address_is_one_clear_error():
 def test_workers_must_run_this_code_and_these_libraries():
     here = fingerprint()
     assert mismatches(here, {"tcp://a:1": here}) == []
-    other = {"flows": "0" * 64, "libraries": {**here["libraries"], "pillow": "1.0"}}
+    assert mismatches(here, {"tcp://a:1": {**here, "where": "/elsewhere/flows"}}) == []  # another folder is fine
+    other = {"flows": "0" * 64, "libraries": {**here["libraries"], "pillow": "1.0"}, "where": "/old/checkout/flows"}
     lines = mismatches(here, {"tcp://a:1": other})
-    assert lines == ["tcp://a:1: its flows/ code differs from this machine's",
+    assert lines == [f"tcp://a:1: its flows/ code (/old/checkout/flows) differs from this machine's ({here['where']})",
                      f"tcp://a:1: pillow 1.0, here {here['libraries']['pillow']}"]
 
 
