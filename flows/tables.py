@@ -137,12 +137,55 @@ def iter_rows(path: str | Path, schema: pa.Schema, **kwargs) -> Iterator[dict[st
         yield from batch.to_pylist()
 
 
+class FixedRowGroups:
+    """TableWriter for record batches of any size: row groups of exactly ROW_GROUP_ROWS rows (the
+    last one shorter), so the file's bytes do not depend on how its rows were split into batches."""
+
+    def __init__(self, path: Path, schema: pa.Schema):
+        self.schema, self.path = schema, path
+        self._writer = TableWriter(path, schema)
+        self._pending: list[pa.RecordBatch] = []
+        self._rows = 0
+
+    @property
+    def rows_written(self) -> int:
+        return self._writer.rows_written + self._rows
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        self._pending.append(batch)
+        self._rows += batch.num_rows
+        if self._rows >= ROW_GROUP_ROWS:
+            table = pa.Table.from_batches(self._pending)
+            full = table.num_rows - table.num_rows % ROW_GROUP_ROWS
+            for start in range(0, full, ROW_GROUP_ROWS):
+                self._writer.write_batch(table.slice(start, ROW_GROUP_ROWS).combine_chunks())
+            rest = table.slice(full).combine_chunks()
+            self._pending, self._rows = rest.to_batches(), rest.num_rows
+
+    def _flush(self) -> None:
+        if self._rows:
+            self._writer.write_batch(pa.Table.from_batches(self._pending).combine_chunks())
+        self._pending, self._rows = [], 0
+
+    def __enter__(self) -> FixedRowGroups:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self._flush()
+        self._writer.__exit__(exc_type, exc, tb)
+
+
 def concat_tables(parts: Iterable[str | Path], target: str | Path, schema: pa.Schema) -> int:
-    """Stream every part, in the given order, into ``target`` (atomic); return the row count."""
-    with TableWriter(target, schema) as writer:
+    """Stream every part, in the given order, into ``target`` (atomic); return the row count.
+
+    Row groups of exactly ROW_GROUP_ROWS: the same rows give the same bytes however they were split
+    into parts (a stage's shard size is not an output-affecting param, so must not move DVC's hash).
+    """
+    with FixedRowGroups(target, schema) as writer:
         for part in parts:
             for batch in iter_batches(part, schema):
-                writer.write_batch(batch)
+                writer.write(batch)
     return writer.rows_written
 
 

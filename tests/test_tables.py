@@ -5,7 +5,8 @@ import pyarrow as pa
 import pytest
 
 from flows.schemas import REJECTS
-from flows.tables import TableReadError, TableWriter, count_rows, iter_rows, write_table
+from flows import tables
+from flows.tables import TableReadError, TableWriter, concat_tables, count_rows, iter_rows, write_table
 
 
 def _reject(i):
@@ -84,3 +85,25 @@ def test_every_nested_column_of_the_schemas_is_a_float_vector():
         for field in schema:
             if pa.types.is_nested(field.type):
                 assert _is_float_vector(field.type), (schema.metadata, field)
+
+
+def test_concatenated_bytes_do_not_depend_on_how_the_rows_were_split_into_parts(tmp_path, monkeypatch):
+    # a stage's shard size (segment.frames_per_shard, ingest.frames_per_shard) is no output param:
+    # it must not change the output's bytes, or DVC reruns every stage after it for nothing
+    monkeypatch.setattr(tables, "ROW_GROUP_ROWS", 7)
+    rows = [{"item_id": f"f{i:03d}", "source": "mvimgnet", "item_kind": "frame", "path": f"{i}.jpg",
+             "stage": "filter", "reason": "blurry", "detail": str(i)} for i in range(40)]
+    files = {}
+    for split in ([40], [3, 30, 7], [16] * 2 + [8], [1] * 40):
+        parts, start = [], 0
+        for n, size in enumerate(split):
+            parts.append(tmp_path / f"{len(split)}-{n}.parquet")
+            write_table(parts[-1], REJECTS, rows[start:start + size])
+            start += size
+        target = tmp_path / f"all-{len(split)}.parquet"
+        assert concat_tables(parts, target, REJECTS) == 40
+        files[tuple(split)] = target.read_bytes()
+    assert len(set(files.values())) == 1
+    import pyarrow.parquet as pq
+
+    assert [pq.ParquetFile(target).metadata.row_group(g).num_rows for g in range(6)] == [7] * 5 + [5]

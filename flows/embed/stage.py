@@ -46,7 +46,7 @@ from flows.embed.preprocess import (
 from flows.schemas import REJECTS, embeddings_schema
 from flows.progress import Progress
 from flows.resume import ResumableWork, device_identity, file_identity, library_versions, work_key
-from flows.tables import ROW_GROUP_ROWS, TableWriter, concat_tables, iter_batches, write_stats
+from flows.tables import FixedRowGroups, TableWriter, concat_tables, iter_batches, write_stats
 
 STAGE = "embed"
 PART_ROWS = 262_144  # work rows per resumable part (rounded up to whole batches): ~5 min of a GPU
@@ -141,7 +141,7 @@ def embed_frames(frames_path: Path, masks_path: Path, out_dir: Path, params: Emb
     output_path = work.folder / "output.embeddings.parquet"
     for stale in work.folder.glob(f".{output_path.name}.*.tmp"):  # a killed run's (up to the whole output)
         stale.unlink()
-    with _BufferedBatches(output_path, schema) as output:
+    with FixedRowGroups(output_path, schema) as output:
         for n in range(len(parts)):
             for rows in iter_batches(work.folder / f"part-{n:05d}.embeddings.parquet", schema):
                 output.write(rows)
@@ -258,7 +258,7 @@ class _Part:
 
     def __init__(self, work: ResumableWork, index: int, schema: pa.Schema):
         self.index, self.name = index, f"part-{index:05d}"
-        self.embeddings = _BufferedBatches(work.folder / f"{self.name}.embeddings.parquet", schema)
+        self.embeddings = FixedRowGroups(work.folder / f"{self.name}.embeddings.parquet", schema)
         self.rejects = TableWriter(work.folder / f"{self.name}.rejects.parquet", REJECTS)
         self.rejected: Counter[str] = Counter()
         self.rows = 0
@@ -405,42 +405,3 @@ def _embedding_rows(keys: pa.Table, embeddings: np.ndarray, model_id: str, schem
         pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), dim),  # (B*D,) -> B lists of D
         pa.array([model_id] * keys.num_rows, pa.string()),
     ], schema=schema)
-
-
-class _BufferedBatches:
-    """TableWriter for record batches of any size: row groups of exactly ROW_GROUP_ROWS rows (the
-    last one shorter), so the file's bytes do not depend on how its rows were split into batches."""
-
-    def __init__(self, path: Path, schema: pa.Schema):
-        self.schema, self.path = schema, path
-        self._writer = TableWriter(path, schema)
-        self._pending: list[pa.RecordBatch] = []
-        self._rows = 0
-
-    @property
-    def rows_written(self) -> int:
-        return self._writer.rows_written + self._rows
-
-    def write(self, batch: pa.RecordBatch) -> None:
-        self._pending.append(batch)
-        self._rows += batch.num_rows
-        if self._rows >= ROW_GROUP_ROWS:
-            table = pa.Table.from_batches(self._pending)
-            full = table.num_rows - table.num_rows % ROW_GROUP_ROWS
-            for start in range(0, full, ROW_GROUP_ROWS):
-                self._writer.write_batch(table.slice(start, ROW_GROUP_ROWS).combine_chunks())
-            rest = table.slice(full).combine_chunks()
-            self._pending, self._rows = rest.to_batches(), rest.num_rows
-
-    def _flush(self) -> None:
-        if self._rows:
-            self._writer.write_batch(pa.Table.from_batches(self._pending).combine_chunks())
-        self._pending, self._rows = [], 0
-
-    def __enter__(self) -> _BufferedBatches:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self._flush()
-        self._writer.__exit__(exc_type, exc, tb)

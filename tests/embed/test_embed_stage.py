@@ -344,9 +344,9 @@ def test_the_output_has_the_same_row_groups_however_its_rows_came(tmp_path, tiny
     and part boundaries (batches of 3, parts of 6, a reject inside)."""
     import pyarrow.parquet as pq
 
-    from flows.embed import stage
+    from flows import tables
 
-    monkeypatch.setattr(stage, "ROW_GROUP_ROWS", 4)
+    monkeypatch.setattr(tables, "ROW_GROUP_ROWS", 4)  # FixedRowGroups reads it there
     inputs = make_inputs(tmp_path / "in", n=14, unmasked=(2,), corrupt=(9,))  # 12 embedded
     clean = tmp_path / "clean"
     embed_frames(inputs.frames, inputs.masks, clean, embed_params(clean), inputs.sources, clip=tiny_clip,
@@ -421,7 +421,7 @@ def test_rows_lost_on_the_way_to_the_output_fail_the_run(tmp_path, tiny_clip, mo
 
     inputs = make_inputs(tmp_path / "in", n=8)
     out = tmp_path / "out"
-    real_write, dropped = stage._BufferedBatches.write, []
+    real_write, dropped = stage.FixedRowGroups.write, []
 
     def loses_one_batch(writer, batch):
         if writer.path.name.startswith("output") and not dropped:
@@ -429,7 +429,7 @@ def test_rows_lost_on_the_way_to_the_output_fail_the_run(tmp_path, tiny_clip, mo
             return None
         return real_write(writer, batch)
 
-    monkeypatch.setattr(stage._BufferedBatches, "write", loses_one_batch)
+    monkeypatch.setattr(stage.FixedRowGroups, "write", loses_one_batch)
     with pytest.raises(AccountingError, match="rows in the output"):
         embed_frames(inputs.frames, inputs.masks, out, embed_params(out), inputs.sources, clip=tiny_clip)
     assert dropped and not (out / "embeddings.parquet").exists()

@@ -8,7 +8,6 @@ import json
 from collections import Counter
 
 import imagehash
-import numpy as np
 import pytest
 from PIL import Image
 
