@@ -23,6 +23,7 @@ from flows.schemas import FRAMES, REJECTS
 from flows.tables import TableWriter, count_rows, iter_batches, iter_rows, write_json_atomic
 
 STAGE = "filter"
+MASK_SUFFIX = "#mask"  # ingest's annotation reject of a frame's mask file: "<frame_id>#mask"
 
 
 def filter_frames(ingest_dir: Path, out_dir: Path, params: FilterParams) -> dict:
@@ -32,13 +33,20 @@ def filter_frames(ingest_dir: Path, out_dir: Path, params: FilterParams) -> dict
     rejected = np.zeros(count_rows(frames_in), dtype=bool)
     views: Counter[str] = Counter()
     duplicates = DuplicateIndex(max_hamming=params.near_duplicate_hamming)
+    unread_masks: dict[str, str] = {}  # frame_id -> why ingest could not read its mask file
     with TableWriter(out_dir / "rejects.parquet", REJECTS) as rejects:
         for batch in iter_batches(ingest_dir / "rejects.parquet", REJECTS):
             rejects.write_batch(batch)  # one rejects table for the whole pipeline so far
+            for item, reason, detail in zip(*(batch.column(c).to_pylist() for c in ("item_id", "reason", "detail"))):
+                if item.endswith(MASK_SUFFIX):
+                    unread_masks[item[:-len(MASK_SUFFIX)]] = f"{reason}: {detail}"
         for index, row in enumerate(iter_rows(frames_in, FRAMES)):
             failure = first_failure(row, params) or duplicates.check_and_add(
                 image_path=f"{row['source']}:{row['image_path']}", subject_id=row["subject_id"],
                 content_hash=row["content_hash"], phash=row["phash"])
+            if failure is not None and failure[0] == reasons.MISSING_MASK and row["frame_id"] in unread_masks:
+                failure = (reasons.MISSING_MASK, f"its mask file is in the mask tree but did not read "
+                                                 f"({unread_masks[row['frame_id']]})")
             if failure is not None:
                 rejected[index] = True
                 rejects.write_row(_reject(row, *failure))
