@@ -68,14 +68,21 @@ def _ingest_object(root: Path, mask_root: Path, categories: dict[str, str], clas
             item_id=ids.mvimgnet_frame_id(class_id, object_id, name), source=SOURCE, kind=FRAME,
             path=reader.frame_relpath(class_id, object_id, name), stage=STAGE, reason=reasons.NOT_AN_IMAGE,
             detail=f"a file in images/ whose suffix is not one of {', '.join(reader.IMAGE_SUFFIXES)}"))
+    model = f"{class_id}/{object_id}/sparse/0/images.bin"
+
+    def model_reject(reason: str, detail: str) -> None:  # the object's frames stay, without poses
+        writer.rejects.append(reject_row(item_id=f"{SOURCE}:{model}", source=SOURCE, kind=ANNOTATION, path=model,
+                                         stage=STAGE, reason=reason, detail=detail))
+
     try:
         poses = reader.read_object_poses(root, class_id, object_id)
     except reader.ColmapFormatError as exc:
         poses = {}
-        writer.rejects.append(reject_row(
-            item_id=f"{SOURCE}:{class_id}/{object_id}/sparse/0/images.bin", source=SOURCE,
-            kind=ANNOTATION, path=f"{class_id}/{object_id}/sparse/0/images.bin", stage=STAGE,
-            reason=reasons.BAD_ANNOTATION, detail=f"COLMAP model unreadable, frames kept without pose: {exc}"))
+        model_reject(reasons.BAD_ANNOTATION, f"COLMAP model unreadable, frames kept without pose: {exc}")
+    else:
+        if not poses and not (Path(root) / model).is_file():
+            model_reject(reasons.MISSING_FILE, "no COLMAP model, frames kept without pose (pairs falls back to "
+                                               "a frame gap)")
     class_name = categories.get(class_id)
     for index, frame in enumerate(sorted((set(on_disk) | set(poses)) - set(others))):  # others: rejected above
         frame_id = ids.mvimgnet_frame_id(class_id, object_id, frame)

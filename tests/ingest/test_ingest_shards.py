@@ -217,6 +217,13 @@ def test_mvimgnet_broken_colmap_keeps_frames(tmp_path):
                                  mvimgnet.plan_shards(sources, frames_per_shard=10, work_dir=work))
     assert len(frames) == 1 and frames[0]["pose_qvec"] is None
     assert [(r["item_kind"], r["reason"]) for r in rejects] == [("annotation", reasons.BAD_ANNOTATION)]
+    # a missing model is recorded too: the object's frames are kept the same way, without poses
+    (sparse / "images.bin").unlink()
+    frames, rejects = run_shards(mvimgnet, sources, tmp_path,
+                                 mvimgnet.plan_shards(sources, frames_per_shard=10, work_dir=work))
+    assert len(frames) == 1 and frames[0]["pose_qvec"] is None
+    assert [(r["item_kind"], r["path"], r["reason"]) for r in rejects] == [
+        ("annotation", "5/0000beef/sparse/0/images.bin", reasons.MISSING_FILE)]
 
 
 def test_mvimgnet_object_without_images_folder_is_accounted(tmp_path):
