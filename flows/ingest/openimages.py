@@ -1,14 +1,14 @@
 """Ingest of OpenImages V7: partition the CSVs by image, then join and probe per partition.
 
 The boxes and segmentation CSVs are streamed once and their rows spilled into partition
-files keyed by a hash of ImageID (an out-of-core hash join), so memory stays flat however
-large the CSVs are; each partition is one shard task.
+files, each a contiguous range of ImageIDs (an out-of-core join), so memory stays flat however
+large the CSVs are; each partition is one shard task. The partitions in turn list the images
+in ImageID order, whatever their number.
 """
 
 from __future__ import annotations
 
 import json
-import zlib
 from collections import Counter, defaultdict
 from contextlib import ExitStack
 from pathlib import Path
@@ -35,8 +35,35 @@ def _count_data_rows(path: Path) -> int:
         return max(0, sum(1 for _ in handle) - 1)
 
 
+_HEX = "0123456789abcdef"
+_DIGITS = 8  # hex digits that place an ImageID: 32 bits
+
+
+def _position(image_id: str) -> int:
+    """The largest 8-hex-digit string that sorts at or before ``image_id``, as a number (0 if none).
+
+    Non-decreasing in string order, so a partition is a range of ImageIDs; for V7's ImageIDs
+    (16 hex digits, hashes) it is their first 32 bits, spread evenly.
+    """
+    for i, char in enumerate(image_id[:_DIGITS]):
+        if char in _HEX:
+            continue
+        head = int(image_id[:i] or "0", 16) << 4 * (_DIGITS - i)  # the prefix, then zeros
+        if char > "f":  # after every hex digit: the prefix then all f
+            return head + (1 << 4 * (_DIGITS - i)) - 1
+        if "9" < char < "a":  # between 9 and a: the prefix, 9, then all f
+            return head + (10 << 4 * (_DIGITS - i - 1)) - 1
+        return max(0, head - 1) if i else 0  # before 0: the string just below the prefix
+    if len(image_id) < _DIGITS:  # a hex prefix shorter than 8 sorts before its zero-padded form
+        return max(0, (int(image_id or "0", 16) << 4 * (_DIGITS - len(image_id))) - 1)
+    return int(image_id[:_DIGITS], 16)
+
+
 def _partition(image_id: str, n: int) -> int:
-    return zlib.crc32(image_id.encode("utf-8")) % n
+    """Partitions are ranges of ImageID order: taken in turn they list the images in one order
+    whatever their number, so ingest.frames_per_shard changes no output byte, and the filter's
+    "earlier copy" of a duplicate is always the same one."""
+    return _position(image_id) * n >> 4 * _DIGITS
 
 
 SPILL_FILES = 256  # files open at once while the CSVs are streamed (the usual limit is 1,024)
@@ -45,7 +72,7 @@ SPILL_FILES = 256  # files open at once while the CSVs are streamed (the usual l
 def plan_shards(sources: SourcesParams, *, frames_per_shard: int, work_dir: Path) -> tuple[list[Path], Path]:
     """Spill box and mask rows into partitions; return the partition files and a rejects part.
 
-    A partition holds the rows of the images whose ImageID hashes to it: about
+    A partition holds the rows of the images in one range of ImageIDs: about
     ``frames_per_shard`` boxes, so 57,000 partitions for V7 train's 14.6M boxes at 256. The CSVs
     are streamed once into at most SPILL_FILES buckets (partition p goes to bucket p % SPILL_FILES),
     then each bucket, in memory (about 1/SPILL_FILES of the spilled rows), is cut into its
@@ -114,12 +141,16 @@ def ingest_shard(part: Path, sources: SourcesParams, *, probe_side: int, out: Sh
                 key = ids.openimages_box_key(seg.image_id, seg.label, seg.xmin, seg.xmax, seg.ymin, seg.ymax)
                 masks[key].append(seg)
     writer = ShardWriter(out)
-    for image_id in sorted(boxes):
-        _ingest_image(root, sources.openimages_split, classes, image_id, boxes[image_id], masks,
-                      probe_side, writer)
-    for key in sorted(masks):  # whatever no box claimed
-        for seg in masks[key]:
-            writer.rejects.append(_mask_reject(seg, reasons.ORPHAN_MASK, "no box in the boxes CSV has this box"))
+    mask_keys: dict[str, list[str]] = defaultdict(list)  # image -> its masks' box keys
+    for key in sorted(masks):
+        mask_keys[masks[key][0].image_id].append(key)
+    for image_id in sorted(boxes.keys() | mask_keys.keys()):
+        if image_id in boxes:
+            _ingest_image(root, sources.openimages_split, classes, image_id, boxes[image_id], masks,
+                          probe_side, writer)
+        for key in mask_keys.get(image_id, []):  # whatever no box of the image claimed
+            for seg in masks.pop(key, []):
+                writer.rejects.append(_mask_reject(seg, reasons.ORPHAN_MASK, "no box in the boxes CSV has this box"))
     return writer.close()
 
 

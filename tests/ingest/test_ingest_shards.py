@@ -14,7 +14,7 @@ from flows.ingest import mvimgnet, openimages
 from flows.ingest.records import ShardOutput
 from flows.readers import colmap
 from flows.schemas import FRAMES, REJECTS
-from flows.tables import iter_rows
+from flows.tables import concat_tables, iter_rows
 
 BOX_HEADER = "ImageID,Source,LabelName,Confidence,XMin,XMax,YMin,YMax,IsOccluded,IsTruncated,IsGroupOf,IsDepiction,IsInside\n"
 SEG_HEADER = "MaskPath,ImageID,LabelName,BoxID,BoxXMin,BoxXMax,BoxYMin,BoxYMax,PredictedIoU,Clicks\n"
@@ -70,6 +70,35 @@ def oi_sources(tmp_path):
         + "x.png,a000000000000009,/m/01,00000003,0.1,0.2,0.3,0.4,0.9,\n")  # orphan
     return SourcesParams(openimages_root=str(root), openimages_boxes_csv="boxes.csv",
                          openimages_segmentation_csv="seg.csv", openimages_classes_csv="classes.csv")
+
+
+def test_openimages_tables_are_the_same_bytes_for_any_shard_size(tmp_path, oi_sources):
+    # the filter keeps the earlier copy of a duplicate: "earlier" must not depend on
+    # ingest.frames_per_shard, and a sizing knob must not move DVC's hash of the outputs
+    root = Path(oi_sources.openimages_root)
+    rng = np.random.default_rng(0)
+    image_ids = [f"{v:016x}" for v in rng.integers(0, 2**63, 12)] + ["ffffffff00000001", "zz-not-hex", "0123",
+                                                                      "01G5", "-x", "7fffffff", "7fffffff0"]
+    with open(root / "boxes.csv", "a") as boxes, open(root / "seg.csv", "a") as seg:
+        for k, image_id in enumerate(image_ids):
+            (root / "train" / f"{image_id}.jpg").write_bytes(jpeg(100 + k))
+            for b in range(1 + k % 3):
+                boxes.write(f"{image_id},xclick,/m/01,1,0.{b + 1},0.9,0.1,0.9,0,0,0,0,0\n")
+            seg.write(f"{image_id}_orphan.png,{image_id},/m/01,00000009,0.1,0.2,0.3,0.4,0.9,\n")
+    outputs = set()
+    for frames_per_shard in (1, 2, 5, 1000):
+        work = tmp_path / f"work{frames_per_shard}"
+        work.mkdir()
+        parts, csv_rejects = openimages.plan_shards(oi_sources, frames_per_shard=frames_per_shard, work_dir=work)
+        outs = [openimages.ingest_shard(part, oi_sources, probe_side=64,
+                                        out=ShardOutput(work / f"f{i}.parquet", work / f"r{i}.parquet"))
+                for i, part in enumerate(parts)]
+        concat_tables([o.frames for o in outs], work / "frames.parquet", FRAMES)
+        concat_tables([csv_rejects] + [o.rejects for o in outs], work / "rejects.parquet", REJECTS)
+        outputs.add(((work / "frames.parquet").read_bytes(), (work / "rejects.parquet").read_bytes()))
+        ordered = [r["frame_id"] for r in iter_rows(work / "frames.parquet", FRAMES)]
+        assert ordered == sorted(ordered) and len(ordered) > 20
+    assert len(outputs) == 1
 
 
 def test_openimages_every_row_accounted(tmp_path, oi_sources):
@@ -261,3 +290,13 @@ def test_an_enabled_source_with_nothing_found_fails_naming_the_root_key():
     (warning,) = check_sources({"mvimgnet": found, "openimages": rejected}, sources)
     assert "all 44 frames were rejected, most as missing_file (40)" in warning and "sources.openimages_root" in warning
     assert check_sources({"mvimgnet": found}, SourcesParams(enabled=["mvimgnet"])) == []
+
+
+def test_the_partition_of_an_image_id_never_decreases_in_string_order():
+    ids = sorted(["", "-", "0", "0-", "00", "0000000", "00000000", "000000000", "0123", "01230000", "0123000a", "0129Z",
+           "0129ffff", "012:", "012A", "012a", "012g", "012ffffff", "01300000", "7", "8", "80000000", "f", "ffffffff",
+           "ffffffffff", "fg", "g", "zz", "~", "0/", "0:", "00000000/", "01234567Z"])
+    for n in (1, 2, 7, 1000, 2**20):
+        parts = [openimages._partition(i, n) for i in ids]
+        assert parts == sorted(parts) and 0 <= min(parts) and max(parts) < n
+    assert openimages._partition("80000000abcdef01", 2) == 1 and openimages._partition("7fffffffabcdef01", 2) == 0
