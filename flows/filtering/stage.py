@@ -1,8 +1,11 @@
-"""The ``filter`` stage as plain functions: two streaming passes over the frames table.
+"""The ``filter`` stage as plain functions: three streaming passes over the frames table.
 
-Pass 1 applies the per-frame rules and the duplicate index, writing rejects as it goes and
-counting accepted views per MVImgNet object. Pass 2 drops objects left with too few views
-and writes the accepted frames. Memory holds one batch, one byte per frame and the compact
+Pass 1 applies the per-frame rules, counting the views each MVImgNet object keeps. Pass 2
+drops the objects left with too few views, then runs the duplicate index over the rest (so an
+image is never rejected as the copy of one dropped for its object's views). Pass 3 drops the
+objects that duplicates left short of views and writes the accepted frames (an image whose only
+copy was in such an object is then lost: it needs duplicates across objects at the view limit).
+Rejects are written as they are found. Memory holds one batch, one byte per frame and the compact
 duplicate index; never the table.
 """
 
@@ -31,7 +34,6 @@ def filter_frames(ingest_dir: Path, out_dir: Path, params: FilterParams) -> dict
     frames_in = ingest_dir / "frames.parquet"
     out_dir.mkdir(parents=True, exist_ok=True)
     rejected = np.zeros(count_rows(frames_in), dtype=bool)
-    views: Counter[str] = Counter()
     duplicates = DuplicateIndex(max_hamming=params.near_duplicate_hamming)
     unread_masks: dict[str, str] = {}  # frame_id -> why ingest could not read its mask file
     with TableWriter(out_dir / "rejects.parquet", REJECTS) as rejects:
@@ -40,27 +42,52 @@ def filter_frames(ingest_dir: Path, out_dir: Path, params: FilterParams) -> dict
             for item, reason, detail in zip(*(batch.column(c).to_pylist() for c in ("item_id", "reason", "detail"))):
                 if item.endswith(MASK_SUFFIX):
                     unread_masks[item[:-len(MASK_SUFFIX)]] = f"{reason}: {detail}"
+
+        def reject(index: int, row: dict, reason: str, detail: str) -> None:
+            rejected[index] = True
+            rejects.write_row(_reject(row, reason, detail))
+
+        def too_few(views: Counter[str], row: dict) -> bool:
+            return row["source"] == ids.MVIMGNET and views[row["subject_id"]] < params.min_views_per_object
+
+        def too_few_detail(views: Counter[str], row: dict) -> str:
+            return (f"{views[row['subject_id']]} accepted views < filter.min_views_per_object "
+                    f"{params.min_views_per_object}")
+
+        # 1: the per-frame rules
+        views: Counter[str] = Counter()
         for index, row in enumerate(iter_rows(frames_in, FRAMES)):
-            failure = first_failure(row, params) or duplicates.check_and_add(
-                image_path=f"{row['source']}:{row['image_path']}", subject_id=row["subject_id"],
-                content_hash=row["content_hash"], phash=row["phash"])
+            failure = first_failure(row, params)
             if failure is not None and failure[0] == reasons.MISSING_MASK and row["frame_id"] in unread_masks:
                 failure = (reasons.MISSING_MASK, f"its mask file is in the mask tree but did not read "
                                                  f"({unread_masks[row['frame_id']]})")
             if failure is not None:
-                rejected[index] = True
-                rejects.write_row(_reject(row, *failure))
+                reject(index, row, *failure)
             elif row["source"] == ids.MVIMGNET:
                 views[row["subject_id"]] += 1
+        # 2: objects already short of views go before the duplicate index, so that no image is
+        # rejected as the copy of one that is dropped anyway
+        kept: Counter[str] = Counter()
+        for index, row in enumerate(iter_rows(frames_in, FRAMES)):
+            if rejected[index]:
+                continue
+            if too_few(views, row):
+                reject(index, row, reasons.TOO_FEW_VIEWS, too_few_detail(views, row))
+                continue
+            failure = duplicates.check_and_add(image_path=f"{row['source']}:{row['image_path']}",
+                                               subject_id=row["subject_id"], content_hash=row["content_hash"],
+                                               phash=row["phash"])
+            if failure is not None:
+                reject(index, row, *failure)
+            elif row["source"] == ids.MVIMGNET:
+                kept[row["subject_id"]] += 1
+        # 3: objects that duplicates left short of views, and the accepted frames
         with TableWriter(out_dir / "frames.parquet", FRAMES) as accepted:
             for index, row in enumerate(iter_rows(frames_in, FRAMES)):
                 if rejected[index]:
                     continue
-                n = views[row["subject_id"]]
-                if row["source"] == ids.MVIMGNET and n < params.min_views_per_object:
-                    rejects.write_row(_reject(row, reasons.TOO_FEW_VIEWS,
-                                              f"{n} accepted views < filter.min_views_per_object "
-                                              f"{params.min_views_per_object}"))
+                if too_few(kept, row):
+                    rejects.write_row(_reject(row, reasons.TOO_FEW_VIEWS, too_few_detail(kept, row)))
                 else:
                     accepted.write_row(row)
     return write_metrics(ingest_dir, out_dir)

@@ -13,6 +13,38 @@ from flows.tables import iter_rows, write_table
 from pipeline_tables import frame
 
 
+def _frames(subjects: dict[str, int]) -> list[dict]:
+    """MVImgNet frames that pass every per-frame rule: ``views`` of each subject, none alike."""
+    rows = []
+    for subject, views in subjects.items():
+        for v in range(views):
+            n = len(rows)
+            row = frame(f"{subject}/{v:03d}.jpg", subject, "mvimgnet", v, path=f"{subject[9:]}/images/{v:03d}.jpg")
+            phash = int.from_bytes(bytes([n] * 8), "big")  # 8 bits apart per step: never near
+            rows.append({**row, "content_hash": f"{n:064x}", "phash": phash, "width": 640, "height": 480,
+                         "mask_path": f"{subject[9:]}/{v:03d}.jpg.png"})
+    return rows
+
+
+def _filter(tmp_path, rows, ingest_rejects=()):
+    ingest = tmp_path / "ingest"
+    write_table(ingest / "frames.parquet", FRAMES, rows)
+    write_table(ingest / "rejects.parquet", REJECTS, list(ingest_rejects))
+    (ingest / "summary.json").write_text(json.dumps({"mvimgnet": {"discovered": len(rows) + len(ingest_rejects)}}))
+    metrics = filter_frames(ingest, tmp_path / "filter", FilterParams())
+    return metrics, list(iter_rows(tmp_path / "filter" / "rejects.parquet", REJECTS))
+
+
+def test_an_image_is_not_rejected_as_the_copy_of_one_dropped_for_its_objects_views(tmp_path):
+    # object a (3 views, fewer than filter.min_views_per_object) comes first; b's last frame is a's first
+    rows = _frames({"mvimgnet:1/aaaaaaaa": 3, "mvimgnet:1/bbbbbbbb": 5})
+    rows[-1] = {**rows[-1], "content_hash": rows[0]["content_hash"], "phash": rows[0]["phash"]}
+    assert FilterParams().min_views_per_object == 4
+    metrics, rejects = _filter(tmp_path, rows)
+    assert {r["item_id"]: r["reason"] for r in rejects} == {row["frame_id"]: reasons.TOO_FEW_VIEWS for row in rows[:3]}
+    assert metrics["mvimgnet"]["accepted"] == 5  # before: b's copy went as a duplicate of a frame dropped with a
+
+
 def test_a_missing_mask_says_whether_the_file_was_absent_or_did_not_read(tmp_path):
     ingest = tmp_path / "ingest"
     rows = []
