@@ -12,7 +12,7 @@ the groups (pigeonhole), so probing each group's buckets within that many flippe
 every true neighbour (the range search then checks the whole distance). The layout is chosen
 for millions of images (:func:`multihash_layout`): wide groups keep the buckets nearly empty,
 so a lookup costs about the same at 10M images as at 10k. Per image the index keeps about
-100 bytes (faiss's hash tables and the 8-byte code) plus 16 bytes here, no strings.
+100 bytes (faiss's hash tables and the 8-byte code) plus 24 bytes here, no strings.
 """
 
 from __future__ import annotations
@@ -64,19 +64,24 @@ class DuplicateIndex:
         self._index.nflip = nflip
         self._content = array("Q")  # first 8 bytes of each indexed image's sha256
         self._subject = array("Q")  # hash of each indexed image's subject id
+        self._row = array("q")  # the caller's row number of each indexed image (-1: none given)
         self._last_image: str | None = None
         self._last_verdict: tuple[str, str] | None = None
+        self.matched_row: int | None = None  # the row of the image the last verdict points to
 
     def __len__(self) -> int:
         return len(self._content)
 
-    def check_and_add(self, *, image_path: str, subject_id: str, content_hash: str, phash: int):
+    def check_and_add(self, *, image_path: str, subject_id: str, content_hash: str, phash: int, row: int = -1):
         """(reason, detail) if this image duplicates an earlier one of another subject, else None.
 
         Consecutive calls with the same image_path (boxes of one image) share one verdict.
+        ``row`` is kept for an image that is indexed; after a verdict, :attr:`matched_row` is
+        the row given with the earlier image (8 bytes per image here, rather than its path).
         """
         if image_path == self._last_image:
             return self._last_verdict
+        self.matched_row = None
         content = int(content_hash[:16], 16)
         subject = _hash64(subject_id)
         code = np.array([phash], dtype=np.uint64).view(np.uint8).reshape(1, 8)
@@ -89,14 +94,19 @@ class DuplicateIndex:
             if exact:
                 verdict = (reasons.DUPLICATE,
                            f"same bytes as an earlier image (content_hash {self._content[exact[0]]:016x}...)")
+                self.matched_row = self._row[exact[0]]
             elif others:
                 d, j = others[0]
                 verdict = (reasons.NEAR_DUPLICATE,
                            f"phash distance {int(d)} <= filter.near_duplicate_hamming {self.max_hamming} "
                            f"to an earlier image (content_hash {self._content[j]:016x}...)")
+                self.matched_row = self._row[j]
+            if self.matched_row is not None and self.matched_row < 0:
+                self.matched_row = None
         if verdict is None:
             self._index.add(code)
             self._content.append(content)
             self._subject.append(subject)
+            self._row.append(row)
         self._last_image, self._last_verdict = image_path, verdict
         return verdict

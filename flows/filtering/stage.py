@@ -68,6 +68,7 @@ def filter_frames(ingest_dir: Path, out_dir: Path, params: FilterParams) -> dict
         # 2: objects already short of views go before the duplicate index, so that no image is
         # rejected as the copy of one that is dropped anyway
         kept: Counter[str] = Counter()
+        copies: list[tuple[dict, int]] = []  # (duplicate's reject, row of the image it copies)
         for index, row in enumerate(iter_rows(frames_in, FRAMES)):
             if rejected[index]:
                 continue
@@ -76,20 +77,27 @@ def filter_frames(ingest_dir: Path, out_dir: Path, params: FilterParams) -> dict
                 continue
             failure = duplicates.check_and_add(image_path=f"{row['source']}:{row['image_path']}",
                                                subject_id=row["subject_id"], content_hash=row["content_hash"],
-                                               phash=row["phash"])
-            if failure is not None:
-                reject(index, row, *failure)
+                                               phash=row["phash"], row=index)
+            if failure is not None:  # its reject waits for pass 3 to name the image kept
+                rejected[index] = True
+                copies.append((_reject(row, *failure), duplicates.matched_row))
             elif row["source"] == ids.MVIMGNET:
                 kept[row["subject_id"]] += 1
         # 3: objects that duplicates left short of views, and the accepted frames
+        originals = {of for _, of in copies}
+        names: dict[int, str] = {}  # row -> "source:image_path" of the images duplicates point to
         with TableWriter(out_dir / "frames.parquet", FRAMES) as accepted:
             for index, row in enumerate(iter_rows(frames_in, FRAMES)):
+                if index in originals:
+                    names[index] = f"{row['source']}:{row['image_path']}"
                 if rejected[index]:
                     continue
                 if too_few(kept, row):
                     rejects.write_row(_reject(row, reasons.TOO_FEW_VIEWS, too_few_detail(kept, row)))
                 else:
                     accepted.write_row(row)
+        for copy, of in copies:
+            rejects.write_row({**copy, "detail": f"{copy['detail']}: {names[of]}"})
     return write_metrics(ingest_dir, out_dir)
 
 

@@ -21,7 +21,7 @@ def _frames(subjects: dict[str, int]) -> list[dict]:
             n = len(rows)
             row = frame(f"{subject}/{v:03d}.jpg", subject, "mvimgnet", v, path=f"{subject[9:]}/images/{v:03d}.jpg")
             phash = int.from_bytes(bytes([n] * 8), "big")  # 8 bits apart per step: never near
-            rows.append({**row, "content_hash": f"{n:064x}", "phash": phash, "width": 640, "height": 480,
+            rows.append({**row, "content_hash": f"{n:016x}" * 4, "phash": phash, "width": 640, "height": 480,
                          "mask_path": f"{subject[9:]}/{v:03d}.jpg.png"})
     return rows
 
@@ -43,6 +43,18 @@ def test_an_image_is_not_rejected_as_the_copy_of_one_dropped_for_its_objects_vie
     metrics, rejects = _filter(tmp_path, rows)
     assert {r["item_id"]: r["reason"] for r in rejects} == {row["frame_id"]: reasons.TOO_FEW_VIEWS for row in rows[:3]}
     assert metrics["mvimgnet"]["accepted"] == 5  # before: b's copy went as a duplicate of a frame dropped with a
+
+
+def test_a_duplicates_reject_names_the_image_it_copies(tmp_path):
+    rows = _frames({"mvimgnet:1/aaaaaaaa": 5, "mvimgnet:1/bbbbbbbb": 6})
+    rows[-1] = {**rows[-1], "content_hash": rows[0]["content_hash"], "phash": rows[0]["phash"]}
+    rows[-2] = {**rows[-2], "phash": rows[1]["phash"] ^ 0b101}  # 2 bits from a's second frame
+    metrics, rejects = _filter(tmp_path, rows)
+    assert [(r["item_id"], r["reason"], r["detail"].rsplit(": ", 1)[1]) for r in rejects] == [
+        (rows[-2]["frame_id"], reasons.NEAR_DUPLICATE, "mvimgnet:1/aaaaaaaa/images/001.jpg"),
+        (rows[-1]["frame_id"], reasons.DUPLICATE, "mvimgnet:1/aaaaaaaa/images/000.jpg"),
+    ]
+    assert metrics["mvimgnet"]["accepted"] == 9
 
 
 def test_a_missing_mask_says_whether_the_file_was_absent_or_did_not_read(tmp_path):
