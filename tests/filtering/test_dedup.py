@@ -81,13 +81,14 @@ def test_multihash_layout_keeps_buckets_wide_and_probes_few():
 
 def test_a_verdict_points_to_the_row_of_the_image_it_copies():
     index = DuplicateIndex(max_hamming=4)
-    assert index.check_and_add(image_path="a.jpg", subject_id="s1", content_hash=H, phash=1, row=7) is None
-    assert index.check_and_add(image_path="b.jpg", subject_id="s2", content_hash="cd" * 32, phash=2**40, row=8) is None
-    assert index.check_and_add(image_path="c.jpg", subject_id="s3", content_hash=H, phash=1, row=9)[0] == reasons.DUPLICATE
-    assert index.matched_row == 7
-    near = index.check_and_add(image_path="d.jpg", subject_id="s4", content_hash="ef" * 32, phash=2**40 ^ 3, row=10)
-    assert near[0] == reasons.NEAR_DUPLICATE and index.matched_row == 8
-    assert index.check_and_add(image_path="e.jpg", subject_id="s5", content_hash="01" * 32, phash=2**60, row=11) is None
-    assert index.matched_row is None
-    assert add(index, "f.jpg", "s6", content="02" * 32, phash=2**60 ^ 1)[0] == reasons.NEAR_DUPLICATE
+
+    def check(path, subject, content, phash, row):
+        return index.check_and_add(image_path=path, subject_id=subject, content_hash=content, phash=phash, row=row)
+
+    assert check("a.jpg", "s1", H, 0, 7) is None
+    assert check("b.jpg", "s2", "cd" * 32, 2**64 - 1, 8) is None
+    assert check("c.jpg", "s3", H, 0, 9)[0] == reasons.DUPLICATE and index.matched_row == 7
+    assert check("d.jpg", "s4", "ef" * 32, 2**64 - 4, 10)[0] == reasons.NEAR_DUPLICATE and index.matched_row == 8
+    assert check("e.jpg", "s5", "01" * 32, 2**32 - 1, 11) is None and index.matched_row is None
+    assert add(index, "f.jpg", "s6", content="02" * 32, phash=2**32 - 2)[0] == reasons.NEAR_DUPLICATE
     assert index.matched_row == 11
