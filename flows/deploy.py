@@ -105,20 +105,25 @@ def serve_until_stopped(deployment, *, retry_s: float = 30.0, attempts: int | No
             time.sleep(retry_s)
 
 
-def check_server(url: str, *, timeout_s: float = 15.0) -> None:
+def check_server(url: str) -> None:
     """Raise :class:`NoServerError` naming ``url`` unless a Prefect API answers there (``GET url/health``).
 
-    Only at start: a wrong URL (nothing listening, ``/api`` left off) fails in one line, where
-    :func:`serve_until_stopped` would retry it forever like a server that is briefly down.
+    Only at start: a wrong URL (nothing listening, ``/api`` left off, malformed) fails in one
+    line, where :func:`serve_until_stopped` would retry it forever like a server that is briefly
+    down. The request goes through Prefect's own client, so its TLS, API-key and header settings
+    apply as they will when serving.
     """
-    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     health = url.rstrip("/") + "/health"
     try:
-        response = httpx.get(health, timeout=timeout_s)
-    except httpx.HTTPError as exc:
-        raise NoServerError(f"PREFECT_API_URL={url}: no Prefect server answers there ({type(exc).__name__}: "
-                            f"{exc}); start one with `prefect server start`, or fix the URL") from None
+        with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+            response = client.request("GET", "/health")
+    except Exception as exc:  # noqa: BLE001 - refused, TLS, an HTTP error, a malformed URL: no API answers
+        raise NoServerError(f"PREFECT_API_URL={url}: no Prefect API answers there ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}); start one with `prefect server "
+                            f"start`, or fix the URL (the server's API, e.g. http://127.0.0.1:4200/api)") from None
     try:
         healthy = response.status_code == 200 and response.json() is True
     except ValueError:  # a page, not the API's JSON
