@@ -151,6 +151,7 @@ def ingest_shard(part: Path, sources: SourcesParams, *, probe_side: int, out: Sh
         for key in mask_keys.get(image_id, []):  # whatever no box of the image claimed
             for seg in masks.pop(key, []):
                 writer.rejects.append(_mask_reject(seg, reasons.ORPHAN_MASK, "no box in the boxes CSV has this box"))
+        writer.end_group()  # the image's rows together, in ImageID order
     return writer.close()
 
 

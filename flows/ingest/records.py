@@ -42,19 +42,30 @@ class ShardOutput:
 
 
 class ShardWriter:
-    """Collects one shard's rows and writes them sorted, so shard output is deterministic."""
+    """Collects one shard's rows and writes them sorted, so shard output is deterministic.
+
+    Rows are sorted by id within each group (:meth:`end_group`), and groups keep the order in
+    which they were ended; a shard that never ends a group is one group. OpenImages ends one per
+    image, so its rows follow ImageID order, like its partitions (ids of two images can
+    interleave: ``openimages:8:m.png`` sorts after ``openimages:85/...``).
+    """
 
     def __init__(self, out: ShardOutput):
         self.out = out
         self.frames: list[dict[str, Any]] = []
         self.rejects: list[dict[str, Any]] = []
+        self._done: tuple[list[dict[str, Any]], list[dict[str, Any]]] = ([], [])
+
+    def end_group(self) -> None:
+        for rows, done, key in ((self.frames, self._done[0], "frame_id"), (self.rejects, self._done[1], "item_id")):
+            rows.sort(key=lambda r: (r[key], r.get("path") or "", r.get("reason", "")))
+            done.extend(rows)
+            rows.clear()
 
     def close(self) -> ShardOutput:
-        for path, schema, rows, key in (
-            (self.out.frames, FRAMES, self.frames, "frame_id"),
-            (self.out.rejects, REJECTS, self.rejects, "item_id"),
-        ):
-            rows.sort(key=lambda r: (r[key], r.get("path") or "", r.get("reason", "")))
+        self.end_group()
+        for path, schema, rows in ((self.out.frames, FRAMES, self._done[0]),
+                                   (self.out.rejects, REJECTS, self._done[1])):
             with TableWriter(path, schema) as writer:
                 writer.write_rows(rows)
         return self.out

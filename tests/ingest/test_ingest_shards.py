@@ -78,7 +78,7 @@ def test_openimages_tables_are_the_same_bytes_for_any_shard_size(tmp_path, oi_so
     root = Path(oi_sources.openimages_root)
     rng = np.random.default_rng(0)
     image_ids = [f"{v:016x}" for v in rng.integers(0, 2**63, 12)] + ["ffffffff00000001", "zz-not-hex", "0123",
-                                                                      "01G5", "-x", "7fffffff", "7fffffff0"]
+                                                                      "01G5", "-x", "7fffffff", "7fffffff0", "8", "85"]
     with open(root / "boxes.csv", "a") as boxes, open(root / "seg.csv", "a") as seg:
         for k, image_id in enumerate(image_ids):
             (root / "train" / f"{image_id}.jpg").write_bytes(jpeg(100 + k))
