@@ -103,10 +103,13 @@ def _mask_gray(image: Image.Image) -> np.ndarray:
     - an RGB or palette image whose colours are all grays reads as grayscale (PNG optimisers
       write two-colour masks as palettes).
 
+    - 0/1 masks, 8-bit, and 16-bit or float masks of two levels (0/1, 0/255, 0/65535) read as
+      binary.
+
     Other kinds would read as the wrong mask through their brightness, so they raise
     :class:`UnreadableFile` (unreadable_mask) saying what they are: a class-index palette
-    (VOC style: dark colours, empty at 127), a colour mask, a 16-bit or float mask (a 0/1
-    one would read empty, a 0..65535 one dilated).
+    (VOC style: dark colours, empty at 127), a colour mask, a 16-bit or float mask of more
+    than two levels.
     """
     if image.mode == "PA" or (image.mode == "P" and "transparency" in image.info):
         image = image.convert("RGBA")
@@ -117,7 +120,14 @@ def _mask_gray(image: Image.Image) -> np.ndarray:
         image = image.convert(image.mode[:-1])
     mode = image.mode
     if mode in ("1", "L"):
-        return np.asarray(image.convert("L"))
+        return _binary_levels(np.asarray(image.convert("L")))
+    if mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit or float: binary ones only
+        values = np.asarray(image)
+        levels = np.unique(values)
+        if len(levels) <= 2 and levels[0] == 0:
+            return np.where(values > 0, 255, 0).astype(np.uint8)
+        raise UnreadableFile(reasons.UNREADABLE_MASK, f"mask image is mode {mode} with {len(levels)} levels; a "
+                                                      f"16-bit or float mask must hold two (0 and one other)")
     if mode == "P":
         used = np.flatnonzero(np.bincount(np.asarray(image).ravel(), minlength=256))
         colours = np.asarray(image.getpalette("RGB") or [], dtype=np.uint8).reshape(-1, 3)
@@ -131,9 +141,14 @@ def _mask_gray(image: Image.Image) -> np.ndarray:
             return np.ascontiguousarray(pixels[..., 0])
         raise UnreadableFile(reasons.UNREADABLE_MASK, "mask is a colour RGB image, not a 1-bit or 8-bit "
                                                       "grayscale mask (0 background, 255 subject)")
-    raise UnreadableFile(reasons.UNREADABLE_MASK, f"mask image is mode {mode} (16-bit or float); expected a "
-                                                  f"1-bit or 8-bit grayscale mask (0 background, 255 subject) "
-                                                  f"or a cutout with the subject in the alpha channel")
+    raise UnreadableFile(reasons.UNREADABLE_MASK, f"mask image is mode {mode}; expected a 1-bit or 8-bit "
+                                                  f"grayscale mask (0 background, 255 subject) or a cutout with "
+                                                  f"the subject in the alpha channel")
+
+
+def _binary_levels(gray: np.ndarray) -> np.ndarray:
+    """An 8-bit mask stored as 0/1 (common in segmentation data sets) as 0/255; others as they are."""
+    return gray * np.uint8(255) if gray.max(initial=0) == 1 else gray
 
 
 def _check_mask_shape(shape: tuple[int, int], *, width: int, height: int) -> None:

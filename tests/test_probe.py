@@ -80,7 +80,12 @@ def _opaque(mode: str) -> Image.Image:
     lambda: _cutout("RGBA"),
     lambda: _cutout("LA"),
     lambda: _cutout("P"),  # a palette with transparency (tRNS)
-], ids=["L", "1", "gray RGB", "gray palette", "opaque LA", "opaque RGBA", "RGBA cutout", "LA cutout", "P cutout"])
+    lambda: Image.fromarray(_quarter(np.uint8(1))),  # 0/1 8-bit
+    lambda: Image.fromarray(_quarter(np.uint16(1))).convert("I;16"),  # 0/1 16-bit
+    lambda: Image.fromarray(_quarter(np.uint16(65535))).convert("I;16"),
+    lambda: Image.fromarray(_quarter(np.uint16(255))).convert("I;16"),
+], ids=["L", "1", "gray RGB", "gray palette", "opaque LA", "opaque RGBA", "RGBA cutout", "LA cutout", "P cutout",
+        "0/1 L", "0/1 16-bit", "0/65535 16-bit", "0/255 16-bit"])
 def test_every_grayscale_encoding_of_a_mask_reads_the_same(make):
     mask = decode_mask(_encoded(make()), width=48, height=36)
     assert mask.sum() == 18 * 24 and mask[:18, :24].all()
@@ -94,10 +99,11 @@ def _voc_palette_mask() -> Image.Image:
 
 @pytest.mark.parametrize("make, says", [
     (_voc_palette_mask, "colour palette"),
-    (lambda: Image.fromarray(_quarter(np.uint16(1))).convert("I;16"), "16-bit"),
+    (lambda: Image.fromarray(np.arange(36 * 48, dtype=np.uint16).reshape(36, 48) * 30).convert("I;16"),
+     "mode I;16 with 1728 levels"),
     (lambda: Image.merge("RGB", [Image.fromarray(_quarter(np.uint8(255)))] + [Image.new("L", (48, 36))] * 2),
      "colour RGB"),
-], ids=["VOC palette", "16-bit 0/1", "red on black"])
+], ids=["VOC palette", "soft 16-bit", "red on black"])
 def test_a_mask_whose_brightness_is_not_the_mask_is_unreadable_with_what_it_is(make, says):
     # read as brightness, each of these would be an empty (or dilated) mask, rejected as too small
     with pytest.raises(UnreadableFile, match=says) as caught:

@@ -52,7 +52,7 @@ def multihash_layout(max_hamming: int, expected_images: int = EXPECTED_IMAGES) -
     return nhash, min(64 // nhash, MAX_GROUP_BITS), max_hamming // nhash
 
 
-def _hash64(text: str) -> int:
+def hash64(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
 
 
@@ -83,7 +83,7 @@ class DuplicateIndex:
             return self._last_verdict
         self.matched_row = None
         content = int(content_hash[:16], 16)
-        subject = _hash64(subject_id)
+        subject = hash64(subject_id)
         code = np.array([phash], dtype=np.uint64).view(np.uint8).reshape(1, 8)
         verdict = None
         if len(self):

@@ -1,12 +1,14 @@
 """The ``filter`` stage as plain functions: three streaming passes over the frames table.
 
 Pass 1 applies the per-frame rules, counting the views each MVImgNet object keeps. Pass 2
-drops the objects left with too few views, then runs the duplicate index over the rest (so an
-image is never rejected as the copy of one dropped for its object's views). Pass 3 drops the
-objects that duplicates left short of views and writes the accepted frames (an image whose only
-copy was in such an object is then lost: it needs duplicates across objects at the view limit).
-Rejects are written as they are found. Memory holds one batch, one byte per frame and the compact
-duplicate index; never the table.
+drops the objects left with too few views, then runs the duplicate index over the rest, so an
+image is not rejected as the copy of one whose object was already short of views. Pass 3 drops
+the objects that the duplicates left short of views and writes the accepted frames; an image
+whose only other copy was in such an object is then lost (it takes duplicates across objects at
+the view limit). Rejects are written as they are found, the duplicates' after pass 3, which
+names the image each one copies. Memory holds one batch, one byte per frame, the compact
+duplicate index, about 12 bytes per unreadable mask file and the duplicates' rejects; never
+the table.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from flows import ids, reasons
 from flows.config.params import FilterParams
-from flows.filtering.dedup import DuplicateIndex
+from flows.filtering.dedup import DuplicateIndex, hash64
 from flows.filtering.rules import first_failure
 from flows.accounting import FRAME, AccountingError, frame_counts, reject_row
 from flows.schemas import FRAMES, REJECTS
@@ -27,6 +30,8 @@ from flows.tables import TableWriter, count_rows, iter_batches, iter_rows, write
 
 STAGE = "filter"
 MASK_SUFFIX = "#mask"  # ingest's annotation reject of a frame's mask file: "<frame_id>#mask"
+# what pass 2 (views, then the duplicate index) reads of each frame
+PASS2_COLUMNS = ["frame_id", "source", "subject_id", "image_path", "content_hash", "phash"]
 
 
 def filter_frames(ingest_dir: Path, out_dir: Path, params: FilterParams) -> dict:
@@ -35,13 +40,12 @@ def filter_frames(ingest_dir: Path, out_dir: Path, params: FilterParams) -> dict
     out_dir.mkdir(parents=True, exist_ok=True)
     rejected = np.zeros(count_rows(frames_in), dtype=bool)
     duplicates = DuplicateIndex(max_hamming=params.near_duplicate_hamming)
-    unread_masks: dict[str, str] = {}  # frame_id -> why ingest could not read its mask file
+    unread_masks = UnreadMasks()
     with TableWriter(out_dir / "rejects.parquet", REJECTS) as rejects:
         for batch in iter_batches(ingest_dir / "rejects.parquet", REJECTS):
             rejects.write_batch(batch)  # one rejects table for the whole pipeline so far
-            for item, reason, detail in zip(*(batch.column(c).to_pylist() for c in ("item_id", "reason", "detail"))):
-                if item.endswith(MASK_SUFFIX):
-                    unread_masks[item[:-len(MASK_SUFFIX)]] = f"{reason}: {detail}"
+            unread_masks.add(batch)
+        unread_masks.freeze()
 
         def reject(index: int, row: dict, reason: str, detail: str) -> None:
             rejected[index] = True
@@ -58,9 +62,10 @@ def filter_frames(ingest_dir: Path, out_dir: Path, params: FilterParams) -> dict
         views: Counter[str] = Counter()
         for index, row in enumerate(iter_rows(frames_in, FRAMES)):
             failure = first_failure(row, params)
-            if failure is not None and failure[0] == reasons.MISSING_MASK and row["frame_id"] in unread_masks:
-                failure = (reasons.MISSING_MASK, f"its mask file is in the mask tree but did not read "
-                                                 f"({unread_masks[row['frame_id']]})")
+            if failure is not None and failure[0] == reasons.MISSING_MASK:
+                why = unread_masks.why(row["frame_id"])
+                if why is not None:
+                    failure = (reasons.MISSING_MASK, f"its mask file is in the mask tree but did not read ({why})")
             if failure is not None:
                 reject(index, row, *failure)
             elif row["source"] == ids.MVIMGNET:
@@ -69,7 +74,7 @@ def filter_frames(ingest_dir: Path, out_dir: Path, params: FilterParams) -> dict
         # rejected as the copy of one that is dropped anyway
         kept: Counter[str] = Counter()
         copies: list[tuple[dict, int]] = []  # (duplicate's reject, row of the image it copies)
-        for index, row in enumerate(iter_rows(frames_in, FRAMES)):
+        for index, row in enumerate(iter_rows(frames_in, FRAMES, columns=PASS2_COLUMNS)):
             if rejected[index]:
                 continue
             if too_few(views, row):
@@ -99,6 +104,38 @@ def filter_frames(ingest_dir: Path, out_dir: Path, params: FilterParams) -> dict
         for copy, of in copies:
             rejects.write_row({**copy, "detail": f"{copy['detail']}: {names[of]}"})
     return write_metrics(ingest_dir, out_dir)
+
+
+class UnreadMasks:
+    """Why ingest could not read a frame's mask file, from its ``<frame_id>#mask`` rejects.
+
+    About 12 bytes a reject (a 64-bit hash of the frame id and the index of its detail among the
+    distinct ones), not the strings: a whole mask tree in a format ingest rejects is millions.
+    """
+
+    def __init__(self):
+        self._keys: list[int] = []
+        self._which: list[int] = []
+        self._details: dict[str, int] = {}
+
+    def add(self, rejects: pa.RecordBatch) -> None:
+        columns = (rejects.column(c).to_pylist() for c in ("item_id", "reason", "detail"))
+        for item, reason, detail in zip(*columns):
+            if item.endswith(MASK_SUFFIX):
+                self._keys.append(hash64(item[:-len(MASK_SUFFIX)]))
+                self._which.append(self._details.setdefault(f"{reason}: {detail}", len(self._details)))
+
+    def freeze(self) -> None:
+        order = np.argsort(np.asarray(self._keys, dtype=np.uint64), kind="stable")
+        self.keys = np.asarray(self._keys, dtype=np.uint64)[order]
+        self.which = np.asarray(self._which, dtype=np.int32)[order]
+        self.details = list(self._details)
+        del self._keys, self._which, self._details
+
+    def why(self, frame_id: str) -> str | None:
+        key = np.uint64(hash64(frame_id))
+        at = int(np.searchsorted(self.keys, key))
+        return self.details[self.which[at]] if at < len(self.keys) and self.keys[at] == key else None
 
 
 def _reject(row: dict, reason: str, detail: str) -> dict:
