@@ -86,7 +86,7 @@ def decode_mask(data: bytes, *, width: int, height: int) -> np.ndarray:
     Raises :class:`UnreadableFile` (empty_file or unreadable_mask).
     """
     image = _decode(data, "mask", reasons.EMPTY_FILE, reasons.UNREADABLE_MASK)
-    gray = _mask_gray(image)
+    gray = _binary_levels(_mask_gray(image))
     if gray.shape != (height, width):
         _check_mask_shape(gray.shape, width=width, height=height)
         gray = cv2.resize(gray, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
@@ -101,10 +101,9 @@ def _mask_gray(image: Image.Image) -> np.ndarray:
       mask (CarveKit's output; AnyDoor reads MVImgNet's masks by their last channel). An alpha
       that is all opaque says nothing and is dropped;
     - an RGB or palette image whose colours are all grays reads as grayscale (PNG optimisers
-      write two-colour masks as palettes).
-
-    - 0/1 masks, 8-bit, and 16-bit or float masks of two levels (0/1, 0/255, 0/65535) read as
-      binary.
+      write two-colour masks as palettes);
+    - a 16-bit or float mask of two levels (0/1, 0/255, 0/65535) reads as binary, and any of
+      these stored as 0/1 (:func:`_binary_levels`).
 
     Other kinds would read as the wrong mask through their brightness, so they raise
     :class:`UnreadableFile` (unreadable_mask) saying what they are: a class-index palette
@@ -120,7 +119,7 @@ def _mask_gray(image: Image.Image) -> np.ndarray:
         image = image.convert(image.mode[:-1])
     mode = image.mode
     if mode in ("1", "L"):
-        return _binary_levels(np.asarray(image.convert("L")))
+        return np.asarray(image.convert("L"))
     if mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit or float: binary ones only
         values = np.asarray(image)
         levels = np.unique(values)
@@ -147,7 +146,7 @@ def _mask_gray(image: Image.Image) -> np.ndarray:
 
 
 def _binary_levels(gray: np.ndarray) -> np.ndarray:
-    """An 8-bit mask stored as 0/1 (common in segmentation data sets) as 0/255; others as they are."""
+    """A mask stored as 0/1 (common in segmentation data sets) as 0/255; others as they are."""
     return gray * np.uint8(255) if gray.max(initial=0) == 1 else gray
 
 

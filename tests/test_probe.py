@@ -81,11 +81,12 @@ def _opaque(mode: str) -> Image.Image:
     lambda: _cutout("LA"),
     lambda: _cutout("P"),  # a palette with transparency (tRNS)
     lambda: Image.fromarray(_quarter(np.uint8(1))),  # 0/1 8-bit
+    lambda: Image.fromarray(_quarter(np.uint8(1))).convert("RGB"),  # 0/1 gray RGB
     lambda: Image.fromarray(_quarter(np.uint16(1))).convert("I;16"),  # 0/1 16-bit
     lambda: Image.fromarray(_quarter(np.uint16(65535))).convert("I;16"),
     lambda: Image.fromarray(_quarter(np.uint16(255))).convert("I;16"),
 ], ids=["L", "1", "gray RGB", "gray palette", "opaque LA", "opaque RGBA", "RGBA cutout", "LA cutout", "P cutout",
-        "0/1 L", "0/1 16-bit", "0/65535 16-bit", "0/255 16-bit"])
+        "0/1 L", "0/1 RGB", "0/1 16-bit", "0/65535 16-bit", "0/255 16-bit"])
 def test_every_grayscale_encoding_of_a_mask_reads_the_same(make):
     mask = decode_mask(_encoded(make()), width=48, height=36)
     assert mask.sum() == 18 * 24 and mask[:18, :24].all()

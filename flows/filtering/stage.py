@@ -14,6 +14,7 @@ the table.
 from __future__ import annotations
 
 import json
+from array import array
 from collections import Counter
 from pathlib import Path
 
@@ -114,8 +115,8 @@ class UnreadMasks:
     """
 
     def __init__(self):
-        self._keys: list[int] = []
-        self._which: list[int] = []
+        self._keys = array("Q")
+        self._which = array("i")
         self._details: dict[str, int] = {}
 
     def add(self, rejects: pa.RecordBatch) -> None:
@@ -126,9 +127,9 @@ class UnreadMasks:
                 self._which.append(self._details.setdefault(f"{reason}: {detail}", len(self._details)))
 
     def freeze(self) -> None:
-        order = np.argsort(np.asarray(self._keys, dtype=np.uint64), kind="stable")
-        self.keys = np.asarray(self._keys, dtype=np.uint64)[order]
-        self.which = np.asarray(self._which, dtype=np.int32)[order]
+        keys = np.frombuffer(self._keys, dtype=np.uint64)
+        order = np.argsort(keys, kind="stable")
+        self.keys, self.which = keys[order], np.frombuffer(self._which, dtype=np.int32)[order]
         self.details = list(self._details)
         del self._keys, self._which, self._details
 
